@@ -1,0 +1,56 @@
+# One target per check; CI (.ci/run) calls these same targets.
+PY ?= python3
+PIP ?= $(PY) -m pip
+STAMP := .make/installed
+
+.PHONY: install run test lint typecheck check bench bench-attention bench-tensor bench-lora bench-service compose-config gpu-bench clean
+
+$(STAMP): pyproject.toml
+	@mkdir -p .make
+	$(PIP) install -q -e '.[dev]'
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server (Debian package)"; \
+	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The service with an embedded default: API + one worker in one process, no Redis needed.
+run: $(STAMP)
+	EMBEDDED=1 $(PY) -m uvicorn app.main:app --host 127.0.0.1 --port $${PORT:-8000}
+
+## Everything: compute, service against a real redis-server the tests start, deployment checks.
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy compute app workers
+
+check: lint typecheck test
+
+bench: bench-attention bench-tensor bench-lora bench-service
+
+bench-attention: $(STAMP)
+	$(PY) benchmarks/attention.py
+
+bench-tensor: $(STAMP)
+	$(PY) benchmarks/tensor_attention.py
+
+bench-lora: $(STAMP)
+	$(PY) benchmarks/lora_gradient.py
+
+bench-service: $(STAMP)
+	$(PY) benchmarks/service.py
+
+compose-config:
+	$(PY) -m pytest -q tests/test_deploy.py
+
+gpu-bench:
+	bash benchmarks/gpu.sh
+
+clean:
+	rm -rf .make .pytest_cache .mypy_cache .ruff_cache benchmarks/out

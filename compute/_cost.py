@@ -1,0 +1,91 @@
+"""A cost model calibrated on the machine it runs on (theory §5).
+
+``rates(device, dtype)`` times a few small kernels once per process (about 0.1 s) and returns
+sustained throughputs; each operation turns its operation counts into predicted seconds with
+them. Feature construction is memory-bound, which is why it gets its own rate: counting GEMM
+flops alone would make the factored path look cheaper than it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+__all__ = ["Rates", "predict_exact_attention", "predict_polynomial_attention", "rates"]
+
+
+@dataclass(frozen=True)
+class Rates:
+    gemm: float  # flop/s, square-ish blocks (exact attention's Q K^T and P V)
+    skinny: float  # flop/s, [r, b] @ [b, dv] with small dv (the factored path's products)
+    elems: float  # elements/s of a gather-multiply (monomial features)
+    exps: float  # elements/s of exp + row max/sum bookkeeping (exact path softmax)
+
+
+def _best_time(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-9)
+
+
+@lru_cache(maxsize=16)
+def _rates(device_str: str, dtype: torch.dtype) -> Rates:
+    device = torch.device(device_str)
+    big = 2048 if device.type == "cuda" else 512
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    a, b = rnd(big, 64), rnd(64, big)
+    t_gemm = _best_time(lambda: a @ b, device)
+    f, v = rnd(512, big), rnd(big, 16)
+    t_skinny = _best_time(lambda: f @ v, device)
+    idx = torch.randint(0, 512, (512,), generator=gen).to(device)
+    x = rnd(512, big)
+    t_elem = _best_time(lambda: x.index_select(0, idx) * x.index_select(0, idx), device)
+    s = rnd(big, big)
+    t_exp = _best_time(lambda: torch.exp(s - s.amax(dim=-1, keepdim=True)).sum(-1), device)
+    return Rates(
+        gemm=2.0 * big * 64 * big / t_gemm,
+        skinny=2.0 * 512 * big * 16 / t_skinny,
+        elems=512.0 * big / t_elem,
+        exps=float(big * big) / t_exp,
+    )
+
+
+def rates(device: torch.device | str, dtype: torch.dtype) -> Rates:
+    """Calibrated throughputs for ``device`` (cached per process)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _rates(str(dev), dtype)
+
+
+def predict_exact_attention(
+    rt: Rates, *, batch: int, n_q: int, n_k: int, d: int, dv: int, causal: bool = False
+) -> float:
+    """Seconds for blocked exact attention: two GEMMs and the softmax bookkeeping per pair."""
+    pairs = float(batch) * n_q * n_k * (0.5 if causal else 1.0)
+    return pairs * 2.0 * (d + dv) / rt.gemm + pairs / rt.exps
+
+
+def predict_polynomial_attention(
+    rt: Rates, *, batch: int, n_q: int, n_k: int, r: int, dv: int, causal: bool = False
+) -> float:
+    """Seconds for the factored path: features on both sides and four skinny products."""
+    feats = float(batch) * (n_q + n_k) * r
+    flops = float(batch) * 2.0 * (n_q + n_k) * r * (dv + 1) * (2.0 if causal else 1.0)
+    return feats / rt.elems + flops / rt.skinny

@@ -1,0 +1,96 @@
+"""Argument checks shared by every operation; each error names the argument and the problem."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .errors import InvalidInputError
+
+__all__ = [
+    "METHODS",
+    "SUPPORTED_DTYPES",
+    "check_eps",
+    "check_method",
+    "check_same_batch",
+    "check_sample_rows",
+    "check_scale",
+    "check_tensor",
+    "compute_dtype_of",
+]
+
+METHODS = ("auto", "exact", "polynomial")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, x: object, *, min_dim: int = 2) -> torch.Tensor:
+    """A non-empty finite floating tensor of at least ``min_dim`` dimensions."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(name, f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise InvalidInputError(
+            name, f"unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64"
+        )
+    if x.dim() < min_dim:
+        raise InvalidInputError(
+            name, f"expected at least {min_dim} dimensions, got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise InvalidInputError(name, f"empty tensor (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidInputError(name, "contains NaN or Inf")
+    return x
+
+
+def check_same_batch(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """Leading (batch/head) dimensions must be equal; devices must be equal."""
+    lead = tuple(tensors[0].shape[:-2])
+    dev = tensors[0].device
+    for name, t in zip(names[1:], tensors[1:], strict=True):
+        if tuple(t.shape[:-2]) != lead:
+            raise InvalidInputError(
+                name,
+                f"leading dimensions {tuple(t.shape[:-2])} do not match {names[0]}'s {lead}",
+            )
+        if t.device != dev:
+            raise InvalidInputError(name, f"on device {t.device}, {names[0]} is on {dev}")
+
+
+def check_method(method: object) -> str:
+    if method not in METHODS:
+        raise InvalidInputError("method", f"unknown method {method!r}; use one of {METHODS}")
+    return str(method)
+
+
+def check_eps(eps: object) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, int | float):
+        raise InvalidInputError("eps", f"expected a number in (0, 1), got {eps!r}")
+    e = float(eps)
+    if not (math.isfinite(e) and 0.0 < e < 1.0):
+        raise InvalidInputError("eps", f"must lie in (0, 1), got {eps!r}")
+    return e
+
+
+def check_scale(scale: object, d: int) -> float:
+    """``scale`` defaults to ``1/sqrt(d)``; must be a finite number."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise InvalidInputError("scale", f"expected a number or None, got {scale!r}")
+    s = float(scale)
+    if not math.isfinite(s):
+        raise InvalidInputError("scale", f"must be finite, got {scale!r}")
+    return s
+
+
+def check_sample_rows(sample_rows: object) -> int:
+    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 0:
+        raise InvalidInputError("sample_rows", f"expected an integer >= 0, got {sample_rows!r}")
+    return sample_rows
+
+
+def compute_dtype_of(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (fp16/bf16 are computed in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -1,0 +1,112 @@
+"""Result and plan types shared by every operation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["AttentionResult", "LoraResult", "Plan"]
+
+
+def _json_float(x: float | None) -> float | None:
+    if x is None:
+        return None
+    return x if math.isfinite(x) else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an operation did (or would do) and why.
+
+    ``rho = radius / ln n`` places the input on the phase-transition axis: near 0 is the
+    near-linear regime, of order 1 the SETH-hard regime where only the exact path is certified.
+    """
+
+    op: str  # "attention" | "tensor-attention" | "lora-gradient"
+    method: str  # "exact" | "polynomial"
+    reason: str  # one plain sentence
+    radius: float  # certified score radius R
+    rho: float  # R / ln n
+    n: int
+    d: int
+    eps: float
+    family: str | None = None  # "chebyshev" | "taylor"
+    degree: int | None = None
+    features: int | None = None  # r
+    cost_exact: float | None = None  # predicted seconds
+    cost_polynomial: float | None = None  # predicted seconds
+    compute_dtype: str | None = None
+    predicted_bound: float | None = None  # certified bound the plan expects (output units)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key in ("radius", "rho", "cost_exact", "cost_polynomial", "predicted_bound", "eps"):
+            out[key] = _json_float(out[key])
+        return out
+
+
+@dataclass(frozen=True)
+class AttentionResult:
+    """Output of ``attention`` / ``tensor_attention``.
+
+    ``error_bound`` is a certified bound on ``max |output - exact|`` in output units (None for
+    ``method == "exact"``); ``measured_error`` is the max abs error on ``sample_rows`` query rows
+    recomputed exactly in float64 (None when ``sample_rows == 0``).
+    """
+
+    output: torch.Tensor
+    error_bound: float | None
+    plan: Plan
+    measured_error: float | None = None
+    seconds: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "method": p.method,
+            "error_bound": _json_float(self.error_bound),
+            "measured_error": _json_float(self.measured_error),
+            "degree": p.degree,
+            "features": p.features,
+            "radius": _json_float(p.radius),
+            "rho": _json_float(p.rho),
+            "reason": p.reason,
+            "seconds": self.seconds,
+            "plan": p.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class LoraResult:
+    """Output of ``lora_gradient``: loss, adapter gradients and their certified bounds."""
+
+    loss: float
+    grads: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    error_bounds: dict[str, tuple[float | None, float | None]] | None
+    plan: Plan
+    seconds: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        p = self.plan
+        bounds = None
+        if self.error_bounds is not None:
+            bounds = {
+                name: {"a": _json_float(ba), "b": _json_float(bb)}
+                for name, (ba, bb) in self.error_bounds.items()
+            }
+        return {
+            "method": p.method,
+            "loss": self.loss,
+            "error_bounds": bounds,
+            "degree": p.degree,
+            "features": p.features,
+            "radius": _json_float(p.radius),
+            "rho": _json_float(p.rho),
+            "reason": p.reason,
+            "seconds": self.seconds,
+            "plan": p.to_dict(),
+        }
