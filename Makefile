@@ -8,9 +8,9 @@ STAMP := .make/installed
 $(STAMP): pyproject.toml
 	@mkdir -p .make
 	$(PIP) install -q -e '.[dev]'
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  echo "installing redis-server (Debian package)"; \
-	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
+	@if ! command -v redis-server >/dev/null 2>&1 || ! command -v docker-compose >/dev/null 2>&1; then \
+	  echo "installing redis-server and docker-compose (Debian packages)"; \
+	  (apt-get update -qq && apt-get install -y -qq redis-server docker-compose) >/dev/null; fi
 	@touch $(STAMP)
 
 install: $(STAMP)

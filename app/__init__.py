@@ -1,0 +1,1 @@
+"""The service: HTTP API (FastAPI), Redis job queue, client and CLI around ``compute``."""

@@ -1,0 +1,305 @@
+# ruff: noqa: N818  (JobFailed/JobCancelled/JobTimeout read better than *Error here)
+"""Python client: ``Client(url).attention(q, k, v).wait()``.
+
+numpy arrays or torch tensors in, the same kind out. Inputs above ``binary_threshold`` bytes go
+as a safetensors body (no JSON detour); results always come back as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from app.tensors import RawTensor, decode_safetensors, encode_safetensors, from_array
+
+__all__ = [
+    "ApiError",
+    "Client",
+    "ClientError",
+    "Job",
+    "JobCancelled",
+    "JobFailed",
+    "JobTimeout",
+    "Result",
+    "ServerError",
+]
+
+BINARY = "application/octet-stream"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ClientError(Exception):
+    """Base class of every error this client raises."""
+
+
+class ApiError(ClientError):
+    """A 4xx answer: the request was refused; ``code`` and ``message`` say why."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status, self.code, self.message = status, code, message
+        super().__init__(f"HTTP {status} {code}: {message}")
+
+
+class ServerError(ApiError):
+    """A 5xx answer (service or Redis unavailable, internal error)."""
+
+
+class JobFailed(ClientError):
+    def __init__(self, job: Mapping[str, Any]) -> None:
+        self.job = dict(job)
+        err = job.get("error") or {}
+        self.code, self.message = err.get("code", "failed"), err.get("message", "")
+        super().__init__(f"job {job.get('id')} failed: {self.code}: {self.message}")
+
+
+class JobCancelled(ClientError):
+    def __init__(self, job: Mapping[str, Any]) -> None:
+        self.job = dict(job)
+        super().__init__(f"job {job.get('id')} was cancelled")
+
+
+class JobTimeout(ClientError, TimeoutError):
+    pass
+
+
+@dataclass
+class Result:
+    """A finished job: ``outputs`` by name, ``summary`` (method, bound(s), plan, seconds)."""
+
+    id: str
+    outputs: dict[str, Any]
+    summary: dict[str, Any]
+    job: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output(self) -> Any:
+        return self.outputs["output"]
+
+    @property
+    def error_bound(self) -> float | None:
+        return self.summary.get("error_bound")
+
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        return self.summary.get("plan")
+
+    @property
+    def loss(self) -> float | None:
+        return self.summary.get("loss")
+
+    @property
+    def grads(self) -> dict[str, tuple[Any, Any]]:
+        """LoRA: ``{"q": (dA, dB), ...}``."""
+        ms = sorted({n.split(".")[1] for n in self.outputs if n.startswith("adapters.")})
+        return {m: (self.outputs[f"adapters.{m}.a"], self.outputs[f"adapters.{m}.b"]) for m in ms}
+
+
+def _raise_for(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        err = resp.json()["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", resp.text[:500]
+    cls = ServerError if resp.status_code >= 500 else ApiError
+    raise cls(resp.status_code, code, message)
+
+
+class Job:
+    """A submitted job; :meth:`wait` polls until it ends and returns its :class:`Result`."""
+
+    def __init__(self, client: Client, record: Mapping[str, Any], kind: str = "numpy") -> None:
+        self.client = client
+        self.record = dict(record)
+        self.id: str = str(record["id"])
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, status={self.status!r})"
+
+    @property
+    def status(self) -> str:
+        return str(self.record.get("status"))
+
+    def refresh(self, *, wait: float = 0.0) -> dict[str, Any]:
+        params = {"wait": f"{wait:g}"} if wait else None
+        resp = self.client._request("GET", f"/v1/jobs/{self.id}", params=params, timeout_extra=wait)
+        self.record = resp.json()
+        self._retry_after = float(resp.headers.get("retry-after", "1"))
+        return self.record
+
+    def cancel(self) -> dict[str, Any]:
+        resp = self.client.http.delete(f"/v1/jobs/{self.id}")
+        if resp.status_code != 409:
+            _raise_for(resp)
+            self.record = resp.json()
+        return self.record
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Result:
+        """Poll (long-polling, backoff up to the server's Retry-After) and return the result.
+
+        Raises JobFailed / JobCancelled / JobTimeout.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backoff = 0.05
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise JobTimeout(f"job {self.id} still {self.status} after {timeout} s")
+            hold = 5.0 if left is None else max(0.0, min(5.0, left))
+            rec = self.refresh(wait=hold)
+            if on_progress is not None:
+                on_progress(rec)
+            if rec["status"] in TERMINAL:
+                break
+            pause = min(backoff, self._retry_after)
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            backoff = min(backoff * 2, 5.0)
+        if rec["status"] == "failed":
+            raise JobFailed(rec)
+        if rec["status"] == "cancelled":
+            raise JobCancelled(rec)
+        return self.result()
+
+    def result(self) -> Result:
+        resp = self.client._request("GET", f"/v1/jobs/{self.id}/result", headers={"accept": BINARY})
+        raw, meta = decode_safetensors(resp.content, max_elements=1 << 62)
+        summary = json.loads(meta.get("summary", "null")) or {}
+        outputs = {n: _to_kind(t, self.kind) for n, t in raw.items()}
+        return Result(self.id, outputs, summary, self.record)
+
+
+def _to_kind(t: RawTensor, kind: str) -> Any:
+    if kind == "torch":
+        return t.to_torch()
+    return t.to_numpy()
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+class Client:
+    """HTTP client of the service (sync, httpx)."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        binary_threshold: int = 1 << 20,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.binary_threshold = binary_threshold
+        self.http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(
+        self, method: str, path: str, *, timeout_extra: float = 0.0, **kwargs: Any
+    ) -> httpx.Response:
+        try:
+            resp = self.http.request(method, path, timeout=self.timeout + timeout_extra, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClientError(f"cannot reach the service: {exc}") from exc
+        _raise_for(resp)
+        return resp
+
+    # ------------------------------------------------------------------ operations
+    def attention(self, q: Any, k: Any, v: Any, **params: Any) -> Job:
+        """Queue ``softmax(scale q k^T) v``; params: method, eps, scale, causal, sample_rows."""
+        return self.submit("attention", {"q": q, "k": k, "v": v}, params)
+
+    def tensor_attention(self, q: Any, k1: Any, k2: Any, v1: Any, v2: Any, **params: Any) -> Job:
+        return self.submit(
+            "tensor-attention", {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}, params
+        )
+
+    def lora_gradient(
+        self,
+        x: Any,
+        y: Any,
+        *,
+        w_q: Any,
+        w_k: Any,
+        w_v: Any,
+        adapters: Mapping[str, Any],
+        alpha: float,
+        **params: Any,
+    ) -> Job:
+        """``adapters``: ``{"q": (A, B), ...}`` or ``{"q": {"a": A, "b": B}, ...}``."""
+        tensors = {"x": x, "y": y, "w_q": w_q, "w_k": w_k, "w_v": w_v}
+        for m, ab in adapters.items():
+            a, b = (ab["a"], ab["b"]) if isinstance(ab, Mapping) else ab
+            tensors[f"adapters.{m}.a"], tensors[f"adapters.{m}.b"] = a, b
+        return self.submit("lora-gradient", tensors, {"alpha": alpha, **params})
+
+    def submit(
+        self,
+        op: str,
+        tensors: Mapping[str, Any],
+        params: Mapping[str, Any] | None = None,
+        *,
+        binary: bool | None = None,
+    ) -> Job:
+        """Queue any operation; ``binary=None`` picks safetensors above ``binary_threshold``."""
+        params = dict(params or {})
+        kind = "torch" if any(_is_torch(t) for t in tensors.values()) else "numpy"
+        raw = {n: from_array(t) for n, t in tensors.items()}
+        if binary is None:
+            binary = sum(t.nbytes for t in raw.values()) > self.binary_threshold
+        if binary:
+            meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in params.items()}
+            resp = self._request(
+                "POST",
+                f"/v1/{op}",
+                content=encode_safetensors(raw, meta),
+                headers={"content-type": BINARY},
+            )
+        else:
+            body: dict[str, Any] = dict(params)
+            for name, t in raw.items():
+                node = body
+                *path, leaf = name.split(".")
+                for part in path:
+                    node = node.setdefault(part, {})
+                node[leaf] = t.to_json()
+            resp = self._request("POST", f"/v1/{op}", json=body)
+        return Job(self, resp.json(), kind)
+
+    def job(self, job_id: str) -> Job:
+        job = Job(self, {"id": job_id})
+        job.refresh()
+        return job
+
+    def plan(self, op: str = "attention", **query: Any) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", "/v1/plan", params={"op": op, **query}).json()
+        return result
+
+    def ready(self) -> bool:
+        return self.http.get("/health/ready").status_code == 200

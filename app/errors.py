@@ -1,0 +1,125 @@
+# ruff: noqa: N818  (HTTP-style names, as httpx/starlette: BadRequest, JobNotFound)
+"""One exception hierarchy for the service and ONE table mapping errors to HTTP answers.
+
+Every error the API returns has the body ``{"error": {"code": ..., "message": ...}}``; the
+message names the offending field (``q.data``, ``adapters.q.a.shape``) where there is one.
+"""
+
+from __future__ import annotations
+
+import redis
+
+import compute
+
+__all__ = [
+    "ERROR_TABLE",
+    "BadRequest",
+    "Forbidden",
+    "InvalidInput",
+    "JobNotFinished",
+    "JobNotFound",
+    "NoResult",
+    "NotAcceptable",
+    "PayloadTooLarge",
+    "QueueUnavailable",
+    "ServiceError",
+    "StaleAttempt",
+    "UnsupportedMediaType",
+    "error_body",
+    "http_status",
+]
+
+
+class ServiceError(Exception):
+    """Base class; ``code`` is the stable machine-readable error code."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        self.message = f"{field}: {message}" if field else message
+        super().__init__(self.message)
+
+
+class BadRequest(ServiceError):
+    """The body cannot be parsed at all (malformed JSON or safetensors)."""
+
+    code = "malformed_body"
+
+
+class InvalidInput(ServiceError):
+    """The body parses but a field is wrong (shape, datatype, NaN, range...)."""
+
+    code = "invalid_input"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "unsupported_media_type"
+
+
+class NotAcceptable(ServiceError):
+    code = "not_acceptable"
+
+
+class Forbidden(ServiceError):
+    code = "unauthorized"
+
+
+class JobNotFound(ServiceError):
+    code = "not_found"
+
+
+class JobNotFinished(ServiceError):
+    code = "not_finished"
+
+
+class NoResult(ServiceError):
+    """The job ended without a result (failed or cancelled)."""
+
+    code = "no_result"
+
+
+class QueueUnavailable(ServiceError):
+    code = "queue_unavailable"
+
+
+class StaleAttempt(ServiceError):
+    """A worker tried to write with a fencing token that is no longer the job's current one."""
+
+    code = "stale_attempt"
+
+
+# The one table: exception type -> (HTTP status, error code). Looked up along the MRO.
+ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
+    BadRequest: (400, BadRequest.code),
+    Forbidden: (401, Forbidden.code),
+    JobNotFound: (404, JobNotFound.code),
+    NotAcceptable: (406, NotAcceptable.code),
+    JobNotFinished: (409, JobNotFinished.code),
+    NoResult: (409, NoResult.code),
+    PayloadTooLarge: (413, PayloadTooLarge.code),
+    UnsupportedMediaType: (415, UnsupportedMediaType.code),
+    InvalidInput: (422, InvalidInput.code),
+    compute.InvalidInputError: (422, "invalid_input"),
+    compute.CertificationError: (422, "certification_failed"),
+    compute.Cancelled: (409, "cancelled"),
+    QueueUnavailable: (503, QueueUnavailable.code),
+    redis.RedisError: (503, QueueUnavailable.code),
+    StaleAttempt: (409, StaleAttempt.code),
+}
+
+
+def http_status(exc: BaseException) -> tuple[int, str]:
+    """(status, code) for an exception; 500/internal_error for anything not in the table."""
+    for klass in type(exc).__mro__:
+        if klass in ERROR_TABLE:
+            return ERROR_TABLE[klass]
+    return 500, "internal_error"
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": message}}

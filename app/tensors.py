@@ -1,0 +1,248 @@
+"""Tensors on the wire and in Redis: KServe-v2-style JSON, safetensors, raw little-endian bytes.
+
+A :class:`RawTensor` is (datatype, shape, bytes): exactly what is stored in Redis and what a
+safetensors body carries, so a binary upload goes to Redis without decoding to numbers (the
+values are still checked to be finite, on the raw bits). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.errors import BadRequest, InvalidInput
+
+__all__ = [
+    "DATATYPES",
+    "RawTensor",
+    "decode_safetensors",
+    "encode_safetensors",
+    "from_array",
+    "from_json",
+]
+
+
+@dataclass(frozen=True)
+class _DType:
+    name: str  # KServe name: FP32
+    st: str  # safetensors name: F32
+    torch: torch.dtype
+    itemsize: int
+    # bit mask of the exponent field, on the unsigned integer view; all ones means Inf/NaN
+    exp_mask: int
+    uint: type[np.unsignedinteger[Any]]
+
+
+DATATYPES: dict[str, _DType] = {
+    "FP32": _DType("FP32", "F32", torch.float32, 4, 0x7F80_0000, np.uint32),
+    "FP64": _DType("FP64", "F64", torch.float64, 8, 0x7FF0_0000_0000_0000, np.uint64),
+    "FP16": _DType("FP16", "F16", torch.float16, 2, 0x7C00, np.uint16),
+    "BF16": _DType("BF16", "BF16", torch.bfloat16, 2, 0x7F80, np.uint16),
+}
+_FROM_ST = {d.st: d for d in DATATYPES.values()}
+_FROM_TORCH = {d.torch: d for d in DATATYPES.values()}
+_NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A dense row-major tensor as little-endian bytes."""
+
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes | memoryview
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DATATYPES[self.datatype].itemsize
+
+    def to_torch(self) -> torch.Tensor:
+        """A CPU tensor owning a copy of the bytes."""
+        dt = DATATYPES[self.datatype]
+        if self.numel == 0:
+            return torch.empty(self.shape, dtype=dt.torch)
+        buf = bytearray(self.data)
+        return torch.frombuffer(buf, dtype=dt.torch).reshape(self.shape)
+
+    def to_numpy(self) -> np.ndarray[Any, Any]:
+        """A numpy array (BF16 is widened to float32: numpy has no bfloat16)."""
+        if self.datatype == "BF16":
+            return self.to_torch().float().numpy()
+        return np.frombuffer(self.data, dtype=_NUMPY[self.datatype]).reshape(self.shape).copy()
+
+    def to_json(self) -> dict[str, Any]:
+        """KServe v2 JSON: ``{"shape", "datatype", "data": [flat, row-major]}``."""
+        values = self.to_torch().double().reshape(-1).tolist()
+        return {"shape": list(self.shape), "datatype": self.datatype, "data": values}
+
+    def meta(self) -> dict[str, Any]:
+        return {"datatype": self.datatype, "shape": list(self.shape)}
+
+
+def from_array(value: Any) -> RawTensor:
+    """A RawTensor from a torch tensor or a numpy array (any float dtype the API supports)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().to("cpu").contiguous()
+        if t.dtype not in _FROM_TORCH:
+            raise InvalidInput(f"unsupported dtype {t.dtype}; use float16/bfloat16/32/64")
+        dt = _FROM_TORCH[t.dtype]
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return RawTensor(dt.name, tuple(t.shape), data)
+    arr = np.asarray(value)
+    for name, np_dtype in _NUMPY.items():
+        if arr.dtype == np_dtype:
+            le = np.ascontiguousarray(arr, dtype=np.dtype(np_dtype).newbyteorder("<"))
+            return RawTensor(name, tuple(arr.shape), le.tobytes())
+    if arr.dtype.kind in "iub":
+        return from_array(arr.astype(np.float64))
+    raise InvalidInput(f"unsupported dtype {arr.dtype}; use float16/32/64")
+
+
+def check_finite(field: str, t: RawTensor) -> None:
+    """Raise InvalidInput when any value is NaN or +-Inf (checked on the raw exponent bits)."""
+    dt = DATATYPES[t.datatype]
+    if t.numel == 0:
+        return
+    bits = np.frombuffer(t.data, dtype=np.dtype(dt.uint).newbyteorder("<"))
+    bad = np.flatnonzero((bits & dt.exp_mask) == dt.exp_mask)
+    if bad.size:
+        raise InvalidInput(
+            f"non-finite value (NaN or Inf) at flat index {int(bad[0])}", field=f"{field}.data"
+        )
+
+
+def check_shape(field: str, shape: Sequence[Any], max_elements: int) -> tuple[int, ...]:
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+    ):
+        raise InvalidInput("must be a list of non-negative integers", field=f"{field}.shape")
+    if len(shape) > 8:
+        raise InvalidInput(f"rank {len(shape)} > 8", field=f"{field}.shape")
+    n = math.prod(shape)
+    if n > max_elements:
+        raise InvalidInput(
+            f"{n} elements exceed the limit of {max_elements} (MAX_ELEMENTS)",
+            field=f"{field}.shape",
+        )
+    return tuple(shape)
+
+
+def from_json(
+    field: str, shape: Sequence[int], datatype: str, data: Sequence[float], *, max_elements: int
+) -> RawTensor:
+    """Validate one KServe JSON tensor and turn it into raw bytes."""
+    if datatype not in DATATYPES:
+        raise InvalidInput(
+            f"unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}",
+            field=f"{field}.datatype",
+        )
+    dims = check_shape(field, shape, max_elements)
+    n = math.prod(dims)
+    if len(data) != n:
+        raise InvalidInput(
+            f"len(data) = {len(data)} but prod(shape {list(dims)}) = {n}", field=f"{field}.data"
+        )
+    values = np.asarray(data, dtype=np.float64)
+    if not np.isfinite(values).all():
+        idx = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise InvalidInput(f"non-finite value at flat index {idx}", field=f"{field}.data")
+    if datatype == "BF16":
+        t = torch.from_numpy(values).to(torch.bfloat16).reshape(dims)
+        raw = from_array(t)
+    else:
+        with np.errstate(over="ignore"):
+            le = np.dtype(_NUMPY[datatype]).newbyteorder("<")
+            raw = RawTensor(datatype, dims, values.astype(le).tobytes())
+    check_finite(field, raw)  # FP16/BF16 overflow turns large values into Inf
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors (https://github.com/huggingface/safetensors#format): u64 little-endian header
+# length N, N bytes of JSON header {name: {dtype, shape, data_offsets: [begin, end]},
+# "__metadata__": {str: str}}, then the byte buffer. Parsed by hand so that tensor bytes are
+# sliced, not decoded, and so that every malformation gets a precise 400/422.
+# ---------------------------------------------------------------------------------------------
+def decode_safetensors(
+    body: bytes | bytearray | memoryview, *, max_elements: int
+) -> tuple[dict[str, RawTensor], dict[str, str]]:
+    """Split a safetensors body into raw tensors and the string metadata."""
+    view = memoryview(body)
+    if len(view) < 8:
+        raise BadRequest("safetensors body shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", view[:8])
+    if n > len(view) - 8 or n > 100_000_000:
+        raise BadRequest(f"safetensors header length {n} exceeds the body")
+    try:
+        header = json.loads(bytes(view[8 : 8 + n]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("safetensors header must be a JSON object")
+    buf = view[8 + n :]
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadRequest("safetensors __metadata__ must map strings to strings")
+    tensors: dict[str, RawTensor] = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise BadRequest(f"safetensors entry {name!r} lacks dtype/shape/data_offsets")
+        dt = _FROM_ST.get(info["dtype"])
+        if dt is None:
+            raise InvalidInput(
+                f"unsupported safetensors dtype {info['dtype']!r}; expected F32, F64, F16 or BF16",
+                field=f"{name}.datatype",
+            )
+        dims = check_shape(name, info["shape"], max_elements)
+        offsets = info["data_offsets"]
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= len(buf)
+        ):
+            raise BadRequest(f"safetensors entry {name!r} has bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if end - begin != math.prod(dims) * dt.itemsize:
+            raise InvalidInput(
+                f"{end - begin} bytes but shape {list(dims)} of {dt.name} needs "
+                f"{math.prod(dims) * dt.itemsize}",
+                field=f"{name}.data",
+            )
+        raw = RawTensor(dt.name, dims, buf[begin:end])
+        check_finite(name, raw)
+        tensors[name] = raw
+    return tensors, {str(k): v for k, v in metadata.items()}
+
+
+def encode_safetensors(
+    tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """One safetensors body (header padded to 8 bytes, tensors in name order)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        header[name] = {
+            "dtype": DATATYPES[t.datatype].st,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(t.data)],
+        }
+        offset += len(t.data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return b"".join([struct.pack("<Q", len(head)), head, *(bytes(tensors[n].data) for n in names)])
