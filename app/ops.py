@@ -93,11 +93,15 @@ def _check_lora(t: Tensors) -> None:
             f"y's last dimension {y[-1]} != w_v's columns {w['v'][1]}", field="y.shape"
         )
     adapters = sorted({n.split(".")[1] for n in t if n.startswith("adapters.")})
-    if not adapters:
-        raise InvalidInput("at least one adapter (q, k or v) is required", field="adapters")
     for m in adapters:
         if m not in ("q", "k", "v"):
             raise InvalidInput(f"unknown adapter {m!r}; use q, k or v", field="adapters")
+    for m in ("q", "v"):
+        if m not in adapters:
+            raise InvalidInput(
+                f"missing {m!r}: partial adaptation needs 'q' and 'v', full adds 'k'",
+                field="adapters",
+            )
         for part in ("a", "b"):
             if f"adapters.{m}.{part}" not in t:
                 raise InvalidInput("missing", field=f"adapters.{m}.{part}")

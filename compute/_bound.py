@@ -2,7 +2,8 @@
 
 Model of the factored computation (what ``attention`` and ``tensor_attention`` do):
 
-1. Keys are centred in the compute dtype: the scores the polynomial sees differ from the exact
+1. Keys are centred in the compute dtype (or in ``centring_dtype`` when the caller centred them
+   in a narrower dtype and cast exactly): the scores the polynomial sees differ from the exact
    (centred) scores by at most ``Delta = u_c * R`` (one rounding per entry of ``k - kbar``),
    which multiplies every softmax weight by a factor in ``[e^-Delta, e^Delta]``. It is folded
    into the polynomial's relative error range: ``(1 + d) e^{+-Delta} - 1``.
@@ -18,6 +19,17 @@ Model of the factored computation (what ``attention`` and ``tensor_attention`` d
    ``|T~ - T| <= gamma_K rho range / (1 - gamma_K rho)``.
 6. Adding ``c`` back, the division, and the cast to the output dtype: ``(2 u_c + u_out) max|V|``
    (``u_out = 0`` when the output dtype is the compute dtype).
+
+Chunked float32 variant (what ``attention`` does when float32 certifies): the products of steps
+3 and 4 are split into chunks along their inner dimension (``block`` = key chunk length,
+``features`` = feature chunk length) whose partial results are summed in float64; the weights
+``w_alpha`` may be folded into ``M`` in float64. Every term then passes through at most
+``float64_terms`` float64 roundings as well (block sums, chunk sums, weights), covered by
+``gamma_{K + float64_terms}(u_64)``. Gradual underflow (subnormal monomials of tiny inputs) is
+outside the relative-error model: each underflowed product errs by at most the subnormal spacing
+(2^-149 in float32) in absolute terms, against a denominator of at least
+``n e^-R (1 + dmin) |w_0|``; callers keep inputs balanced (attention rescales q and k by powers
+of two) so that this is far below ``1e-9`` of any bound and the final factor absorbs it.
 
 Total: ``range * (t(dmin', dmax') + gamma_K rho / (1 - gamma_K rho)) + (2 u_c + u_out) max|V|``,
 times ``1 + 1e-9`` for the float64 arithmetic of the bound itself. ``range`` is the largest
@@ -68,20 +80,25 @@ def certified_bound(
     out_dtype: torch.dtype,
     value_range: float,
     value_absmax: float,
+    float64_terms: int = 0,
+    centring_dtype: torch.dtype | None = None,
 ) -> BoundParts:
     """Certified bound on ``max |output - exact attention|`` for the factored path (see module)."""
     u_c = unit_roundoff(compute_dtype)
     u_out = 0.0 if out_dtype == compute_dtype else unit_roundoff(out_dtype)
     if out_dtype == torch.float64 and compute_dtype == torch.float32:
         u_out = 0.0
-    delta_s = u_c * approx.radius * 1.0001
+    # keys centred in centring_dtype (default: the compute dtype), see step 1
+    u_k = unit_roundoff(centring_dtype) if centring_dtype is not None else u_c
+    delta_s = max(u_k, u_c) * approx.radius * 1.0001
     dmin = (1.0 + approx.dmin) * math.exp(-delta_s) - 1.0
     dmax = (1.0 + approx.dmax) * math.exp(delta_s) - 1.0
     poly = tv_factor(dmin, dmax) * value_range
     if dmin <= -1.0:
         return BoundParts(math.inf, math.inf, math.inf)
     k = 2 * approx.degree + 2 + block + 1 + features
-    g = gamma(k, u_c) + gamma(k, _U64)  # float64 accumulation across blocks adds at most this
+    # float64 accumulation across blocks / chunks adds at most this
+    g = gamma(k, u_c) + gamma(k + max(0, int(float64_terms)), _U64)
     rho = approx.kappa / (1.0 + dmin)
     if g * rho >= 1.0:
         return BoundParts(poly, math.inf, math.inf)

@@ -18,6 +18,7 @@ from numpy.polynomial import chebyshev as npcheb
 __all__ = [
     "Approximation",
     "bessel_i",
+    "best",
     "candidates",
     "chebyshev_coeffs",
     "derivative",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 GRID_POINTS = 4097
+# Radii above this are never certified (see _make); keeps the Bessel series finite.
+MAX_RADIUS = 64.0
 # Slack for float64 evaluation of the polynomial and exp on the grid (relative to kappa).
 _EVAL_SLACK = 64 * np.finfo(np.float64).eps
 
@@ -153,6 +156,10 @@ class Approximation:
 
 @lru_cache(maxsize=4096)
 def _make(family: str, g: int, R: float) -> Approximation:
+    if not R <= MAX_RADIUS:
+        # Far past any certifiable radius (no degree <= 24 stays positive beyond R ~ 12), and
+        # the series below would overflow: report "not certified" (dmin = -1, t = inf).
+        return Approximation(family, g, R, taylor_coeffs(g), -1.0, math.inf)
     coeffs = taylor_coeffs(g) if family == "taylor" else chebyshev_coeffs(g, R)
     dmin, dmax = relative_error_range(coeffs, R)
     bound = _analytic_bound(family, g, R)
@@ -162,13 +169,15 @@ def _make(family: str, g: int, R: float) -> Approximation:
     return Approximation(family, g, R, coeffs, dmin, dmax)
 
 
+def best(R: float, g: int) -> Approximation:
+    """The better certified family (smaller t) at degree g on ``[-R, R]`` (cached)."""
+    return min((_make(f, g, float(R)) for f in ("chebyshev", "taylor")), key=lambda a: a.t)
+
+
 def candidates(R: float, max_degree: int = 24) -> list[Approximation]:
     """For each degree 0..max_degree, the better certified family (smaller t), by degree.
 
-    Both families are certified; Chebyshev is usually 1–6 degrees better than Taylor.
+    Both families are certified; Chebyshev is usually 1–6 degrees better than Taylor. Callers
+    that stop at the first degree that suffices can use :func:`best` degree by degree instead.
     """
-    out: list[Approximation] = []
-    for g in range(max_degree + 1):
-        best = min((_make(f, g, float(R)) for f in ("chebyshev", "taylor")), key=lambda a: a.t)
-        out.append(best)
-    return out
+    return [best(R, g) for g in range(max_degree + 1)]

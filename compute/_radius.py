@@ -20,8 +20,8 @@ def centre(x: torch.Tensor) -> torch.Tensor:
     Softmax is invariant to ``k -> k - kbar`` (theory §1.3); the midrange minimises the largest
     entry, which is what the Hölder radius sees.
     """
-    hi = x.amax(dim=-2, keepdim=True)
-    lo = x.amin(dim=-2, keepdim=True)
+    hi = x.max(dim=-2, keepdim=True).values  # (max/min .values: several times faster than
+    lo = x.min(dim=-2, keepdim=True).values  # amax/amin over a strided axis on CPU)
     return x - (hi + lo) / 2
 
 
@@ -32,7 +32,7 @@ def matrix_radius(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
     """
     q64, k64 = q.double().abs(), k.double().abs()
     cs = q64.norm(dim=-1).amax(dim=-1) * k64.norm(dim=-1).amax(dim=-1)  # [...]
-    m = k64.amax(dim=-2)  # [..., d]
+    m = k64.max(dim=-2).values  # [..., d]
     holder = (q64 * m.unsqueeze(-2)).sum(dim=-1).amax(dim=-1)  # [...]
     r = torch.minimum(cs, holder) * abs(scale)
     return float(r.max()) * _INFLATE if r.numel() else 0.0

@@ -276,6 +276,7 @@ BAD_JSON: list[tuple[str, Any, int, str, str]] = [
     ("eps-big", _attn(eps=1.5), 422, "invalid_input", "eps"),
     ("scale-string", _attn(scale="big"), 422, "invalid_input", "scale"),
     ("lora-adapter-shape", None, 422, "invalid_input", "adapters.q"),
+    ("lora-missing-v", None, 422, "invalid_input", "adapters"),
     (
         "too-many-elements",
         _attn(q={"shape": [100, 100], "datatype": "FP32", "data": [0] * 10000}),
@@ -298,6 +299,11 @@ def test_bad_json_input_is_4xx_naming_the_field(
         op = "lora-gradient"
         t = lora_inputs()
         t["adapters.q.a"] = np.zeros((2, 5), np.float32)
+        body = json_body(t, {"alpha": 1.0})
+    if case == "lora-missing-v":
+        op = "lora-gradient"
+        t = lora_inputs()
+        del t["adapters.v.a"], t["adapters.v.b"]
         body = json_body(t, {"alpha": 1.0})
     if isinstance(body, bytes):
         r = client.post(f"/v1/{op}", content=body, headers={"content-type": "application/json"})

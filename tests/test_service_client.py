@@ -46,18 +46,20 @@ def test_client_torch_in_torch_out_and_lora(service: str) -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(12, 6, generator=g) * 0.3, torch.randn(12, 6, generator=g) * 0.3
     w = [torch.randn(6, 6, generator=g) * 0.3 for _ in range(3)]
-    a, b = torch.randn(2, 6, generator=g) * 0.3, torch.randn(6, 2, generator=g) * 0.3
+    adapters = {
+        m: (torch.randn(2, 6, generator=g) * 0.3, torch.randn(6, 2, generator=g) * 0.3)
+        for m in "qv"
+    }
     with Client(service) as c:
         res = c.lora_gradient(
-            x, y, w_q=w[0], w_k=w[1], w_v=w[2], adapters={"q": (a, b)}, alpha=2.0
+            x, y, w_q=w[0], w_k=w[1], w_v=w[2], adapters=adapters, alpha=2.0
         ).wait(60)
-    want = compute.lora_gradient(
-        x, y, w_q=w[0], w_k=w[1], w_v=w[2], adapters={"q": (a, b)}, alpha=2.0
-    )
-    da, db = res.grads["q"]
-    assert isinstance(da, torch.Tensor)
-    torch.testing.assert_close(da.double(), want.grads["q"][0].double(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(db.double(), want.grads["q"][1].double(), rtol=1e-5, atol=1e-6)
+    want = compute.lora_gradient(x, y, w_q=w[0], w_k=w[1], w_v=w[2], adapters=adapters, alpha=2.0)
+    for m in "qv":
+        da, db = res.grads[m]
+        assert isinstance(da, torch.Tensor)
+        torch.testing.assert_close(da.double(), want.grads[m][0].double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(db.double(), want.grads[m][1].double(), rtol=1e-5, atol=1e-6)
     assert res.loss == pytest.approx(float(want.loss), rel=1e-6)
 
 

@@ -1,0 +1,255 @@
+"""LoRA adapter gradients: autograd through SDPA vs ``compute.lora_gradient`` (auto).
+
+For L in {1024, 4096, 16384, 65536}, d_head in {8, 16}, rank 4, partial (q, v) and full
+(q, k, v) adaptation, d_model = 64, inputs scaled so that the centred score radius is R = 0.5
+(rho = R / ln L well below the threshold). Baseline: x needs no grad; A, B need grad;
+``W = W* + (alpha/r) B A``; ``SDPA(xW_q, xW_k, xW_v)``; loss; backward. The error reference is
+the blocked exact path in float64 (one per (L, d_head), shared by partial and full: the partial
+case freezes ``W*_k + (alpha/r) B_k A_k``, so both have the same effective weights).
+
+Timing: median of ``--repeats`` runs after a warm-up for L <= 4096; one run (no warm-up) for
+larger L. The run keeps to a time budget (10 minutes on 2 cores): a baseline that would not fit
+in memory (autograd through SDPA on CPU keeps O(L^2) state: ~50 GB at L = 65536) or in time is
+extrapolated quadratically from the measured L/4 time and marked ``~``; the float64 reference
+at the largest L is computed only where ours ran the polynomial path (error ``n/a`` otherwise).
+
+Usage: python3 benchmarks/lora_gradient.py [--quick] [--device cpu] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import compute
+from benchmarks.common import (
+    markdown_table,
+    median_time,
+    parse_args,
+    plot_path,
+    save_text,
+    sync,
+)
+from compute import lora as lora_mod
+
+RADIUS = 0.5
+EPS = 1e-3
+D_MODEL = 64
+RANK = 4
+ALPHA = 8.0
+BUDGET_S = 560.0
+# autograd through SDPA on CPU keeps O(L^2) state: measured peak ~12 bytes per (query, key)
+# pair at L = 8192 (777 MB); at L = 65536 that is ~50 GB, more than this machine has.
+SDPA_BYTES_PER_PAIR = 12.0
+
+
+def available_bytes() -> int:
+    """MemAvailable of /proc/meminfo (CPU); free memory on CUDA."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def make_inputs(L: int, dh: int, device: str, dtype: torch.dtype, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, s: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * s
+
+    x = rnd(1, L, D_MODEL)
+    w = {mu: rnd(D_MODEL, dh, s=1 / math.sqrt(D_MODEL)) for mu in "qkv"}
+    adapters = {mu: (rnd(RANK, dh, s=0.3), rnd(D_MODEL, RANK, s=0.3)) for mu in "qkv"}
+    case = dict(x=x, w_q=w["q"], w_k=w["k"], w_v=w["v"], adapters=adapters, alpha=ALPHA)
+    inp = lora_mod._validate(y=torch.zeros(1, L, dh, dtype=torch.float64), scale=None, **case)
+    x = x * math.sqrt(RADIUS / lora_mod._radius_only(inp))
+    v = x @ lora_mod._effective_weights(inp, torch.float64)["v"]
+    y = rnd(1, L, dh, s=float(v.std()))
+    case.update(x=x, y=y)
+    return {k: _to(v, device, dtype) for k, v in case.items()}
+
+
+def _to(v, device, dtype):  # type: ignore[no-untyped-def]
+    if isinstance(v, torch.Tensor):
+        return v.to(device, dtype)
+    if isinstance(v, dict):
+        return {k: tuple(t.to(device, dtype) for t in p) for k, p in v.items()}
+    return v
+
+
+def partial_of(case: dict) -> dict:
+    """Same effective weights, k frozen: W*_k <- W*_k + (alpha/r) B_k A_k."""
+    a, b = case["adapters"]["k"]
+    wk = case["w_k"] + (ALPHA / RANK) * (b @ a)
+    adapters = {mu: case["adapters"][mu] for mu in "qv"}
+    return {**case, "w_k": wk, "adapters": adapters}
+
+
+def sdpa_backward(case: dict) -> None:
+    x, y = case["x"], case["y"]
+    leaves = {mu: (a.clone().requires_grad_(), b.clone().requires_grad_())
+              for mu, (a, b) in case["adapters"].items()}  # fmt: skip
+    w = {}
+    for mu in "qkv":
+        wm = case[f"w_{mu}"]
+        if mu in leaves:
+            a, b = leaves[mu]
+            wm = wm + (ALPHA / RANK) * (b @ a)
+        w[mu] = wm
+    out = nnf.scaled_dot_product_attention(x @ w["q"], x @ w["k"], x @ w["v"])
+    loss = 0.5 * (out - y).square().sum()
+    loss.backward()
+
+
+def ours(case: dict, method: str = "auto") -> compute.LoraResult:
+    return compute.lora_gradient(
+        case["x"], case["y"], w_q=case["w_q"], w_k=case["w_k"], w_v=case["w_v"],
+        adapters=case["adapters"], alpha=ALPHA, method=method, eps=EPS,
+    )  # fmt: skip
+
+
+def timed(fn, device: str, repeats: int, big: bool) -> float:  # type: ignore[no-untyped-def]
+    if not big:
+        return median_time(fn, device, repeats)
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    args = parse_args(__doc__ or "")
+    device = args.device
+    dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[
+        args.dtype
+    ]
+    sizes = [256, 1024] if args.quick else [1024, 4096, 16384, 65536]
+    dims = [8] if args.quick else [8, 16]
+    start = time.perf_counter()
+    rows = []
+    sdpa_times: dict[tuple[int, int, str], float] = {}
+    extrapolated: set[tuple[int, int, str]] = set()
+    ref_times: dict[tuple[int, int], float] = {}
+    series: dict[tuple[int, str], list[tuple[int, float, float]]] = {}
+    for dh in dims:
+        for L in sizes:
+            case = make_inputs(L, dh, device, dtype, seed=L + dh)
+            big = L > 4096
+            # float64 reference (exact blocked path), shared by partial and full
+            elapsed = time.perf_counter() - start
+            guess = 16.0 * ref_times.get((L // 4, dh), 0.0)
+            ref = None
+            # forced-polynomial rows (d_head = 8, L >= 16384) show what the certified
+            # polynomial costs when auto prefers exact
+            forced = dh == 8 and L >= 16384 and not args.quick
+            # the float64 reference at the largest L only where a polynomial row needs it
+            want_ref = L <= 16384 or forced or ours(case).plan.method == "polynomial"
+            if want_ref and elapsed + guess < BUDGET_S * 0.8:
+                t0 = time.perf_counter()
+                ref = compute.lora_gradient(
+                    **{k: _to(v, device, torch.float64) for k, v in case.items()
+                       if k not in ("alpha",)},
+                    alpha=ALPHA, method="exact",
+                ).grads  # fmt: skip
+                ref_times[(L, dh)] = time.perf_counter() - t0
+            for mode in ("full", "partial", "full, forced poly")[: 3 if forced else 2]:
+                c = case if mode != "partial" else partial_of(case)
+                meth = "polynomial" if "forced" in mode else "auto"
+                elapsed = time.perf_counter() - start
+                prev = sdpa_times.get((L // 4, dh, mode.split(",")[0]))
+                guess = 16.0 * prev if prev is not None else 0.0
+                mark = ""
+                too_big = 0.5 * available_bytes() < SDPA_BYTES_PER_PAIR * L * L
+                if "forced" in mode:
+                    t_sdpa = sdpa_times[(L, dh, "full")]
+                    mark = "~" if (L, dh, "full") in extrapolated else ""
+                elif big and prev is not None and (too_big or elapsed + guess > BUDGET_S):
+                    t_sdpa = guess
+                    mark = "~"
+                    extrapolated.add((L, dh, mode))
+                else:
+                    t_sdpa = timed(lambda c=c: sdpa_backward(c), device, args.repeats, big)
+                sdpa_times[(L, dh, mode)] = t_sdpa
+                res = ours(c, meth)
+                t_ours = timed(lambda c=c, m=meth: ours(c, m), device, args.repeats, big)
+                err_s, bound_s, ratio_s = "n/a", "n/a", "n/a"
+                rel_s = "-"
+                if res.error_bounds is not None:
+                    rel_s = f"{res.plan.extra['relative_bound']:.1e}"
+                if ref is not None:
+                    worst = (-1.0, 0.0, 0.0)
+                    for mu, pair in res.grads.items():
+                        for i, got in enumerate(pair):
+                            err = float((got.double() - ref[mu][i].double()).abs().max())
+                            bnd = None if res.error_bounds is None else res.error_bounds[mu][i]
+                            ratio = err / bnd if bnd else math.nan
+                            key = ratio if bnd else err
+                            if key > worst[0]:
+                                worst = (key, err, bnd if bnd else math.nan)
+                    err_s = f"{worst[1]:.2e}"
+                    bound_s = "none (exact)" if res.error_bounds is None else f"{worst[2]:.2e}"
+                    ratio_s = "" if res.error_bounds is None else f"{worst[1] / worst[2]:.1e}"
+                p = res.plan
+                rows.append([
+                    L, dh, mode, p.method, p.degree if p.degree else "-",
+                    p.features if p.features else "-", f"{p.radius:.3f}", f"{p.rho:.3f}",
+                    f"{mark}{t_sdpa:.3g}", f"{t_ours:.3g}", f"{mark}{t_sdpa / t_ours:.1f}x",
+                    err_s, bound_s, rel_s, ratio_s,
+                ])  # fmt: skip
+                if "forced" not in mode:
+                    series.setdefault((dh, mode), []).append((L, t_sdpa, t_ours))
+                print(" | ".join(str(x) for x in rows[-1]), flush=True)
+    headers = ["L", "d_head", "adapt", "method", "g", "r", "R", "rho", "SDPA-autograd s",
+               "ours s", "speed-up", "max err", "bound", "bound / max|G|",
+               "err/bound"]  # fmt: skip
+    table = markdown_table(headers, rows)
+    note = (
+        f"\n\nd_model={D_MODEL}, rank={RANK}, alpha={ALPHA}, eps={EPS}, dtype={args.dtype}, "
+        f"device={device}, torch threads={torch.get_num_threads()}; R = certified radius of "
+        f"the centred scores. 'max err' = largest max-abs error of any dA/dB against the float64 "
+        f"exact reference (with its certified bound); 'bound / max|G|' = the certified "
+        f"relative bound b / (max|G~| - b), worst over dA, dB (eps bounds it); "
+        f"'full, forced poly' = method='polynomial' (auto chose exact); "
+        f"'~' = SDPA time extrapolated "
+        f"quadratically from L/4 (it would need ~{SDPA_BYTES_PER_PAIR:.0f} bytes per pair: "
+        f"{SDPA_BYTES_PER_PAIR * 65536**2 / 2**30:.0f} GiB at L=65536, or the time budget); "
+        f"'n/a' = float64 reference skipped (time budget; only where ours ran exact). "
+        f"Total {time.perf_counter() - start:.0f} s."
+    )
+    print(table + note)
+    save_text(args.out, "lora_gradient.md", table + note)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (dh, mode), pts in sorted(series.items()):
+            ls = [p[0] for p in pts]
+            ax.loglog(ls, [p[1] for p in pts], "o--", label=f"SDPA autograd d={dh} {mode}")
+            ax.loglog(ls, [p[2] for p in pts], "s-", label=f"ours (auto) d={dh} {mode}")
+        ax.set_xlabel("L")
+        ax.set_ylabel("seconds (loss + adapter gradients)")
+        ax.set_title(f"LoRA gradients, R={RADIUS}, eps={EPS}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot_path(args.out, "lora_gradient.png"), dpi=120)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1121 @@
+"""Exact and polynomial-method softmax attention with a certified error bound (theory §1–2, §5).
+
+Public: :func:`attention` and :func:`plan_attention`. Two internal kernels are shared with the
+other operations and are kept stable (signatures and semantics): :func:`_exact_forward` (the
+blocked exact reference) and :func:`_polynomial_forward` (the streamed factored path). A plain,
+differentiable, fully materialised version of the factored path, :func:`_polynomial_reference`,
+is kept for autograd users and tests.
+
+Polynomial pipeline (the floating-point model of ``compute/_bound.py`` describes exactly this):
+
+1. cast to the compute dtype (float16/bfloat16 -> float32); centre keys and values per column
+   (midrange), which changes nothing in exact arithmetic (softmax is shift invariant in the
+   scores, attention is affine equivariant in V);
+2. certified radius ``R >= |scale| sum_l |q_il| |kc_jl|`` (Cauchy–Schwarz / Hölder, O(n d));
+3. the smallest degree g (Chebyshev or Taylor, ``_poly.candidates``) and compute dtype whose
+   certified bound, rounding included, is at most ``eps * max|v|``;
+4. keys and queries are rescaled per coordinate by powers of two (exact) so that monomials of
+   unbalanced inputs neither overflow nor underflow; the scale's power of two is split between
+   them the same way and its mantissa goes into the weights;
+5. keys streamed in blocks: ``U2 = monomials(k_b)`` ``[r, B]`` (graded order, contiguous
+   construction), ``M += U2 @ [Vc_b, 1]`` accumulated in float64 ``[r, dv + 1]``;
+6. weights ``w_alpha = c_|alpha| scale^|alpha| |alpha|!/alpha!`` folded into ``M`` in float64,
+   all on the query side; queries streamed in blocks: ``U1 = monomials(q_b)``,
+   ``[num | den] = U1^T (w * M)``; ``out = num / den + c``.
+
+In float32 the products of steps 5 and 6 are split along their inner dimension into chunks
+(``key_chunk`` keys, ``feature_chunk`` features) whose partial sums are added in float64: the
+certified rounding term grows with the inner length, and unchunked float32 would not certify
+``eps = 1e-3`` at R = 1. Causal attention keeps the key state as prefix sums over sub-blocks of
+``causal_block`` rows and evaluates the polynomial exactly inside each diagonal sub-block
+(``(w * U1)^T U2`` masked, inner length ``feature_chunk``), so the bound model is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _validate
+from ._bound import BoundParts, certified_bound, unit_roundoff
+from ._cost import predict_exact_attention, predict_polynomial_attention, rates
+from ._device import default_device
+from ._features import GradedBuilder, GradedMonomials, feature_count, graded_monomials
+from ._poly import Approximation, best
+from ._radius import centre, matrix_radius
+from .errors import CertificationError, InvalidInputError
+from .result import AttentionResult, Plan
+
+__all__ = ["attention", "plan_attention"]
+
+Progress = Callable[[int, int], Any]
+
+# ---- constants (documented in docs/attention.md) ------------------------------------------------
+MAX_DEGREE = 24  # highest polynomial degree considered
+MAX_RADIUS = 32.0  # above this no degree <= MAX_DEGREE certifies any eps < 1: go exact at once
+MAX_FEATURES = 500_000  # r cap: the feature block and M must stay small
+MAX_STATE_BYTES = 1 << 29  # cap on the float64 key state r * (dv + 1) * 8 bytes (512 MiB)
+FEATURE_BLOCK_ELEMS = 1 << 22  # elements of one feature block (slices * r * B): 16 MiB float32
+MAX_BLOCK = 4096  # columns (keys or queries) per feature block
+# float32 chunk lengths (key chunk, feature chunk), largest first; the first certified is used
+FP32_CHUNKS = ((512, 256), (256, 128), (128, 64), (64, 32))
+CAUSAL_BLOCK = 32  # diagonal sub-block rows for causal attention (prefix granularity)
+EXACT_BLOCK_ELEMS = 1 << 21  # elements of one score block (slices * Bq * Bk) on the exact path
+EXACT_MAX_BLOCK = 1024
+SAMPLE_SEED = 0  # torch.Generator seed for sample_rows (reproducible)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# =================================================================================================
+# Exact path
+# =================================================================================================
+
+
+def _exact_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool = False,
+    positions: torch.Tensor | None = None,
+    progress: Progress | None = None,
+    block: int | None = None,
+    fused: bool = True,
+) -> torch.Tensor:
+    """Exact softmax attention, blocked over queries and keys with a running max and sum.
+
+    Stable internal API (used by tensor attention, LoRA and the tests).
+
+    Args:
+        q: ``[L, n, d]`` queries (L = flattened batch/head dims), any floating dtype; all three
+            inputs must share it, and it is the compute dtype (float64 gives a float64 result).
+        k: ``[L, m, d]`` keys.
+        v: ``[L, m, dv]`` values.
+        scale: scores are ``scale * <q_i, k_j>``.
+        causal: query at position p sees keys ``j <= p`` (SDPA's ``is_causal``, top-left).
+        positions: ``[n]`` int64 position of each query row for the causal mask (default
+            ``arange(n)``); lets callers compute a subset of rows exactly.
+        progress: ``progress(done, total)`` after each query block; exceptions propagate.
+        block: rows per query/key block (default: about ``EXACT_BLOCK_ELEMS / L`` score entries
+            per block, at most ``EXACT_MAX_BLOCK``).
+        fused: for non-causal float32/float64 inputs, let PyTorch's fused SDPA kernel (itself an
+            online-softmax flash kernel on CPU and CUDA, exact up to rounding) do each query
+            block: same semantics, about twice as fast. ``False`` always runs the loop below,
+            which is the reference implementation.
+
+    Returns:
+        ``[L, n, dv]`` in ``q.dtype``. Memory O(L * block^2 + L * n * (d + dv)); never n x m.
+    """
+    L, n, _ = q.shape
+    m, dv = k.shape[1], v.shape[2]
+    if block is None:
+        block = int(math.sqrt(EXACT_BLOCK_ELEMS / max(L, 1)))
+        block = max(16, min(EXACT_MAX_BLOCK, block))
+    if positions is None:
+        positions = torch.arange(n, device=q.device)
+    out = torch.empty((L, n, dv), dtype=q.dtype, device=q.device)
+    n_blocks = -(-n // block)
+    if fused and not causal and q.dtype in (torch.float32, torch.float64):
+        rows = max(block, 1024)
+        n_blocks = -(-n // rows)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        for bi, s in enumerate(range(0, n, rows)):
+            e = min(n, s + rows)
+            # 4-D [1, L, b, d]: the layout the fused CPU kernel takes (3-D falls back to math)
+            o = sdpa(q[None, :, s:e], k[None], v[None], scale=scale)  # [1, L, b, dv]
+            out[:, s:e] = o[0]
+            if progress is not None:
+                progress(bi + 1, n_blocks)
+        return out
+    qs = q * scale  # [L, n, d]
+    kt = k.transpose(1, 2)  # [L, d, m]
+    key_cols = torch.arange(m, device=q.device)
+    pos_host = positions.tolist() if causal else None
+    for bi, s in enumerate(range(0, n, block)):
+        e = min(n, s + block)
+        q_b = qs[:, s:e]  # [L, b, d]
+        pos_b = positions[s:e]  # [b]
+        # causal: keys beyond the largest position in this block are invisible to all of it
+        m_eff = m if pos_host is None else min(m, max(pos_host[s:e]) + 1)
+        run_max = torch.full((L, e - s, 1), -math.inf, dtype=q.dtype, device=q.device)
+        run_sum = torch.zeros((L, e - s, 1), dtype=q.dtype, device=q.device)
+        acc = torch.zeros((L, e - s, dv), dtype=q.dtype, device=q.device)
+        for t in range(0, m_eff, block):
+            u = min(m_eff, t + block)
+            sc = torch.bmm(q_b, kt[:, :, t:u])  # [L, b, bk]
+            if causal:
+                hidden = key_cols[t:u].unsqueeze(0) > pos_b.unsqueeze(1)  # [b, bk]
+                sc.masked_fill_(hidden, -math.inf)
+            new_max = torch.maximum(run_max, sc.amax(dim=-1, keepdim=True))  # [L, b, 1]
+            p = torch.exp(sc - new_max)  # [L, b, bk]
+            corr = torch.exp(run_max - new_max)  # [L, b, 1]
+            run_sum = run_sum * corr + p.sum(dim=-1, keepdim=True)
+            acc = torch.baddbmm(acc * corr, p, v[:, t:u])  # [L, b, dv]
+            run_max = new_max
+        out[:, s:e] = acc / run_sum
+        if progress is not None:
+            progress(bi + 1, n_blocks)
+    return out
+
+
+# =================================================================================================
+# Polynomial path
+# =================================================================================================
+
+
+@dataclass(frozen=True)
+class _Config:
+    """One certified way to run the factored path."""
+
+    approx: Approximation
+    dtype: torch.dtype  # compute dtype of features and products
+    features: int  # r
+    block: int  # B: columns per feature block
+    key_chunk: int  # float32: largest key chunk (``_polynomial_forward``'s key_chunk)
+    feature_chunk: int  # float32: largest feature chunk (its feature_chunk)
+    key_inner: int  # inner length of the key-side products the bound was certified with
+    feature_inner: int  # inner length of the query-side products (float32: chunk; float64: r)
+    float64_terms: int  # longest chain of float64 roundings (for the bound)
+    bound: BoundParts
+
+
+def _weights(approx: Approximation, plan: GradedMonomials, scale_mantissa: float) -> np.ndarray:
+    """``w_alpha = c_|alpha| * scale^|alpha| * |alpha|!/alpha!`` in float64, ``[r]``."""
+    c = np.asarray(approx.coeffs, dtype=np.float64)  # [g + 1]
+    powers = np.array([scale_mantissa**m for m in range(len(c))], dtype=np.float64)
+    return (c * powers)[plan.degree] * plan.multinomial  # [r]
+
+
+def _balance(
+    q: torch.Tensor, kc: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Exact power-of-two rescaling: ``scale <q, k> == s' <q', k'>`` with balanced q', k'.
+
+    ``q: [L, n, d]``, ``kc: [L, m, d]``. Per slice and coordinate l, q is multiplied by
+    ``2^(e_l + a)`` and k by ``2^(-e_l + b)`` where ``e_l`` equalises their largest magnitudes
+    and ``2^(a + b)`` is the power of two of ``|scale|``; ``s' = sign(scale) * mantissa`` with
+    mantissa in [0.5, 1). Multiplying by powers of two is exact (no overflow or underflow at
+    the clamped exponents for inputs that certify), so the scores are unchanged bit for bit.
+    """
+    mant, expo = math.frexp(abs(scale)) if scale != 0.0 else (0.0, 0)
+    if abs(expo) > 120:  # extreme scale: keep it in the weights (R, hence g, is tiny or huge)
+        mant, expo = abs(scale), 0
+    ea = expo // 2
+    eb = expo - ea
+    qa = q.abs().max(dim=1).values.double()  # [L, d]
+    ka = kc.abs().max(dim=1).values.double()  # [L, d]
+    ok = (qa > 0) & (ka > 0)
+    lq = torch.where(ok, torch.log2(qa.clamp_min(1e-300)), torch.zeros_like(qa))
+    lk = torch.where(ok, torch.log2(ka.clamp_min(1e-300)), torch.zeros_like(ka))
+    e = torch.round((lk - lq) / 2).clamp(-60, 60)  # [L, d]; |e + ea|, |eb - e| <= 120
+    one = torch.ones((), dtype=torch.float64, device=q.device)
+    fq = torch.ldexp(one, e + ea).to(q.dtype)  # [L, d] exact powers of two (normal in fp32)
+    fk = torch.ldexp(one, eb - e).to(q.dtype)  # [L, d]
+    signed = math.copysign(mant, scale) if scale != 0.0 else 0.0
+    return q * fq.unsqueeze(1), kc * fk.unsqueeze(1), signed
+
+
+def _polynomial_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    approx: Approximation,
+    scale: float,
+    *,
+    causal: bool = False,
+    dtype: torch.dtype | None = None,
+    block: int | None = None,
+    key_chunk: int | None = None,
+    feature_chunk: int | None = None,
+    progress: Progress | None = None,
+    centred: bool = False,
+) -> torch.Tensor:
+    """Factored attention ``(U1 (w*M)) / (U1 (w*z))`` streamed in blocks (theory §1.2).
+
+    Stable internal API (used by LoRA and tensor attention). Not differentiable: it writes into
+    preallocated buffers (use :func:`_polynomial_reference` for autograd).
+
+    Args:
+        q: ``[L, n, d]`` queries.
+        k: ``[L, m, d]`` keys (centred here per slice and column; the caller certifies
+            ``approx`` for ``R = matrix_radius(q, centre(k), scale)`` computed in ``dtype``).
+        v: ``[L, m, dv]`` values (centred here per slice and column by the midrange).
+        approx: certified polynomial for exp on ``[-R, R]`` (``_poly.candidates(R)[g]``).
+        scale: scores are ``scale * <q_i, k_j>``.
+        causal: SDPA's ``is_causal`` (top-left): query i sees keys ``j <= i``; requires n == m
+            after the caller's alignment (``attention`` pads or truncates keys to n).
+        dtype: compute dtype (default ``q.dtype``); float32 uses chunked products with float64
+            partial sums, float64 plain products.
+        block: columns per feature block B (default from ``FEATURE_BLOCK_ELEMS`` and r).
+        key_chunk / feature_chunk: float32 inner lengths (defaults 256 / 128); ignored in
+            float64. They must be the values the bound was certified with.
+        progress: ``progress(done, total)`` after each block; exceptions propagate.
+        centred: k is already ``centre(k)`` in ``dtype`` (skips recentring; same result).
+
+    Returns:
+        ``[L, n, dv]`` in ``dtype``. Memory O(L_g * r * B + L * r * dv), never n x m or n x r.
+    """
+    dtype = dtype or q.dtype
+    L, n, d = q.shape
+    m, dv = k.shape[1], v.shape[2]
+    if causal and m != n:
+        raise ValueError(f"_polynomial_forward: causal needs n == m, got n={n}, m={m}")
+    dev = q.device
+    plan = graded_monomials(d, approx.degree)
+    r = plan.r
+    fp32 = dtype != torch.float64
+    B, ck, cr, rp, unit = _geometry(
+        r,
+        max(n, m),
+        fp32=fp32,
+        key_chunk=key_chunk or 256,
+        feature_chunk=feature_chunk or 128,
+        causal=causal,
+        block=block,
+    )
+
+    q = q.to(dtype)
+    kc = k.to(dtype) if centred else centre(k.to(dtype))  # [L, m, d]
+    v = v.to(dtype)
+    c = (v.max(dim=1, keepdim=True).values + v.min(dim=1, keepdim=True).values) / 2  # [L,1,dv]
+    vc = v - c  # [L, m, dv]
+    qb, kb, s_mant = _balance(q, kc, scale)
+    w64 = torch.from_numpy(_weights(approx, plan, s_mant)).to(dev)  # [r] float64
+
+    Lg = max(1, min(L, FEATURE_BLOCK_ELEMS // (rp * B)))
+    out = torch.empty((L, n, dv), dtype=dtype, device=dev)
+    groups = list(range(0, L, Lg))
+    per_group = -(-n // B) if causal else -(-m // B) + -(-n // B)
+    total = len(groups) * per_group
+    done = 0
+    for g0 in groups:
+        g1 = min(L, g0 + Lg)
+        lg = g1 - g0
+        xbuf = torch.zeros((lg, d, B), dtype=dtype, device=dev)  # [lg, d, B]
+        ubuf = torch.zeros((lg, rp, B), dtype=dtype, device=dev)  # [lg, rp, B]; rows >= r stay 0
+        vbuf = torch.zeros((lg, B, dv + 1), dtype=dtype, device=dev)  # [lg, B, dv + 1]
+        args = (qb[g0:g1], kb[g0:g1], vc[g0:g1], c[g0:g1], w64, plan, xbuf, ubuf, vbuf)
+        if causal:
+            assert ck is None or cr is not None
+            for s, o in _causal_blocks(*args, unit=unit, cr=cr):
+                out[g0:g1, s : s + o.shape[1]] = o
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        else:
+            for s, o in _noncausal_blocks(*args, ck=ck, cr=cr):
+                if o is not None:
+                    out[g0:g1, s : s + o.shape[1]] = o
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+    return out
+
+
+def _default_block(rp: int, unit: int) -> int:
+    b = FEATURE_BLOCK_ELEMS // max(rp, 1)
+    return max(unit, min(MAX_BLOCK, (b // unit) * unit))
+
+
+def _geometry(
+    r: int,
+    n_max: int,
+    *,
+    fp32: bool,
+    key_chunk: int,
+    feature_chunk: int,
+    causal: bool,
+    block: int | None = None,
+) -> tuple[int, int | None, int | None, int, int]:
+    """Block and chunk sizes: ``(B, ck, cr, rp, unit)``.
+
+    float32: ``cr <= feature_chunk`` splits r into equal chunks (``rp = cr * ceil(r / cr)``
+    rows, the extra rows zero); ``ck <= key_chunk`` keys per key-side chunk. B, the columns of
+    a feature block, is a multiple of ``unit`` (``ck``, or the causal sub-block) chosen so that
+    the blocks split ``n_max`` evenly with at most ``block`` (default: about
+    ``FEATURE_BLOCK_ELEMS / rp``) columns. float64: no chunks (``ck = cr = None``, ``rp = r``).
+    Every inner length is at most what ``_select`` certified (they only shrink with n).
+    """
+    if fp32:
+        nr = -(-r // feature_chunk)
+        cr: int | None = -(-r // nr)
+        rp = nr * (cr or 1)
+        ck: int | None = min(key_chunk, _round_up(n_max, 16))
+        unit = ck or 16
+    else:
+        cr, rp, ck, unit = None, r, None, 64
+    if causal:
+        unit = min(unit, CAUSAL_BLOCK)
+    bmax = max(unit, block or _default_block(rp, unit))
+    nb = -(-n_max // bmax)
+    B = _round_up(-(-n_max // nb), unit)
+    return B, ck, cr, rp, unit
+
+
+def _load(
+    xbuf: torch.Tensor, src: torch.Tensor, s: int
+) -> int:  # copy rows [s, s+B) of src [lg, n, d] transposed into xbuf [lg, d, B]; zero the rest
+    B = xbuf.shape[2]
+    e = min(src.shape[1], s + B)
+    xbuf[:, :, : e - s].copy_(src[:, s:e].transpose(1, 2))
+    if e - s < B:
+        xbuf[:, :, e - s :].zero_()
+    return e - s
+
+
+def _noncausal_blocks(
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    vc: torch.Tensor,
+    c: torch.Tensor,
+    w64: torch.Tensor,
+    plan: GradedMonomials,
+    xbuf: torch.Tensor,
+    ubuf: torch.Tensor,
+    vbuf: torch.Tensor,
+    *,
+    ck: int | None,
+    cr: int | None,
+) -> Any:
+    """Yield ``(start, out_block or None)`` per key block (None) then per query block."""
+    lg, rp, B = ubuf.shape
+    n, m, dv = qb.shape[1], kb.shape[1], vc.shape[2]
+    r = plan.r
+    builder = GradedBuilder(plan, xbuf, ubuf)
+    M = torch.zeros((lg, rp, dv + 1), dtype=torch.float64, device=qb.device)  # [lg, rp, dv+1]
+    for s in range(0, m, B):
+        cnt = _load(xbuf, kb, s)
+        vbuf[:, :cnt, :dv].copy_(vc[:, s : s + cnt])
+        vbuf[:, :cnt, dv].fill_(1.0)
+        if cnt < B:
+            vbuf[:, cnt:].zero_()
+        u2 = builder.build()  # [lg, rp, B]
+        if ck is None:  # float64: plain product, inner length B
+            M += torch.bmm(u2, vbuf)  # [lg, r, dv+1]
+        else:  # float32: chunks of ck keys, partial sums added in float64
+            T = B // ck
+            u2c = u2.view(lg, rp, T, ck)[:, :r].transpose(1, 2)  # [lg, T, r, ck]
+            part = torch.matmul(u2c, vbuf.view(lg, T, ck, dv + 1))  # [lg, T, r, dv+1]
+            M[:, :r] += part.sum(dim=1, dtype=torch.float64)
+        yield s, None
+    Mw = M  # [lg, rp, dv+1] float64; rows >= r are zero
+    Mw[:, :r] *= w64.view(1, r, 1)  # weights on the query side, in float64
+    if cr is None:
+        MwT = Mw.transpose(1, 2).contiguous()  # [lg, dv+1, rp] float64
+    else:
+        nr = rp // cr
+        MwT = Mw.to(ubuf.dtype).view(lg, nr, cr, dv + 1).transpose(2, 3).contiguous()
+        # MwT: [lg, nr, dv+1, cr]
+    for s in range(0, n, B):
+        cnt = _load(xbuf, qb, s)
+        u1 = builder.build()  # [lg, rp, B]
+        if cr is None:
+            nd = torch.bmm(MwT, u1)  # [lg, dv+1, B]
+        else:
+            nr = rp // cr
+            part = torch.matmul(MwT, u1.view(lg, nr, cr, B))  # [lg, nr, dv+1, B]
+            nd = part.sum(dim=1, dtype=torch.float64)  # [lg, dv+1, B]
+        o = (nd[:, :dv, :cnt] / nd[:, dv:, :cnt]).transpose(1, 2) + c  # [lg, cnt, dv]
+        yield s, o
+
+
+def _causal_blocks(
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    vc: torch.Tensor,
+    c: torch.Tensor,
+    w64: torch.Tensor,
+    plan: GradedMonomials,
+    xbuf: torch.Tensor,
+    ubuf: torch.Tensor,
+    vbuf: torch.Tensor,
+    *,
+    unit: int,
+    cr: int | None,
+) -> Any:
+    """Yield ``(start, out_block)`` per block of rows; keys and queries share the blocks.
+
+    Inside a block of B rows, sub-blocks of ``unit`` rows t = 0..T-1: the key state before
+    sub-block t (exclusive prefix sum, float64) serves its queries, and the diagonal sub-block is
+    the polynomial evaluated pairwise, ``P = (w U1_t)^T U2_t`` masked to ``j <= i``.
+    """
+    lg, rp, B = ubuf.shape
+    n, dv = qb.shape[1], vc.shape[2]
+    r, b = plan.r, unit
+    T = B // b
+    dt, dev = ubuf.dtype, ubuf.device
+    f64 = torch.float64
+    u2buf = torch.zeros_like(ubuf)  # [lg, rp, B]; rows >= r stay 0
+    build_k = GradedBuilder(plan, xbuf, u2buf)
+    build_q = GradedBuilder(plan, xbuf, ubuf)
+    M = torch.zeros((lg, rp, dv + 1), dtype=f64, device=dev)  # key state before this block
+    wc = w64.to(dt).view(r, 1)  # [r, 1] weights in the compute dtype
+    visible = torch.ones((b, b), dtype=torch.bool, device=dev).tril()  # [b, b]: key j <= query i
+    for s in range(0, n, B):
+        cnt = _load(xbuf, kb, s)
+        vbuf[:, :cnt, :dv].copy_(vc[:, s : s + cnt])
+        vbuf[:, :cnt, dv].fill_(1.0)
+        if cnt < B:
+            vbuf[:, cnt:].zero_()
+        u2 = build_k.build()  # [lg, rp, B]
+        _load(xbuf, qb, s)
+        u1 = build_q.build()  # [lg, rp, B]
+        u1[:, :r] *= wc  # w on the query side
+        vt = vbuf.view(lg, T, b, dv + 1)  # [lg, T, b, dv+1]
+        u2t = u2.view(lg, rp, T, b).transpose(1, 2)  # [lg, T, rp, b]
+        part = torch.matmul(u2t, vt).to(f64)  # [lg, T, rp, dv+1], inner length b
+        cum = torch.cumsum(part, dim=1)  # [lg, T, rp, dv+1]
+        prefix = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=1) + M.unsqueeze(1)
+        M += cum[:, -1]
+        state = prefix.to(dt)  # [lg, T, rp, dv+1]
+        if cr is None:  # float64: inner length rp
+            u1t = u1.view(lg, rp, T, b).transpose(1, 2)  # [lg, T, rp, b]
+            off = torch.matmul(state.transpose(2, 3), u1t)  # [lg, T, dv+1, b]
+            pair = torch.matmul(u1t.transpose(2, 3), u2t)  # [lg, T, b, b]
+        else:  # float32: chunks of cr features, partial sums in float64
+            nr = rp // cr
+            st = state.view(lg, T, nr, cr, dv + 1).transpose(3, 4)  # [lg, T, nr, dv+1, cr]
+            u1c = u1.view(lg, nr, cr, T, b).permute(0, 3, 1, 2, 4)  # [lg, T, nr, cr, b]
+            u2c = u2.view(lg, nr, cr, T, b).permute(0, 3, 1, 2, 4)  # [lg, T, nr, cr, b]
+            off = torch.matmul(st, u1c).sum(dim=2, dtype=f64)  # [lg, T, dv+1, b]
+            pair = torch.matmul(u1c.transpose(3, 4), u2c).sum(dim=2, dtype=f64)  # [lg,T,b,b]
+        pair = pair.to(f64).masked_fill_(~visible, 0.0)  # [lg, T, b, b]
+        diag = torch.matmul(pair, vt.to(f64))  # [lg, T, b, dv+1]
+        nd = (off.to(f64).transpose(2, 3) + diag).reshape(lg, B, dv + 1)[:, : min(B, n - s)]
+        yield s, nd[..., :dv] / nd[..., dv:] + c  # [lg, cnt, dv]
+
+
+def _polynomial_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    approx: Approximation,
+    scale: float,
+    *,
+    causal: bool = False,
+) -> torch.Tensor:
+    """The factored path fully materialised and differentiable (O(L n r) memory; small n only).
+
+    Same shapes and semantics as :func:`_polynomial_forward` (keys centred here; no value
+    centring, no balancing, no chunking): ``P(S) V / P(S) 1`` with ``P(S) = U1 U2^T`` built from
+    weighted query monomials and plain key monomials. Stable internal API (autograd users).
+    """
+    d = q.shape[-1]
+    plan = graded_monomials(d, approx.degree)
+    kc = centre(k)
+    w = torch.from_numpy(_weights(approx, plan, scale)).to(q.device, q.dtype)  # [r]
+
+    def feats(x: torch.Tensor) -> torch.Tensor:  # [L, n, d] -> [L, n, r], out of place
+        rows = [torch.ones_like(x[..., :1])]
+        for dst, end, src, var in plan.steps:
+            prev = torch.cat(rows, dim=-1)[..., src : src + end - dst]  # [L, n, cnt]
+            rows.append(prev * x[..., var : var + 1])
+        return torch.cat(rows, dim=-1)
+
+    u1 = feats(q) * w  # [L, n, r]
+    u2 = feats(kc)  # [L, m, r]
+    p = u1 @ u2.transpose(-1, -2)  # [L, n, m]
+    if causal:
+        p = p.masked_fill(torch.ones_like(p, dtype=torch.bool).triu(1), 0.0)
+    return (p @ v) / p.sum(dim=-1, keepdim=True)
+
+
+# =================================================================================================
+# Planning
+# =================================================================================================
+
+
+@dataclass(frozen=True)
+class _Selection:
+    config: _Config | None
+    why_not: str  # when config is None: one clause saying why no polynomial is usable
+    degree_needed: int | None = None  # smallest certified degree even if infeasible
+    features_needed: int | None = None
+
+
+def _float64_terms(n_k: int, rp: int, key_inner: int, feature_inner: int, causal: bool) -> int:
+    """Longest chain of float64 roundings a term passes through (see _bound)."""
+    chain = -(-n_k // max(1, key_inner)) + -(-rp // max(1, feature_inner)) + 8
+    return chain + (CAUSAL_BLOCK if causal else 0)
+
+
+def _select(
+    *,
+    R: float,
+    d: int,
+    dv: int,
+    n_q: int,
+    n_k: int,
+    target: float,
+    value_range: float,
+    value_absmax: float,
+    dtypes: tuple[torch.dtype, ...],
+    out_dtype: torch.dtype,
+    causal: bool,
+    centring_dtype: torch.dtype,
+) -> _Selection:
+    """Smallest certified degree, then the fastest certified dtype/chunking for it."""
+    if not math.isfinite(R) or R > MAX_RADIUS:
+        return _Selection(None, f"R = {R:.3g} is beyond the polynomial regime (R > {MAX_RADIUS:g})")
+    n_max = max(n_q, n_k)
+    for g in range(MAX_DEGREE + 1):
+        approx = best(R, g)
+        r = feature_count(d, g)
+        for dtype in dtypes:
+            fp32 = dtype != torch.float64
+            for ck_max, cr_max in FP32_CHUNKS if fp32 else ((0, 0),):
+                rr = min(r, MAX_FEATURES + 1)  # the geometry of an over-cap r is never used
+                B, ck, cr, _, unit = _geometry(
+                    rr, n_max, fp32=fp32, key_chunk=ck_max, feature_chunk=cr_max, causal=causal
+                )
+                key_inner = unit if causal else (ck or B)  # inner lengths of the products
+                feature_inner = cr or r
+                f64_terms = _float64_terms(n_k, r, key_inner, feature_inner, causal)
+                bound = certified_bound(
+                    approx,
+                    features=feature_inner,
+                    block=key_inner,
+                    compute_dtype=dtype,
+                    out_dtype=out_dtype,
+                    value_range=value_range,
+                    value_absmax=value_absmax,
+                    float64_terms=f64_terms,
+                    centring_dtype=centring_dtype,
+                )
+                if bound.total > target:
+                    continue
+                if r > MAX_FEATURES or r * (dv + 1) * 8 > MAX_STATE_BYTES:
+                    return _Selection(
+                        None,
+                        f"it needs degree {g} with r = {r:.3g} features, above the cap of "
+                        f"{MAX_FEATURES:.3g}",
+                        g,
+                        r,
+                    )
+                cfg = _Config(
+                    approx,
+                    dtype,
+                    r,
+                    B,
+                    ck_max if fp32 else B,
+                    cr_max if fp32 else r,
+                    key_inner,
+                    feature_inner,
+                    f64_terms,
+                    bound,
+                )
+                return _Selection(cfg, "", g, r)
+    u_out = unit_roundoff(out_dtype) if out_dtype in (torch.float16, torch.bfloat16) else 0.0
+    if u_out * value_absmax > target:
+        return _Selection(
+            None,
+            f"rounding the output to {_dtype_name(out_dtype)} alone (u = {u_out:.2g} of max|v|) "
+            "exceeds it",
+        )
+    return _Selection(None, f"no polynomial of degree <= {MAX_DEGREE} certifies it at R = {R:.3g}")
+
+
+@lru_cache(maxsize=16)
+def _fused_exact_factor(device: str, dtype: torch.dtype) -> float:
+    """Measured time of the fused SDPA kernel over ``_cost``'s exact prediction (1024^2, d=16).
+
+    ``predict_exact_attention`` models the unfused loop; the non-causal exact path runs the fused
+    kernel, whose constant the planner measures here once per process.
+    """
+    dev = torch.device(device)
+    n, d = 1024, 16
+    x = torch.rand((1, 1, n, d), device=dev, dtype=dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    best = math.inf
+    for _ in range(4):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        sdpa(x, x, x)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - t0)
+    model = predict_exact_attention(rates(dev, dtype), batch=1, n_q=n, n_k=n, d=d, dv=d)
+    return min(10.0, max(0.1, best / model))
+
+
+@lru_cache(maxsize=16)
+def _feature_rate(device: str, dtype: torch.dtype) -> float:
+    """Elements/s of the graded feature builder on one cache-sized block (measured once).
+
+    ``_cost.rates().elems`` times a gather-multiply, the older construction; the graded builder
+    used here has no gathers and runs several times faster, so the planner measures it.
+    """
+    dev = torch.device(device)
+    plan = graded_monomials(8, 4)
+    x = torch.rand((1, 8, 2048), device=dev, dtype=dtype)
+    out = torch.zeros((1, plan.r, 2048), device=dev, dtype=dtype)
+    builder = GradedBuilder(plan, x, out)
+    best = math.inf
+    for _ in range(4):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        builder.build()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        best = min(best, time.perf_counter() - t0)
+    return plan.r * 2048 / max(best, 1e-9)
+
+
+def _predict_polynomial(
+    device: torch.device,
+    cfg: _Config,
+    *,
+    batch: int,
+    n_q: int,
+    n_k: int,
+    d: int,
+    dv: int,
+    causal: bool,
+) -> float:
+    """Predicted seconds: features on both sides, the skinny products, per-block overhead.
+
+    Uses ``_cost.rates`` for the products (``predict_polynomial_attention`` with the feature
+    term replaced by the graded builder's measured rate) and about 4 us per launched op.
+    """
+    rt = rates(device, cfg.dtype)
+    r = cfg.features
+    feats = float(batch) * (n_q + n_k) * r / _feature_rate(str(device), cfg.dtype)
+    flops = (
+        predict_polynomial_attention(rt, batch=batch, n_q=n_q, n_k=n_k, r=r, dv=dv, causal=causal)
+        - float(batch) * (n_q + n_k) * r / rt.elems
+    )
+    blocks = batch * (-(-n_q // cfg.block) + -(-n_k // cfg.block))
+    ops = blocks * (cfg.approx.degree * d + 8) * 4e-6  # one multiply per (degree, variable)
+    prep = 2e-4 + float(batch) * (n_q + n_k) * (d + dv) * 16 / _feature_rate(str(device), cfg.dtype)
+    t = feats + flops + ops + prep  # prep: checks, centring, radius, balancing (~16 passes)
+    if causal:  # diagonal sub-blocks: pairwise polynomial (inner r) and its product with V
+        t += float(batch) * n_q * CAUSAL_BLOCK * 2.0 * (r + dv + 1) / rt.skinny
+    return t
+
+
+def _plan(
+    *,
+    method: str,
+    R: float,
+    n_q: int,
+    n_k: int,
+    d: int,
+    dv: int,
+    batch: int,
+    eps: float,
+    value_range: float,
+    value_absmax: float,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    causal: bool,
+    device: torch.device,
+) -> tuple[Plan, _Config | None]:
+    """The planner shared by :func:`attention` and :func:`plan_attention`."""
+    rho = R / math.log(max(n_k, 2))
+    cost_exact = predict_exact_attention(
+        rates(device, compute_dtype), batch=batch, n_q=n_q, n_k=n_k, d=d, dv=dv, causal=causal
+    )
+    if not causal:  # the non-causal exact path runs the fused kernel (see _exact_forward)
+        cost_exact *= _fused_exact_factor(str(device), compute_dtype)
+    base: dict[str, Any] = {
+        "op": "attention",
+        "radius": R,
+        "rho": rho,
+        "n": n_k,
+        "d": d,
+        "eps": eps,
+        "cost_exact": cost_exact,
+    }
+    extra: dict[str, Any] = {"n_queries": n_q, "batch": batch, "dv": dv, "causal": causal}
+    if method == "exact":
+        plan = Plan(
+            method="exact",
+            reason="method='exact' was requested: blocked exact attention, no approximation "
+            "error to bound.",
+            compute_dtype=_dtype_name(compute_dtype),
+            extra=extra,
+            **base,
+        )
+        return plan, None
+    target = eps * value_absmax
+    dtypes = (torch.float64,) if compute_dtype == torch.float64 else (torch.float32, torch.float64)
+    sel = _select(
+        R=R,
+        d=d,
+        dv=dv,
+        n_q=n_q,
+        n_k=n_k,
+        target=target,
+        value_range=value_range,
+        value_absmax=value_absmax,
+        dtypes=dtypes,
+        out_dtype=out_dtype,
+        causal=causal,
+        centring_dtype=compute_dtype,
+    )
+    where = f"R = {R:.3g} (rho = {rho:.2g}) at d = {d}, eps = {eps:.2g}"
+    if sel.config is None:
+        why = f"{where}: {sel.why_not}"
+        if method == "polynomial":
+            raise CertificationError(
+                f"method='polynomial' cannot certify eps = {eps:.3g} (relative to max|v|): "
+                f"{why}. Use method='exact' or 'auto', or a larger eps."
+            )
+        plan = Plan(
+            method="exact",
+            reason=f"{why}; exact is the only certified path.",
+            compute_dtype=_dtype_name(compute_dtype),
+            degree=sel.degree_needed,
+            features=sel.features_needed,
+            extra=extra,
+            **base,
+        )
+        return plan, None
+    cfg = sel.config
+    a = cfg.approx
+    cost_poly = _predict_polynomial(
+        device, cfg, batch=batch, n_q=n_q, n_k=n_k, d=d, dv=dv, causal=causal
+    )
+    rel = cfg.bound.total / value_absmax if value_absmax > 0 else 0.0
+    certified = (
+        f"{where} is certified by a degree-{a.degree} {a.family} polynomial with "
+        f"r = {cfg.features} features in {_dtype_name(cfg.dtype)} (bound {rel:.2g} of max|v|)"
+    )
+    costs = f"predicted {cost_poly:.3g} s versus {cost_exact:.3g} s exact"
+    extra.update(
+        block=cfg.block,
+        key_inner=cfg.key_inner,
+        feature_inner=cfg.feature_inner,
+        bound_polynomial=float(cfg.bound.polynomial),
+        bound_rounding=float(cfg.bound.rounding),
+    )
+    fields: dict[str, Any] = {
+        "family": a.family,
+        "degree": a.degree,
+        "features": cfg.features,
+        "cost_polynomial": cost_poly,
+        "compute_dtype": _dtype_name(cfg.dtype),
+        "predicted_bound": float(cfg.bound.total),
+        "extra": extra,
+    }
+    if method == "polynomial":
+        plan = Plan(
+            method="polynomial",
+            reason=f"method='polynomial': {certified}; {costs}.",
+            **fields,
+            **base,
+        )
+        return plan, cfg
+    if cost_poly < cost_exact:
+        plan = Plan(method="polynomial", reason=f"{certified}, {costs}.", **fields, **base)
+        return plan, cfg
+    fields["compute_dtype"] = _dtype_name(compute_dtype)
+    fields["predicted_bound"] = None
+    plan = Plan(
+        method="exact",
+        reason=f"{certified}, but the polynomial path is {costs}, so exact is cheaper.",
+        **fields,
+        **base,
+    )
+    return plan, None
+
+
+# =================================================================================================
+# Public API
+# =================================================================================================
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if k.shape[-1] != q.shape[-1]:
+        raise InvalidInputError(
+            "k", f"feature dimension {k.shape[-1]} does not match q's d = {q.shape[-1]}"
+        )
+    if v.shape[-2] != k.shape[-2]:
+        raise InvalidInputError(
+            "v", f"sequence length {v.shape[-2]} does not match k's {k.shape[-2]} keys"
+        )
+    _validate.check_same_batch(("q", "k", "v"), (q, k, v))
+
+
+def _sample_error(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    rows: int,
+) -> float:
+    """Max abs error of ``out`` on ``rows`` random (slice, query) rows recomputed in float64.
+
+    ``out, q: [L, n, .]``, ``k, v: [L, m, .]``. Rows are drawn without replacement by a CPU
+    ``torch.Generator`` seeded with ``SAMPLE_SEED`` (reproducible); all rows when ``rows >= L n``.
+    """
+    L, n = q.shape[0], q.shape[1]
+    gen = torch.Generator(device="cpu").manual_seed(SAMPLE_SEED)
+    total = L * n
+    flat = torch.randperm(total, generator=gen)[: min(rows, total)]
+    worst = 0.0
+    for sl in torch.unique(flat // n).tolist():
+        idx = (flat[flat // n == sl] % n).to(q.device)  # [s]
+        exact = _exact_forward(
+            q[sl : sl + 1, idx].double(),
+            k[sl : sl + 1].double(),
+            v[sl : sl + 1].double(),
+            scale,
+            causal=causal,
+            positions=idx,
+        )  # [1, s, dv]
+        diff = (out[sl : sl + 1, idx].double() - exact).abs().max()
+        worst = max(worst, float(diff))
+    return worst
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    method: str = "auto",
+    eps: float = 1e-3,
+    scale: float | None = None,
+    causal: bool = False,
+    sample_rows: int = 0,
+    progress: Progress | None = None,
+) -> AttentionResult:
+    """Softmax attention, exact or by the polynomial method, with a certified error bound.
+
+    Reference semantics: ``torch.nn.functional.scaled_dot_product_attention(q, k, v,
+    scale=scale, is_causal=causal)``.
+
+    Args:
+        q: ``(..., n, d)`` queries; any leading batch/head dims.
+        k: ``(..., m, d)`` keys; same leading dims as q.
+        v: ``(..., m, dv)`` values; ``dv`` may differ from d.
+            float32 and float64 are computed in their own precision; float16 and bfloat16 are
+            computed in float32. All on one device (CPU or CUDA; computed there).
+        method: ``"exact"`` (blocked online softmax, never an n x m matrix), ``"polynomial"``
+            (must certify ``eps`` or raises :class:`CertificationError`), or ``"auto"``
+            (polynomial only where it is certified and predicted faster).
+        eps: requested bound on ``max |output - exact|`` as a fraction of ``max |v|``, in (0, 1).
+        scale: scores are ``scale * q k^T``; default ``1 / sqrt(d)``.
+        causal: SDPA's ``is_causal=True``: query i sees keys ``j <= i`` (top-left aligned also
+            when n != m).
+        sample_rows: if > 0, that many random query rows (over all leading dims) are recomputed
+            exactly in float64 and ``measured_error`` is their max abs error.
+        progress: ``progress(done, total)`` after each block; an exception stops the work and
+            propagates (raise :class:`compute.Cancelled` to cancel).
+
+    Returns:
+        :class:`AttentionResult`: ``output`` ``(..., n, dv)`` in v's dtype; ``error_bound``, the
+        certified bound on ``max |output - exact|`` in output units (rounding included; None for
+        the exact method); ``plan`` (method, degree, features r, radius R, rho = R / ln m, predicted
+        costs, reason); ``measured_error``.
+
+    Raises:
+        InvalidInputError: mismatched shapes or devices, non-finite values, unsupported dtype,
+            empty tensors, eps outside (0, 1), unknown method, bad scale or sample_rows.
+        CertificationError: ``method="polynomial"`` and no polynomial certifies ``eps``.
+    """
+    t0 = time.perf_counter()
+    method = _validate.check_method(method)
+    eps = _validate.check_eps(eps)
+    q = _validate.check_tensor("q", q)
+    k = _validate.check_tensor("k", k)
+    v = _validate.check_tensor("v", v)
+    _check_shapes(q, k, v)
+    if not isinstance(causal, bool):
+        raise InvalidInputError("causal", f"expected True or False, got {causal!r}")
+    sample_rows = _validate.check_sample_rows(sample_rows)
+    if progress is not None and not callable(progress):
+        raise InvalidInputError("progress", "expected a callable progress(done, total) or None")
+    d, dv = q.shape[-1], v.shape[-1]
+    n, m = q.shape[-2], k.shape[-2]
+    s = _validate.check_scale(scale, d)
+    lead = tuple(q.shape[:-2])
+    cd = _validate.compute_dtype_of(q, k, v)
+    out_dtype = v.dtype
+    q3 = q.reshape(-1, n, d).to(cd)  # [L, n, d]
+    k3 = k.reshape(-1, m, d).to(cd)  # [L, m, d]
+    v3 = v.reshape(-1, m, dv).to(cd)  # [L, m, dv]
+    L = q3.shape[0]
+    if causal and m > n:  # keys beyond the last query are never visible (top-left mask)
+        k3, v3, m = k3[:, :n], v3[:, :n], n
+    kc3 = centre(k3)  # [L, m, d]: the keys the polynomial path uses (softmax shift invariance)
+    R = matrix_radius(q3, kc3, s)
+    v_hi = v3.max(dim=1).values.double()  # [L, dv]
+    v_lo = v3.min(dim=1).values.double()  # [L, dv]
+    value_range = float((v_hi - v_lo).max())  # exact in float64
+    value_absmax = float(torch.maximum(v_hi.abs(), v_lo.abs()).max())
+    # the computed midrange c may miss the true one by u |c|: widen the range accordingly
+    value_range += 4.0 * unit_roundoff(cd) * value_absmax
+    plan, cfg = _plan(
+        method=method,
+        R=R,
+        n_q=n,
+        n_k=m,
+        d=d,
+        dv=dv,
+        batch=L,
+        eps=eps,
+        value_range=value_range,
+        value_absmax=value_absmax,
+        compute_dtype=cd,
+        out_dtype=out_dtype,
+        causal=causal,
+        device=q.device,
+    )
+    bound: float | None = None
+    if cfg is not None:
+        out3 = _run_polynomial(q3, kc3, v3, cfg, s, causal=causal, progress=progress)
+        bound = float(cfg.bound.total)
+        if not bool(torch.isfinite(out3).all()):  # overflow outside the model (extreme inputs)
+            if method == "polynomial":
+                raise CertificationError(
+                    "method='polynomial': an intermediate overflowed for these inputs (extreme "
+                    "entries); use method='exact' or 'auto'"
+                )
+            cfg, bound = None, None
+            plan = dataclasses.replace(
+                plan,
+                method="exact",
+                reason=plan.reason.rstrip(".") + "; an intermediate overflowed, so exact was run.",
+                predicted_bound=None,
+            )
+    if cfg is None:
+        out3 = _exact_forward(q3, k3, v3, s, causal=causal, progress=progress)
+    measured = None
+    if sample_rows > 0:
+        measured = _sample_error(out3.to(out_dtype), q3, k3, v3, s, causal, sample_rows)
+    output = out3.to(out_dtype).reshape(*lead, n, dv)
+    return AttentionResult(
+        output=output,
+        error_bound=bound,
+        plan=plan,
+        measured_error=measured,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _run_polynomial(
+    q3: torch.Tensor,
+    k3: torch.Tensor,
+    v3: torch.Tensor,
+    cfg: _Config,
+    scale: float,
+    *,
+    causal: bool,
+    progress: Progress | None,
+) -> torch.Tensor:
+    """Dispatch to :func:`_polynomial_forward`; causal with m < n runs the rows >= m unmasked."""
+    kw: dict[str, Any] = {
+        "dtype": cfg.dtype,
+        "block": cfg.block,
+        "key_chunk": cfg.key_chunk if cfg.dtype != torch.float64 else None,
+        "feature_chunk": cfg.feature_chunk if cfg.dtype != torch.float64 else None,
+        "centred": True,  # k3 is centre(k) in the input compute dtype; casts up are exact
+    }
+    n, m = q3.shape[1], k3.shape[1]
+    if not causal or n == m:
+        return _polynomial_forward(
+            q3, k3, v3, cfg.approx, scale, causal=causal, progress=progress, **kw
+        )
+    # causal, m < n: rows [0, m) are a square causal problem; rows [m, n) see every key
+    top = _polynomial_forward(
+        q3[:, :m], k3, v3, cfg.approx, scale, causal=True, progress=progress, **kw
+    )
+    rest = _polynomial_forward(
+        q3[:, m:], k3, v3, cfg.approx, scale, causal=False, progress=progress, **kw
+    )
+    return torch.cat([top, rest.to(top.dtype)], dim=1)
+
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def _check_int(name: str, x: object, low: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < low:
+        raise InvalidInputError(name, f"expected an integer >= {low}, got {x!r}")
+    return x
+
+
+def plan_attention(
+    *,
+    n: int,
+    d: int,
+    radius: float,
+    eps: float = 1e-3,
+    causal: bool = False,
+    dv: int | None = None,
+    batch: int = 1,
+    dtype: str = "float32",
+    method: str = "auto",
+    device: str | torch.device | None = None,
+) -> Plan:
+    """The plan :func:`attention` would make, without data ("what would this cost").
+
+    ``n`` queries and keys, head dimension ``d``, value dimension ``dv`` (default d), ``batch``
+    independent slices (batch x heads), certified score radius ``radius`` (R, as
+    ``attention`` would compute it), input ``dtype`` name. Values are unknown, so the bound
+    assumes the worst case ``value_range = 2 max|v|`` and reports ``predicted_bound`` as a
+    fraction of ``max|v|``. ``device`` (default :func:`compute.default_device`) selects the
+    calibrated cost rates. ``method="polynomial"`` raises :class:`CertificationError` when no
+    polynomial certifies ``eps``.
+    """
+    method = _validate.check_method(method)
+    eps = _validate.check_eps(eps)
+    n = _check_int("n", n, 1)
+    d = _check_int("d", d, 1)
+    batch = _check_int("batch", batch, 1)
+    dv = d if dv is None else _check_int("dv", dv, 1)
+    if isinstance(radius, bool) or not isinstance(radius, int | float):
+        raise InvalidInputError("radius", f"expected a number >= 0, got {radius!r}")
+    if not (math.isfinite(float(radius)) and radius >= 0):
+        raise InvalidInputError("radius", f"must be finite and >= 0, got {radius!r}")
+    if not isinstance(causal, bool):
+        raise InvalidInputError("causal", f"expected True or False, got {causal!r}")
+    if dtype not in _DTYPES:
+        raise InvalidInputError("dtype", f"unsupported dtype {dtype!r}; use one of {list(_DTYPES)}")
+    in_dtype = _DTYPES[dtype]
+    cd = torch.float64 if in_dtype == torch.float64 else torch.float32
+    dev = torch.device(device) if device is not None else default_device()
+    plan, _ = _plan(
+        method=method,
+        R=float(radius),
+        n_q=n,
+        n_k=n,
+        d=d,
+        dv=dv,
+        batch=batch,
+        eps=eps,
+        value_range=2.0 + 4.0 * unit_roundoff(cd),
+        value_absmax=1.0,
+        compute_dtype=cd,
+        out_dtype=in_dtype,
+        causal=causal,
+        device=dev,
+    )
+    return plan

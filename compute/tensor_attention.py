@@ -1,0 +1,1167 @@
+"""Tensor (triple-wise) attention, exact and polynomial, with certified bounds (theory §3).
+
+Alman & Song's generalisation of softmax attention to triple-wise correlations. For one leading
+(batch/head) slice, with ``q: [n, d]``, ``k1: [n1, d]``, ``k2: [n2, d]``, ``v1: [n1, dv]``,
+``v2: [n2, dv]``::
+
+    s[i, j1, j2] = scale * sum_l q[i, l] k1[j1, l] k2[j2, l]          # [n, n1, n2] scores
+    w[i, j1, j2] = softmax over all pairs (j1, j2) of s[i, :, :]
+    out[i, :]    = sum_{j1, j2} w[i, j1, j2] * (v1[j1, :] * v2[j2, :])  # [n, dv]
+
+Two paths:
+
+* exact: blocked over (query rows, j1) with a running max and sum per query row; every block
+  is two matrix products, ``[(q * k1[j1]) | -shift] @ [k2 | 1]^T`` and ``W @ [v2 | 1]``, so
+  memory stays bounded by one score block (never ``n * n1 * n2``). O(n n1 n2 (d + dv)).
+* polynomial: ``exp`` replaced by a certified polynomial ``P`` (``compute._poly``); because
+  monomials are multiplicative, ``P(s)`` factors through three feature maps with all weights on
+  the query side, and the n x (n1 n2) score matrix is never formed::
+
+      U1 = w * Q^alpha,  U2 = K1^alpha,  U3 = K2^alpha                   # [r, n], [r, n1], [r, n2]
+      M  = (U2 @ V1) * (U3 @ V2)  ;  z = (U2 @ 1) * (U3 @ 1)             # [r, dv], [r]
+      out = (U1^T M) / (U1^T z)                                           # [n, dv]
+
+  O((n + n1 + n2) r dv). Its certified error bound (theory §1.4 with the column range of
+  ``v1 ⊘ v2``, plus every floating-point rounding) is derived in ``tensor_rounding_bound``.
+
+The keys are NOT centred: softmax over (j1, j2) is invariant only to adding a constant per
+query row, and ``(k1 - a) ∘ (k2 - b)`` is not ``k1 ∘ k2`` minus such a constant, so the matrix
+trick of theory §1.3 does not carry over. The radius is R3 of theory §3 on the raw inputs.
+
+Generic helpers defined here (candidates for the shared core): ``_graded`` /
+``_graded_features_t`` (monomials ordered by last variable: each degree block is ``d``
+broadcast products of a contiguous prefix, no gathers, about 2.5x faster than
+``_features.monomial_features_t``), ``_minimax`` (a relative-error minimax polynomial for exp,
+certified by ``_poly.relative_error_range``; 1.1–8x smaller ``t`` than Chebyshev at degrees
+<= 7, most at low degree and large R), ``_grid_radius`` (radius rounded up to a cache grid).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.polynomial import chebyshev as npcheb
+
+from ._bound import BoundParts, gamma, unit_roundoff
+from ._cost import predict_exact_attention, predict_polynomial_attention, rates
+from ._device import default_device
+from ._features import feature_count
+from ._poly import Approximation, relative_error_range
+from ._poly import best as poly_best
+from ._radius import tensor_radius
+from ._validate import (
+    check_eps,
+    check_method,
+    check_same_batch,
+    check_sample_rows,
+    check_scale,
+    check_tensor,
+    compute_dtype_of,
+)
+from .errors import CertificationError, InvalidInputError
+from .result import AttentionResult, Plan
+
+__all__ = ["plan_tensor_attention", "tensor_attention"]
+
+Progress = Callable[[int, int], None]
+
+MAX_DEGREE = 24  # highest polynomial degree the planner considers
+# Above this radius no polynomial is even evaluated: already at R = 12 the degree-24 Chebyshev
+# polynomial has dmin < -1 (it is not positive), so nothing of degree <= 24 could certify.
+MAX_RADIUS = 40.0
+MAX_FEATURES = 1 << 22  # larger feature maps are never planned (memory of one feature block)
+# Inner lengths of the compute-dtype dot products of the polynomial path. The partial sums are
+# added in float64, so the worst-case rounding (gamma_K) sees these, not n or r. float32 takes
+# the longest chunk that still certifies eps (fewer, larger products); float64 one fixed length.
+CHUNKS_FLOAT32 = (512, 256, 128, 64, 32, 16)
+CHUNK_FLOAT64 = 4096
+_EXACT_BLOCK = 1 << 20  # elements of one exact score block [B, bq, b1, n2] (4 MiB fp32)
+_FEATURE_BLOCK = 1 << 23  # entries of one feature block [r, columns] (32 MiB fp32)
+_U64 = 2.0**-53
+# log2 of the smallest subnormal: bounds the absolute error one multiplication (or down-cast)
+# may add on underflow (half of it, with round-to-nearest). Kept as a log: 2^-1074 is the last
+# representable float64 and a product with it would underflow.
+_LOG2_ETA = {torch.float32: -149.0, torch.float64: -1074.0}
+# exp(-limit) is far above the smallest normal number (so are its products with the values):
+# below it the exact path may use a fixed per-row shift instead of a running max.
+_SHIFT_LIMIT = {torch.float32: 40.0, torch.float64: 600.0}
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Certified bound
+# --------------------------------------------------------------------------------------------
+
+
+def tensor_rounding_bound(
+    approx: Approximation,
+    *,
+    features: int,
+    n1: int,
+    n2: int,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    weight_max: float,
+    entry_max: float,
+    value_range: np.ndarray | torch.Tensor,
+    value_absmax: np.ndarray | torch.Tensor,
+    chunk: int,
+    value_scale: np.ndarray | torch.Tensor | None = None,
+) -> BoundParts:
+    """Certified bound on ``max |output - exact tensor attention|`` of the polynomial path.
+
+    ``value_range`` and ``value_absmax`` hold, per leading slice and value column (any shape,
+    same shape), the range and the largest magnitude of ``v1[j1, k] * v2[j2, k]`` over all
+    pairs; the bound is the max over their entries. ``features`` is ``r``; ``chunk`` the
+    inner length ``c`` of the compute-dtype products; ``value_scale`` the normalisation factor
+    ``2^(e1 + e2)`` per entry (0 for an all-zero column; default ``4 value_absmax``);
+    ``weight_max >= max_a |w_a|`` and ``entry_max >= max(1, max |q'|, |k1'|, |k2'|)`` for the
+    balanced inputs the path multiplies.
+
+    Model of ``_polynomial_forward`` (compute dtype with unit roundoff ``u``; ``u64 = 2^-53``):
+
+    0. ``q, k1, k2`` are multiplied by powers of two (balancing) and ``v1, v2`` per column by
+       powers of two (normalising to ``max |v'| in [1/2, 1)``): exact except on underflow
+       (step 7); the output is scaled back exactly in float64.
+    1. Features ``x^alpha`` of degree ``m`` are built by ``m - 1`` multiplications: relative
+       error ``gamma_{g-1}`` on each of ``U1, U2, U3``; the weights ``w_a = c_m scale'^m
+       mult_a`` are float64 (``g + 4`` roundings).
+    2. ``A1 = U2 @ [V1 | 1]``: dot products of inner length ``c1 = min(c, n1)`` in the compute
+       dtype (``gamma_{c1}``), then float64 across ``ceil(n1 / c)`` chunks. Same for ``A2``
+       with ``n2``.
+    3. ``Me = w * A1 * A2`` in float64 (2 roundings), cast to the compute dtype (1 rounding).
+    4. ``U1^T Me``: inner length ``cr = min(c, r)`` in the compute dtype, float64 across
+       ``ceil(r / c)`` chunks. (The float64 sums of steps 2 and 4 add at most one partial
+       term more than the chunk count, for a remainder or a block boundary: ``+ 3`` below.)
+       Every one of the ``r n1 n2`` terms ``w_a q^a k1^a k2^a v1 v2`` thus reaches ``num`` (and
+       likewise ``den``, with ``v = 1``) multiplied by a product of ``Kc`` factors ``(1 + d)``
+       with ``|d| <= u`` and ``K64`` with ``|d| <= u64``::
+
+           Kc  = 3 max(g - 1, 0) + c1 + c2 + 1 + cr
+           K64 = ceil(n1/c) + ceil(n2/c) + ceil(r/c) + (g + 4) + 5
+           Gamma = (1 + gamma_Kc(u)) (1 + gamma_K64(u64)) - 1
+
+       so ``|num~ - num| <= Gamma S Vabs`` and ``|den~ - den| <= Gamma S``, where
+       ``S = sum_{j1,j2} sum_a |w_a (q k1 k2)^a| <= n1 n2 sum_m |c_m| R3^m`` because R3 bounds
+       ``|scale| sum_l |q_l k1_l k2_l|`` (multinomial theorem on absolute values).
+    5. ``den = sum P(s) >= n1 n2 e^{-R3} (1 + dmin)``, so ``S / den <= rho := kappa / (1 + dmin)``
+       (``kappa = e^R3 sum |c_m| R3^m``). ``T' = num / den`` is a convex combination of the
+       products ``v1 v2`` (``P > 0``), so ``|T'| <= Vabs`` (column max of ``|v1 ⊘ v2|``) and
+       ``|num~/den~ - T'| <= (Gamma S Vabs + |T'| Gamma S) / den~ <= 2 Gamma rho Vabs /
+       (1 - Gamma rho)``. Centring ``v1 ⊘ v2`` (which the Khatri–Rao structure does not allow
+       inside ``M`` anyway) would not help: ``num - c den`` has the same worst case, so the
+       rounding term scales with ``max |v1 ⊘ v2|``, not with half the range.
+    6. The division (float64) and the cast to the output dtype: ``((1 + u64)(1 + u_out) - 1)
+       (Vabs + E)``, ``u_out = 0`` for a float64 output.
+    7. Gradual underflow: each multiplication or down-cast may add an absolute error of at most
+       ``eta`` (half the smallest subnormal). A term passes through at most ``3g + 10`` of them
+       and every other factor is at most ``W entry_max^{3g}`` (balanced, normalised ``|v'| <= 1``),
+       so ``num`` and ``den`` each gain at most ``n1 n2 H`` with
+       ``H = 2 (3g + 10) r eta W entry_max^{3g}``; relative to ``den`` that is
+       ``H' = H e^R3 / (1 + dmin)``; with ``|T'| <= 1`` in normalised units the quotient moves by
+       at most ``2 H' / (1 - Gamma rho - H')``, in output units times the normalisation factor
+       ``2^(e1 + e2)`` (counted as ``8 H' 2^(e1+e2)``; an all-zero column is computed exactly).
+       Negligible (about 1e-40) unless the degree is very high.
+
+    Total, per slice and column::
+
+        E     = (2 Gamma rho Vabs + 8 H' 2^(e1+e2)) / (1 - Gamma rho - H')
+        bound = t(dmin, dmax) range + E + ((1 + u64)(1 + u_out) - 1) (Vabs + E)
+
+    times ``1 + 1e-9`` for the float64 arithmetic of the bound itself. There is no term for the
+    scores: they are never rounded (the features of the exact inputs carry them exactly).
+    """
+    c = chunk
+    g, r, R = approx.degree, features, approx.radius
+    vr = _as_numpy(value_range)
+    va = _as_numpy(value_absmax)
+    vs = 4.0 * va if value_scale is None else _as_numpy(value_scale)
+    if approx.dmin <= -1.0 or not math.isfinite(approx.t):
+        return BoundParts(math.inf, math.inf, math.inf)
+    u = unit_roundoff(compute_dtype)
+    u_out = 0.0 if out_dtype == torch.float64 else unit_roundoff(out_dtype)
+    k_c = 3 * max(g - 1, 0) + min(c, n1) + min(c, n2) + 1 + min(c, r)
+    k_64 = -(-n1 // c) + -(-n2 // c) + -(-r // c) + (g + 4) + 5
+    big_gamma = (1.0 + gamma(k_c, u)) * (1.0 + gamma(k_64, _U64)) - 1.0
+    rho = approx.kappa / (1.0 + approx.dmin)
+    log_h = (
+        math.log(2.0 * (3 * g + 10) * r)
+        + _LOG2_ETA[compute_dtype] * math.log(2.0)
+        + math.log(max(weight_max, 1e-300))
+        + 3 * g * math.log(max(entry_max, 1.0))
+        + R
+        - math.log1p(approx.dmin)
+    )
+    h_rel = math.exp(log_h) if log_h < 700.0 else math.inf
+    denom = 1.0 - big_gamma * rho - h_rel
+    if not denom > 0.0:
+        poly = float((approx.t * vr).max()) if vr.size else 0.0
+        return BoundParts(poly, math.inf, math.inf)
+    poly_k = approx.t * vr
+    err_k = (2.0 * big_gamma * rho * va + 8.0 * h_rel * vs) / denom
+    cast = (1.0 + _U64) * (1.0 + u_out) - 1.0
+    rounding_k = err_k + cast * (va + err_k)
+    total_k = (poly_k + rounding_k) * (1.0 + 1e-9)
+    if total_k.size == 0:
+        return BoundParts(0.0, 0.0, 0.0)
+    return BoundParts(float(poly_k.max()), float(rounding_k.max()), float(total_k.max()))
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().reshape(-1).cpu().numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def _overflow_safe(
+    *,
+    degree: int,
+    features: int,
+    n1: int,
+    n2: int,
+    weight_max: float,
+    entry_max: float,
+    dtype: torch.dtype,
+) -> bool:
+    """A-priori: no intermediate of the polynomial path can overflow ``dtype``.
+
+    With balanced inputs (``|x'| <= entry_max``) and normalised values (``|v'| <= 1``), every
+    partial sum is at most ``2 r n1 n2 W entry_max^{3g}`` (features and ``A`` need less).
+    """
+    log_max = (
+        math.log(2.0 * features * n1 * n2)
+        + math.log(max(weight_max, 1.0))
+        + 3.0 * degree * math.log(max(entry_max, 1.0))
+    )
+    return log_max < math.log(torch.finfo(dtype).max) - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Polynomials: the shared certified families plus a relative-error minimax fit
+# --------------------------------------------------------------------------------------------
+
+MINIMAX_MAX_DEGREE = 7  # above this the truncated Chebyshev series is as good or better
+
+
+@lru_cache(maxsize=512)
+def _minimax(g: int, radius: float) -> Approximation | None:
+    """Near-minimax relative-error polynomial for ``exp`` on ``[-radius, radius]``, certified.
+
+    Fitted by Lawson's iteratively reweighted least squares on the relative error
+    ``P(s) e^-s - 1`` (Chebyshev basis in ``s / radius``, Chebyshev nodes), then certified
+    exactly like the shared families: ``_poly.relative_error_range`` (dense grid plus a
+    Lipschitz guard) gives a rigorous ``[dmin, dmax]`` whatever the fit's quality. For the
+    degrees used here it has 1.1–8x smaller ``t`` than the truncated Chebyshev series, which is
+    often one degree less (``r`` 2.6x smaller at d = 8, g = 5 -> 4).
+    """
+    if g < 1 or radius <= 0.0:
+        return None
+    nodes = np.cos(np.linspace(0.0, np.pi, 8 * (g + 1) + 1))  # [N] in [-1, 1]
+    basis = npcheb.chebvander(nodes, g) * np.exp(-radius * nodes)[:, None]  # [N, g+1]
+    weight = np.full(len(nodes), 1.0 / len(nodes))
+    coef = np.zeros(g + 1)
+    for _ in range(25):
+        sw = np.sqrt(weight)
+        coef = np.linalg.lstsq(basis * sw[:, None], sw, rcond=None)[0]
+        err = np.abs(basis @ coef - 1.0)
+        total = float((weight * err).sum())
+        if not total > 0.0:
+            break
+        weight = weight * err / total
+    monomial = np.zeros(g + 1)
+    in_t = npcheb.cheb2poly(coef)
+    monomial[: len(in_t)] = in_t
+    coeffs = monomial / radius ** np.arange(g + 1, dtype=np.float64)
+    dmin, dmax = relative_error_range(coeffs, radius)
+    if not (np.isfinite(dmin) and np.isfinite(dmax)) or dmin <= -1.0:
+        return None
+    return Approximation("minimax", g, radius, coeffs, dmin, dmax)
+
+
+def _grid_radius(radius: float) -> float:
+    """``radius`` rounded up to the grid ``2^(k/32)`` (so minimax fits are cached and reused)."""
+    if radius <= 0.0:
+        return 0.0
+    k = math.ceil(32.0 * math.log2(radius) - 1e-9)
+    out = 2.0 ** (k / 32.0)
+    return out if out >= radius else 2.0 ** ((k + 1) / 32.0)
+
+
+@lru_cache(maxsize=4096)
+def _best_at(grid: float, g: int) -> Approximation:
+    """The certified polynomial of degree ``g`` on ``[-grid, grid]`` with the smallest ``t``."""
+    options = [poly_best(grid, g)]  # the better of Chebyshev and Taylor
+    if g <= MINIMAX_MAX_DEGREE:
+        mm = _minimax(g, grid)
+        if mm is not None:
+            options.append(mm)
+    return min(options, key=lambda a: a.t)
+
+
+def _approximations(radius: float) -> Iterator[Approximation]:
+    """Degree by degree (0..MAX_DEGREE, lazily), the certified polynomial with the smallest t.
+
+    Chebyshev and Taylor (``compute._poly``) and, for degrees up to ``MINIMAX_MAX_DEGREE``, the
+    minimax fit, all on ``[-R', R']`` with ``R' >= R`` the radius rounded up to the grid
+    ``2^(k/32)``: valid on the smaller interval, cached across inputs, and conservative in every
+    bound that uses the radius (``approx.radius`` is ``R'``). Nothing above ``MAX_RADIUS``.
+    """
+    if not radius <= MAX_RADIUS:
+        return
+    grid = _grid_radius(radius)
+    for g in range(MAX_DEGREE + 1):
+        yield _best_at(grid, g)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact path
+# --------------------------------------------------------------------------------------------
+
+
+def _exact_blocks(batch: int, n: int, n1: int, n2: int) -> tuple[int, int]:
+    """Query rows and j1 keys per exact block so that ``batch * bq * b1 * n2`` stays bounded."""
+    per_j1 = batch * n * n2
+    if per_j1 <= _EXACT_BLOCK:
+        return n, max(1, min(n1, _EXACT_BLOCK // per_j1))
+    return max(1, min(n, _EXACT_BLOCK // max(1, batch * n2))), 1
+
+
+def _exact_forward(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    scale: float,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Exact tensor attention, blocked, in the dtype of the inputs.
+
+    ``q: [B, n, d]``, ``k1: [B, n1, d]``, ``k2: [B, n2, d]``, ``v1: [B, n1, dv]``,
+    ``v2: [B, n2, dv]`` -> ``[B, n, dv]``. For each block of query rows and each block of j1
+    keys: scores ``[(q * scale) * k1[j1] | -shift] @ [k2 | 1]^T`` (one batched GEMM, the
+    shift folded in), ``W = exp`` in place, then ``W @ [v2 | 1]`` (a second GEMM) gives both
+    the weighted ``v2`` sums and the row sums; multiplying by ``v1[j1]`` and summing over the
+    block's j1 accumulates the output. Memory: one block of at most ``_EXACT_BLOCK`` scores.
+
+    Shift: when every score of a row lies in ``[-h_i, h_i]`` with ``h_i = |scale| sum_l
+    |q_il| max|k1_l| max|k2_l|`` and ``2 h_i <= _SHIFT_LIMIT`` (so ``exp(-2 h_i)`` and its
+    products with the values stay far above the smallest normal number), the fixed shift
+    ``h_i`` is used (no max pass); otherwise a running max per row.
+    """
+    B, n, d = q.shape
+    n1, n2, dv = k1.shape[1], k2.shape[1], v1.shape[-1]
+    dtype, dev = q.dtype, q.device
+    qs = q * scale  # [B, n, d]
+    m1 = k1.abs().amax(dim=1)  # [B, d]
+    m2 = k2.abs().amax(dim=1)  # [B, d]
+    h = (qs.abs() * (m1 * m2).unsqueeze(1)).sum(-1)  # [B, n] bound on |s| per row
+    fixed = bool(2.0 * float(h.max()) <= _SHIFT_LIMIT.get(dtype, 40.0)) if h.numel() else True
+    ones2 = torch.ones(B, n2, 1, dtype=dtype, device=dev)
+    k2e = torch.cat([k2, ones2], dim=-1).transpose(1, 2)  # [B, d+1, n2]
+    v2e = torch.cat([v2, ones2], dim=-1)  # [B, n2, dv+1]
+    bq, b1 = _exact_blocks(B, n, n1, n2)
+    out = torch.empty(B, n, dv, dtype=dtype, device=dev)
+    total = -(-n // bq) * -(-n1 // b1)
+    done = 0
+    for qs0 in range(0, n, bq):
+        qb = qs[:, qs0 : qs0 + bq]  # [B, Lq, d]
+        Lq = qb.shape[1]
+        acc = torch.zeros(B, Lq, dv, dtype=dtype, device=dev)
+        den = torch.zeros(B, Lq, dtype=dtype, device=dev)
+        if fixed:
+            shift = -h[:, qs0 : qs0 + Lq]  # [B, Lq]
+        else:
+            run_max = torch.full((B, Lq), -math.inf, dtype=dtype, device=dev)
+        for j0 in range(0, n1, b1):
+            kb = k1[:, j0 : j0 + b1]  # [B, L1, d]
+            L1 = kb.shape[1]
+            a = qb.unsqueeze(2) * kb.unsqueeze(1)  # [B, Lq, L1, d]
+            if fixed:
+                col = shift[:, :, None, None].expand(B, Lq, L1, 1)  # [B, Lq, L1, 1]
+                a = torch.cat([a, col], dim=-1)  # [B, Lq, L1, d+1]
+                s = torch.bmm(a.reshape(B, Lq * L1, d + 1), k2e)  # [B, Lq*L1, n2]
+                s.exp_()
+            else:
+                s = torch.bmm(a.reshape(B, Lq * L1, d), k2e[:, :d])  # [B, Lq*L1, n2]
+                blk_max = s.view(B, Lq, L1 * n2).amax(dim=-1)  # [B, Lq]
+                new_max = torch.maximum(run_max, blk_max)  # [B, Lq]
+                corr = torch.exp(run_max - new_max)  # [B, Lq]
+                s.view(B, Lq, L1 * n2).sub_(new_max.unsqueeze(-1)).exp_()
+                acc.mul_(corr.unsqueeze(-1))
+                den.mul_(corr)
+                run_max = new_max
+            x = torch.bmm(s, v2e).view(B, Lq, L1, dv + 1)  # [B, Lq, L1, dv+1]
+            acc += (x[..., :dv] * v1[:, None, j0 : j0 + L1, :]).sum(dim=2)  # [B, Lq, dv]
+            den += x[..., dv].sum(dim=2)  # [B, Lq]
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        out[:, qs0 : qs0 + Lq] = acc / den.unsqueeze(-1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Polynomial path
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Graded:
+    """Monomials of degree <= g in d variables, ordered by degree, then by last variable.
+
+    Within degree m the block for last variable ``l`` is ``prev[:count[m][l]] * x[l]``: the
+    degree m-1 monomials whose last variable is at most ``l`` form a prefix of their block (it
+    is itself sorted by last variable), so every degree block is ``d`` broadcast products of a
+    contiguous prefix with one row of ``x``: no gathers, one read and one write per entry.
+    """
+
+    d: int
+    g: int
+    offsets: tuple[int, ...]  # offsets[m]: first row of degree m; offsets[g+1] == r
+    counts: tuple[tuple[int, ...], ...]  # counts[m-1][l]: prefix of degree m-1 used for x[l]
+    multinomial: torch.Tensor  # [r] float64: |alpha|! / prod(alpha_l!)
+    degree: torch.Tensor  # [r] int64
+
+    @property
+    def r(self) -> int:
+        return self.offsets[-1]
+
+
+@lru_cache(maxsize=64)
+def _graded(d: int, g: int) -> _Graded:
+    offsets = [0, 1]
+    counts: list[tuple[int, ...]] = []
+    last = np.zeros(1, dtype=np.int64)  # last variable per monomial of the previous degree
+    run = np.zeros(1, dtype=np.int64)  # exponent of that last variable
+    mult = np.ones(1, dtype=np.float64)
+    mults, degrees = [mult], [np.zeros(1, dtype=np.int64)]
+    for m in range(1, g + 1):
+        # ``last`` is sorted, so the parents allowed for variable ``var`` are a prefix
+        cnt = tuple(int(np.searchsorted(last, var, side="right")) for var in range(d))
+        parts_last, parts_run, parts_mult = [], [], []
+        for var in range(d):
+            same = (last[: cnt[var]] == var) & (m > 1)
+            rn = np.where(same, run[: cnt[var]] + 1, 1)
+            parts_last.append(np.full(cnt[var], var, dtype=np.int64))
+            parts_run.append(rn)
+            parts_mult.append(mult[: cnt[var]] * m / rn)
+        last, run, mult = (np.concatenate(x) for x in (parts_last, parts_run, parts_mult))
+        counts.append(cnt)
+        offsets.append(offsets[-1] + len(last))
+        mults.append(mult)
+        degrees.append(np.full(len(last), m, dtype=np.int64))
+    return _Graded(
+        d=d,
+        g=g,
+        offsets=tuple(offsets),
+        counts=tuple(counts),
+        multinomial=torch.from_numpy(np.concatenate(mults)),
+        degree=torch.from_numpy(np.concatenate(degrees)),
+    )
+
+
+def _graded_features_t(x_t: torch.Tensor, tables: _Graded) -> torch.Tensor:
+    """Monomials of ``x`` transposed: ``x_t: [d, N]`` -> ``[r, N]`` (row 0 is all ones).
+
+    Unweighted; a monomial of degree m is the product of m entries, rounded m - 1 times.
+    """
+    N = x_t.shape[1]
+    out = torch.empty(tables.r, N, dtype=x_t.dtype, device=x_t.device)  # [r, N]
+    out[0].fill_(1.0)
+    offs = tables.offsets
+    if tables.g >= 1:
+        out[1 : 1 + tables.d].copy_(x_t)  # degree 1: the variables themselves, in order
+    for m in range(2, tables.g + 1):
+        prev = out[offs[m - 1] : offs[m]]  # [r_{m-1}, N]
+        pos = offs[m]
+        for var, cnt in enumerate(tables.counts[m - 1]):
+            torch.mul(prev[:cnt], x_t[var], out=out[pos : pos + cnt])  # [cnt, N]
+            pos += cnt
+    return out
+
+
+def _weights(approx: Approximation, tables: _Graded, scale: float) -> torch.Tensor:
+    """``w_a = c_|a| scale^|a| |a|! / a!`` in float64: ``[r]`` (all weights on the query side)."""
+    coef = torch.tensor(
+        [float(approx.coeffs[m]) * scale**m for m in range(approx.degree + 1)],
+        dtype=torch.float64,
+    )  # [g+1]
+    return coef[tables.degree] * tables.multinomial  # [r]
+
+
+def _weight_max(approx: Approximation, scale: float) -> float:
+    """``>= max_a |w_a|`` without building tables: ``|a|!/a! <= |a|!``."""
+    return max(
+        abs(float(approx.coeffs[m])) * abs(scale) ** m * math.factorial(m) * (1.0 + 1e-12)
+        for m in range(approx.degree + 1)
+    )
+
+
+def _chunked_moments(f: torch.Tensor, ve: torch.Tensor, chunk: int, acc: torch.Tensor) -> None:
+    """``acc += f @ ve`` with ``chunk`` keys per compute-dtype product, float64 across chunks.
+
+    ``f: [r, m]`` features of m keys (unit column stride), ``ve: [m, dv+1]``, ``acc: [r, dv+1]``
+    float64. The whole chunks go through one batched product.
+    """
+    m = f.shape[1]
+    nc, rest = divmod(m, chunk)
+    if nc > 1:
+        fb = f[:, : nc * chunk].unfold(1, chunk, chunk).transpose(0, 1)  # [nc, r, chunk]
+        vb = ve[: nc * chunk].view(nc, chunk, ve.shape[1])  # [nc, chunk, dv+1]
+        acc += torch.bmm(fb, vb).sum(dim=0, dtype=torch.float64)  # [r, dv+1]
+    elif nc == 1:
+        acc += torch.mm(f[:, :chunk], ve[:chunk])
+    if rest:
+        acc += torch.mm(f[:, nc * chunk :], ve[nc * chunk :])  # [r, dv+1]
+
+
+def _chunked_readout(f: torch.Tensor, me: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``me^T @ f`` with ``chunk`` features per compute-dtype product, float64 across chunks.
+
+    ``f: [r, L]`` query features (unit column stride), ``me: [r, dv+1]`` -> ``[dv+1, L]``
+    float64.
+    """
+    r, L = f.shape
+    nc, rest = divmod(r, chunk)
+    out = torch.zeros(me.shape[1], L, dtype=torch.float64, device=f.device)  # [dv+1, L]
+    if nc > 0:
+        fb = f[: nc * chunk].unfold(0, chunk, chunk).permute(0, 2, 1)  # [nc, chunk, L]
+        mb = me[: nc * chunk].view(nc, chunk, me.shape[1]).transpose(1, 2)  # [nc, dv+1, chunk]
+        out += torch.bmm(mb, fb).sum(dim=0, dtype=torch.float64)
+    if rest:
+        out += torch.mm(me[nc * chunk :].T, f[nc * chunk :])
+    return out
+
+
+def _polynomial_forward(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    approx: Approximation,
+    scale: float,
+    *,
+    chunk: int | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Polynomial-method tensor attention: ``[B, n, dv]`` in float64 (see the module docstring).
+
+    ``q: [B, n, d]``, ``k1: [B, n1, d]``, ``k2: [B, n2, d]``, ``v1: [B, n1, dv]``,
+    ``v2: [B, n2, dv]``, all in the compute dtype; ``approx`` is the polynomial ``P`` for
+    ``exp`` and ``scale`` multiplies the trilinear form. Per slice (features of q, k1 and k2
+    built together when they fit in one block of ``_FEATURE_BLOCK`` entries)::
+
+        A1 = U2 @ [V1 | 1]        # [r, dv+1]  ``chunk`` keys per product, float64 across
+        A2 = U3 @ [V2 | 1]        # [r, dv+1]
+        Me = w * A1 * A2          # [r, dv+1]  = [M | z] in float64, cast to the compute dtype
+        o  = U1^T @ Me            # [n, dv+1]  ``chunk`` features per product, float64 across
+        T  = o[:, :dv] / o[:, dv] # [n, dv]
+
+    The rounding of exactly these steps is what ``tensor_rounding_bound`` certifies.
+    """
+    B, n, d = q.shape
+    n1, n2, dv = k1.shape[1], k2.shape[1], v1.shape[-1]
+    dt, dev = q.dtype, q.device
+    c = (CHUNK_FLOAT64 if dt == torch.float64 else CHUNKS_FLOAT32[-1]) if chunk is None else chunk
+    tables = _graded(d, approx.degree)
+    r = tables.r
+    w = _weights(approx, tables, scale).to(dev)  # [r] float64
+    one_block = r * (n + n1 + n2) <= _FEATURE_BLOCK
+    kb = max(c, (_FEATURE_BLOCK // r) // c * c)  # keys per feature block (a multiple of c)
+    qb = max(1, _FEATURE_BLOCK // r)  # queries per feature block
+    per_slice = 2 if one_block else -(-n1 // kb) + -(-n2 // kb) + -(-n // qb)
+    total, done = B * per_slice, 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    out = torch.empty(B, n, dv, dtype=torch.float64, device=dev)
+    ones1 = torch.ones(n1, 1, dtype=dt, device=dev)
+    ones2 = torch.ones(n2, 1, dtype=dt, device=dev)
+    for b in range(B):
+        ve1 = torch.cat([v1[b], ones1], dim=1)  # [n1, dv+1]
+        ve2 = torch.cat([v2[b], ones2], dim=1)  # [n2, dv+1]
+        a1 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
+        a2 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
+        f_all: torch.Tensor | None = None
+        if one_block:
+            x_t = torch.cat([k1[b], k2[b], q[b]], dim=0).T.contiguous()  # [d, n1+n2+n]
+            f_all = _graded_features_t(x_t, tables)  # [r, n1+n2+n]
+            _chunked_moments(f_all[:, :n1], ve1, c, a1)
+            _chunked_moments(f_all[:, n1 : n1 + n2], ve2, c, a2)
+            tick()
+        else:
+            for kk, ve, acc in ((k1[b], ve1, a1), (k2[b], ve2, a2)):
+                for s in range(0, kk.shape[0], kb):
+                    f = _graded_features_t(kk[s : s + kb].T.contiguous(), tables)  # [r, L]
+                    _chunked_moments(f, ve[s : s + kb], c, acc)
+                    tick()
+        me = (w[:, None] * (a1 * a2)).to(dt)  # [r, dv+1]
+        starts = [0] if one_block else list(range(0, n, qb))
+        for s in starts:
+            if f_all is not None:
+                fq = f_all[:, n1 + n2 :]  # [r, n]
+            else:
+                fq = _graded_features_t(q[b, s : s + qb].T.contiguous(), tables)  # [r, L]
+            o = _chunked_readout(fq, me, c)  # [dv+1, L] float64
+            out[b, s : s + fq.shape[1]] = (o[:dv] / o[dv:]).T
+            tick()
+    return out  # [B, n, dv] float64
+
+
+# --------------------------------------------------------------------------------------------
+# Input preparation: balancing and value normalisation (exact scalings by powers of two)
+# --------------------------------------------------------------------------------------------
+
+
+def _balance(
+    q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
+    """Rescale ``q, k1, k2`` by powers of two so their largest entries are equal (``< 2^t``).
+
+    Scores are unchanged (the product of the three factors is folded into ``scale'``) and, with
+    ``|scale| max|q| max|k1| max|k2| <= R3``, ``2^t <= (16 R3)^(1/3)`` and ``|scale'| in
+    [1/2, 4)``: features of degree g stay below ``entry_max^g``. Returns
+    ``(q', k1', k2', scale', entry_max)`` with ``entry_max >= max(1, every |entry|)``.
+    """
+    maxima = [float(x.abs().max()) for x in (q, k1, k2)]
+    plain = max(1.0, *maxima)
+    if scale == 0.0 or min(maxima) == 0.0:
+        return q, k1, k2, scale, plain
+    exps = [math.frexp(m)[1] for m in maxima]  # m = f 2^e, f in [1/2, 1)
+    big = math.frexp(abs(scale))[1] + sum(exps)
+    t = big // 3
+    shifts = [t - e for e in exps]
+    limit = 120 if q.dtype != torch.float64 else 1000
+    if max(abs(sh) for sh in shifts) > limit:
+        return q, k1, k2, scale, plain
+    q2, a2, b2 = (x * (2.0**sh) for x, sh in zip((q, k1, k2), shifts, strict=True))
+    scale2 = math.ldexp(scale, -sum(shifts))
+    return q2, a2, b2, scale2, max(1.0, 2.0**t)
+
+
+def _value_exponents(v: torch.Tensor) -> torch.Tensor:
+    """Per slice and column, ``e`` with ``max |v| in [2^(e-1), 2^e)``.
+
+    ``v: [B, m, dv]`` -> ``[B, 1, dv]`` int64; an all-zero column gets 0.
+    """
+    _, e = torch.frexp(v.abs().amax(dim=1, keepdim=True).double())  # [B, 1, dv]
+    return e.to(torch.int64)
+
+
+def _times_pow2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``x * 2^e`` as two multiplications by normal powers of two (exact but for underflow).
+
+    Any exponent of a float's range splits into two halves whose powers of two are normal
+    numbers, so neither factor over- or underflows.
+    """
+    half = torch.div(e, 2, rounding_mode="floor")
+    return x * torch.exp2(half.to(x.dtype)) * torch.exp2((e - half).to(x.dtype))
+
+
+def _value_stats(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range and largest magnitude of ``v1[j1, k] v2[j2, k]`` over all pairs: ``[B, dv]`` each.
+
+    The extremes of a product over a product set are among the four products of extremes, so
+    this is O(n dv); computed in float64 and inflated by a few ulps to stay an upper bound.
+    """
+    a, b = v1.double(), v2.double()
+    hi1, lo1 = a.amax(dim=1), a.amin(dim=1)  # [B, dv]
+    hi2, lo2 = b.amax(dim=1), b.amin(dim=1)  # [B, dv]
+    corners = torch.stack([hi1 * hi2, hi1 * lo2, lo1 * hi2, lo1 * lo2])  # [4, B, dv]
+    top, bottom = corners.amax(dim=0), corners.amin(dim=0)
+    infl = 4.0 * _U64
+    value_range = (top - bottom) * (1.0 + infl) + (top.abs() + bottom.abs()) * infl
+    value_absmax = corners.abs().amax(dim=0) * (1.0 + infl)
+    return value_range, value_absmax
+
+
+# --------------------------------------------------------------------------------------------
+# Planning
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Choice:
+    approx: Approximation
+    dtype: torch.dtype
+    features: int
+    chunk: int
+    bound: BoundParts
+    cost: float
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Everything the planner needs; from real inputs or from ``plan_tensor_attention``."""
+
+    n: int
+    n1: int
+    n2: int
+    d: int
+    dv: int
+    batch: int
+    radius: float
+    eps: float
+    target: float  # absolute error allowed: eps * max |v1 ⊘ v2|
+    scale: float  # balanced scale'
+    entry_max: float
+    value_range: np.ndarray  # [B*dv] float64
+    value_absmax: np.ndarray  # [B*dv] float64
+    value_scale: np.ndarray  # [B*dv] float64: 2^(e1+e2), 0 for all-zero columns
+    exact_dtype: torch.dtype
+    out_dtype: torch.dtype
+    device: torch.device
+
+
+def _fmt_seconds(x: float) -> str:
+    if not math.isfinite(x):
+        return "inf s"
+    if x >= 1.0:
+        return f"{x:.3g} s"
+    if x >= 1e-3:
+        return f"{x * 1e3:.3g} ms"
+    return f"{x * 1e6:.3g} us"
+
+
+def _float32_matmul_is_ieee() -> bool:
+    """False when float32 products may run in TF32/bf16: then only float64 is certified."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _rho(radius: float, n: int, n1: int, n2: int) -> float:
+    """``R3 / ln(n_eff)`` with ``n_eff = (n n1 n2)^(1/3)`` (= n when all lengths are equal)."""
+    log_n = (math.log(n) + math.log(n1) + math.log(n2)) / 3.0
+    return radius / log_n if log_n > 0.0 else math.inf
+
+
+def _chunk_options(dtype: torch.dtype, features: int) -> tuple[int, ...]:
+    """Chunk lengths to try, longest first; ``features * chunk`` fits one feature block."""
+    cap = max(1, _FEATURE_BLOCK // max(1, features))
+    if dtype == torch.float32:
+        return tuple(c for c in CHUNKS_FLOAT32 if c <= cap)
+    return (1 << (min(CHUNK_FLOAT64, cap).bit_length() - 1),)
+
+
+def _first_certified(
+    p: _Problem, dtype: torch.dtype, max_degree: int = MAX_DEGREE
+) -> _Choice | None:
+    """Lowest degree whose certified bound meets ``p.target`` in ``dtype`` (None if none)."""
+    range_max = float(p.value_range.max()) if p.value_range.size else 0.0
+    for approx in _approximations(p.radius):
+        if approx.degree > max_degree:
+            return None
+        if approx.t * range_max > p.target:
+            continue  # the approximation term alone is too large
+        r = feature_count(p.d, approx.degree)
+        if r > MAX_FEATURES:
+            return None
+        if approx.dmin <= -1.0:
+            continue
+        w_max = _weight_max(approx, p.scale)
+        if not _overflow_safe(
+            degree=approx.degree,
+            features=r,
+            n1=p.n1,
+            n2=p.n2,
+            weight_max=w_max,
+            entry_max=p.entry_max,
+            dtype=dtype,
+        ):
+            continue
+        for chunk in _chunk_options(dtype, r):  # longest first: fewest products
+            bound = tensor_rounding_bound(
+                approx,
+                features=r,
+                n1=p.n1,
+                n2=p.n2,
+                compute_dtype=dtype,
+                out_dtype=p.out_dtype,
+                weight_max=w_max,
+                entry_max=p.entry_max,
+                value_range=p.value_range,
+                value_absmax=p.value_absmax,
+                chunk=chunk,
+                value_scale=p.value_scale,
+            )
+            if bound.total <= p.target:
+                cost = predict_polynomial_attention(
+                    rates(p.device, dtype), batch=p.batch, n_q=p.n, n_k=p.n1 + p.n2, r=r, dv=p.dv
+                )
+                return _Choice(approx, dtype, r, chunk, bound, cost)
+    return None
+
+
+def _choose(p: _Problem) -> _Choice | None:
+    """Cheapest certified (degree, compute dtype); float32 first, float64 when it helps."""
+    if p.exact_dtype == torch.float64 or not _float32_matmul_is_ieee():
+        return _first_certified(p, torch.float64)
+    c32 = _first_certified(p, torch.float32)
+    if c32 is not None and c32.approx.degree <= 1:
+        return c32
+    top = MAX_DEGREE if c32 is None else c32.approx.degree - 1
+    c64 = _first_certified(p, torch.float64, top)  # only a lower degree can beat float32
+    options = [c for c in (c32, c64) if c is not None]
+    return min(options, key=lambda c: c.cost) if options else None
+
+
+def _make_plan(p: _Problem, method: str) -> tuple[Plan, _Choice | None]:
+    rho = _rho(p.radius, p.n, p.n1, p.n2)
+    cost_exact = predict_exact_attention(
+        rates(p.device, p.exact_dtype), batch=p.batch, n_q=p.n * p.n1, n_k=p.n2, d=p.d, dv=p.dv
+    )
+    choice = None if method == "exact" else _choose(p)
+    where = f"R3 = {p.radius:.3g} (rho = {rho:.3g})"
+    if method == "exact":
+        reason = f"exact was requested; {where}."
+    elif choice is None:
+        why = (
+            f"no polynomial of degree <= {MAX_DEGREE} (at most {MAX_FEATURES} features) "
+            f"certifies eps = {p.eps:g} at {where}"
+        )
+        if method == "polynomial":
+            raise CertificationError(f"{why}; use method='exact' or 'auto'")
+        reason = f"exact: {why}, so the cubic exact path runs."
+    else:
+        a = choice.approx
+        what = (
+            f"{a.family} degree {a.degree} ({choice.features} features, "
+            f"{str(choice.dtype).removeprefix('torch.')}) certifies an error <= "
+            f"{choice.bound.total:.3g} (eps * max|v1 ⊘ v2| = {p.target:.3g}) at {where}"
+        )
+        if method == "polynomial":
+            reason = f"polynomial was requested: {what}."
+        elif choice.cost < cost_exact:
+            reason = (
+                f"polynomial: {what}, and its predicted {_fmt_seconds(choice.cost)} beats the "
+                f"exact path's {_fmt_seconds(cost_exact)} (O(n r d) vs O(n^3 d))."
+            )
+        else:
+            reason = (
+                f"exact: the certified polynomial ({a.family} degree {a.degree}, "
+                f"{choice.features} features) is predicted at {_fmt_seconds(choice.cost)}, "
+                f"not below the exact path's {_fmt_seconds(cost_exact)} at n = {p.n}."
+            )
+            choice = None
+    extra: dict[str, Any] = {
+        "n1": p.n1,
+        "n2": p.n2,
+        "dv": p.dv,
+        "batch": p.batch,
+        "scale_balanced": p.scale,
+    }
+    if choice is not None:
+        extra["bound_parts"] = choice.bound.to_dict()
+        extra["chunk"] = choice.chunk
+        a = choice.approx
+        plan = Plan(
+            op="tensor-attention",
+            method="polynomial",
+            reason=reason,
+            radius=p.radius,
+            rho=rho,
+            n=p.n,
+            d=p.d,
+            eps=p.eps,
+            family=a.family,
+            degree=a.degree,
+            features=choice.features,
+            cost_exact=cost_exact,
+            cost_polynomial=choice.cost,
+            compute_dtype=str(choice.dtype).removeprefix("torch."),
+            predicted_bound=choice.bound.total,
+            extra=extra,
+        )
+        return plan, choice
+    plan = Plan(
+        op="tensor-attention",
+        method="exact",
+        reason=reason,
+        radius=p.radius,
+        rho=rho,
+        n=p.n,
+        d=p.d,
+        eps=p.eps,
+        cost_exact=cost_exact,
+        compute_dtype=str(p.exact_dtype).removeprefix("torch."),
+        extra=extra,
+    )
+    return plan, None
+
+
+def _check_int(name: str, x: object, minimum: int = 1) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
+        raise InvalidInputError(name, f"expected an integer >= {minimum}, got {x!r}")
+    return x
+
+
+def plan_tensor_attention(
+    *,
+    n: int,
+    d: int,
+    radius: float,
+    eps: float = 1e-3,
+    dv: int | None = None,
+    batch: int = 1,
+    dtype: str = "float32",
+    method: str = "auto",
+) -> Plan:
+    """The plan ``tensor_attention`` would make, without inputs and without computing.
+
+    ``n`` is the length of each of q, k1, k2 (v1, v2); ``d`` the head dimension; ``radius`` a
+    certified bound R3 on ``|scale| sum_l |q_l k1_l k2_l|`` (theory §3); ``dv`` the value
+    dimension (default ``d``); ``batch`` the number of leading slices; ``dtype`` the input
+    dtype name. The values are unknown, so the worst case ``range(v1 ⊘ v2) = 2 max|v1 ⊘ v2|``
+    is assumed, and balanced entries (``<= (16 R3)^(1/3)``, ``|scale'| < 4``); a plan made from
+    real inputs can only pick an equal or lower degree. Raises ``CertificationError`` for
+    ``method="polynomial"`` when no polynomial certifies ``eps``.
+    """
+    n = _check_int("n", n)
+    d = _check_int("d", d)
+    batch = _check_int("batch", batch)
+    dv = d if dv is None else _check_int("dv", dv)
+    eps = check_eps(eps)
+    method = check_method(method)
+    if isinstance(radius, bool) or not isinstance(radius, int | float):
+        raise InvalidInputError("radius", f"expected a number >= 0, got {radius!r}")
+    radius = float(radius)
+    if not (math.isfinite(radius) and radius >= 0.0):
+        raise InvalidInputError("radius", f"must be finite and >= 0, got {radius!r}")
+    if dtype not in _DTYPES:
+        raise InvalidInputError("dtype", f"unknown dtype {dtype!r}; use one of {list(_DTYPES)}")
+    in_dtype = _DTYPES[dtype]
+    exact_dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
+    problem = _Problem(
+        n=n,
+        n1=n,
+        n2=n,
+        d=d,
+        dv=dv,
+        batch=batch,
+        radius=radius,
+        eps=eps,
+        target=eps,
+        scale=4.0,
+        entry_max=max(1.0, (16.0 * radius) ** (1.0 / 3.0)),
+        value_range=np.full(1, 2.0),
+        value_absmax=np.ones(1),
+        value_scale=np.full(1, 4.0),
+        exact_dtype=exact_dtype,
+        out_dtype=in_dtype,
+        device=default_device(),
+    )
+    return _make_plan(problem, method)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _validate(
+    q: object, k1: object, k2: object, v1: object, v2: object
+) -> tuple[torch.Tensor, ...]:
+    names = ("q", "k1", "k2", "v1", "v2")
+    ts = [check_tensor(nm, x) for nm, x in zip(names, (q, k1, k2, v1, v2), strict=True)]
+    check_same_batch(names, ts)
+    tq, ta, tb, va, vb = ts
+    d = tq.shape[-1]
+    for nm, t in (("k1", ta), ("k2", tb)):
+        if t.shape[-1] != d:
+            raise InvalidInputError(nm, f"last dimension {t.shape[-1]} does not match q's {d}")
+    if va.shape[-2] != ta.shape[-2]:
+        raise InvalidInputError(
+            "v1", f"has {va.shape[-2]} rows but k1 has {ta.shape[-2]} (they pair row by row)"
+        )
+    if vb.shape[-2] != tb.shape[-2]:
+        raise InvalidInputError(
+            "v2", f"has {vb.shape[-2]} rows but k2 has {tb.shape[-2]} (they pair row by row)"
+        )
+    if vb.shape[-1] != va.shape[-1]:
+        raise InvalidInputError(
+            "v2", f"last dimension {vb.shape[-1]} does not match v1's {va.shape[-1]}"
+        )
+    return tq, ta, tb, va, vb
+
+
+def _sample_indices(n: int, rows: int, device: torch.device) -> torch.Tensor:
+    """``min(rows, n)`` evenly spaced query rows, first and last included."""
+    m = min(rows, n)
+    if m >= n:
+        return torch.arange(n, device=device)
+    idx = torch.linspace(0, n - 1, steps=m, dtype=torch.float64).round().to(torch.int64)
+    return torch.unique(idx).to(device)
+
+
+@torch.no_grad()
+def tensor_attention(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    *,
+    method: str = "auto",
+    eps: float = 1e-3,
+    scale: float | None = None,
+    sample_rows: int = 0,
+    progress: Progress | None = None,
+) -> AttentionResult:
+    """Tensor (triple-wise) softmax attention with a certified error bound (theory §3).
+
+    Arguments (any number of leading batch/head dimensions ``...``, equal on all five):
+
+    * ``q: (..., n, d)`` queries; ``k1: (..., n1, d)``, ``k2: (..., n2, d)`` the two key sets;
+      ``v1: (..., n1, dv)`` pairs with ``k1`` and ``v2: (..., n2, dv)`` with ``k2`` (``n1``
+      and ``n2`` may differ; ``v1`` and ``v2`` share ``dv``).
+    * ``scale``: multiplies the trilinear score; default ``1 / sqrt(d)`` (as
+      ``compute.attention``; Alman–Song use ``1/d``, pass it explicitly for that convention).
+    * ``method``: ``"exact"`` (blocked, cubic), ``"polynomial"`` (certified polynomial method;
+      ``CertificationError`` if no polynomial of degree <= 24 certifies ``eps``) or ``"auto"``
+      (polynomial when certified and predicted faster by the calibrated cost model, else exact;
+      ``plan.reason`` says why, with the numbers).
+    * ``eps``: allowed error relative to ``max |v1 ⊘ v2|`` (largest ``|v1[j1,k] v2[j2,k]|``):
+      the polynomial path guarantees ``max |output - exact| <= error_bound <= eps *
+      max|v1 ⊘ v2|``.
+    * ``sample_rows``: when > 0, that many evenly spaced query rows (per slice) are recomputed
+      exactly in float64 and ``measured_error`` is the largest absolute difference.
+    * ``progress(done, total)``: called after each block; an exception it raises propagates
+      (``compute.Cancelled`` cancels).
+
+    Output ``(..., n, dv)``, row i::
+
+        out[i] = sum_{j1, j2} softmax_{(j1, j2)}(scale * sum_l q[i,l] k1[j1,l] k2[j2,l])
+                 * (v1[j1] * v2[j2])
+
+    No autograd graph is built (the output does not require grad), and inputs may be
+    non-contiguous views. Dtypes: float16/bfloat16/float32 are computed in float32 (the
+    polynomial path switches to float64 when float32 rounding cannot be certified below eps),
+    float64 in float64; the output has the promoted input dtype. ``plan.radius`` is R3
+    (theory §3, keys not centred) and ``plan.rho = R3 / ln(n_eff)`` with
+    ``n_eff = (n n1 n2)^(1/3)``.
+
+    Raises ``InvalidInputError`` (naming the argument) for non-tensors, unsupported dtypes,
+    empty or non-finite tensors, fewer than 2 dimensions, mismatched leading dimensions,
+    devices, ``d``, row counts (``v1``/``k1``, ``v2``/``k2``) or ``dv``, and bad ``method``,
+    ``eps``, ``scale``, ``sample_rows`` or ``progress``.
+    """
+    start = time.perf_counter()
+    tq, ta, tb, va, vb = _validate(q, k1, k2, v1, v2)
+    method = check_method(method)
+    eps = check_eps(eps)
+    sample_rows = check_sample_rows(sample_rows)
+    if progress is not None and not callable(progress):
+        raise InvalidInputError("progress", f"expected a callable or None, got {progress!r}")
+    lead = tuple(tq.shape[:-2])
+    n, d = tq.shape[-2:]
+    n1, n2, dv = ta.shape[-2], tb.shape[-2], va.shape[-1]
+    sc = check_scale(scale, d)
+    batch = math.prod(lead)
+    exact_dtype = compute_dtype_of(tq, ta, tb, va, vb)
+    out_dtype = tq.dtype
+    for t in (ta, tb, va, vb):
+        out_dtype = torch.promote_types(out_dtype, t.dtype)
+    dev = tq.device
+
+    def flat(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        return x.reshape(batch, x.shape[-2], x.shape[-1]).to(dt)
+
+    radius = tensor_radius(tq, ta, tb, sc)
+    value_range, value_absmax = _value_stats(flat(va, exact_dtype), flat(vb, exact_dtype))
+    target = eps * float(value_absmax.max())
+    e1 = _value_exponents(flat(va, exact_dtype))  # [B, 1, dv]
+    e2 = _value_exponents(flat(vb, exact_dtype))  # [B, 1, dv]
+    value_scale = torch.where(
+        value_absmax > 0,
+        torch.exp2((e1 + e2).double()).reshape(batch, dv).clamp_min(5e-324),
+        0.0,
+    )  # [B, dv]: 2^(e1+e2), never rounded down to 0 for a nonzero column
+    qb, ab, bb, scale_b, entry_max = _balance(
+        flat(tq, exact_dtype), flat(ta, exact_dtype), flat(tb, exact_dtype), sc
+    )
+    problem = _Problem(
+        n=n,
+        n1=n1,
+        n2=n2,
+        d=d,
+        dv=dv,
+        batch=batch,
+        radius=radius,
+        eps=eps,
+        target=target,
+        scale=scale_b,
+        entry_max=entry_max,
+        value_range=value_range.reshape(-1).cpu().numpy(),
+        value_absmax=value_absmax.reshape(-1).cpu().numpy(),
+        value_scale=value_scale.reshape(-1).cpu().numpy(),
+        exact_dtype=exact_dtype,
+        out_dtype=out_dtype,
+        device=dev,
+    )
+    plan, choice = _make_plan(problem, method)
+    if choice is None:
+        out = _exact_forward(
+            flat(tq, exact_dtype),
+            flat(ta, exact_dtype),
+            flat(tb, exact_dtype),
+            flat(va, exact_dtype),
+            flat(vb, exact_dtype),
+            sc,
+            progress,
+        ).to(out_dtype)
+        bound = None
+    else:
+        cd = choice.dtype
+        v1n = _times_pow2(flat(va, cd), -e1)  # [B, n1, dv], |v1n| < 1
+        v2n = _times_pow2(flat(vb, cd), -e2)  # [B, n2, dv], |v2n| < 1
+        t64 = _polynomial_forward(
+            qb.to(cd),
+            ab.to(cd),
+            bb.to(cd),
+            v1n,
+            v2n,
+            choice.approx,
+            scale_b,
+            chunk=choice.chunk,
+            progress=progress,
+        )  # [B, n, dv] float64
+        out = _times_pow2(t64, e1 + e2).to(out_dtype)  # exact in float64
+        bound = choice.bound.total
+    measured = None
+    if sample_rows > 0:
+        rows = _sample_indices(n, sample_rows, dev)
+        ref = _exact_forward(
+            flat(tq, torch.float64)[:, rows],
+            flat(ta, torch.float64),
+            flat(tb, torch.float64),
+            flat(va, torch.float64),
+            flat(vb, torch.float64),
+            sc,
+        )  # [B, rows, dv]
+        measured = float((out[:, rows].double() - ref).abs().max())
+    return AttentionResult(
+        output=out.reshape(*lead, n, dv),
+        error_bound=bound,
+        plan=plan,
+        measured_error=measured,
+        seconds=time.perf_counter() - start,
+    )

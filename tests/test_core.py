@@ -1,0 +1,193 @@
+"""The shared core (theory §1): polynomials, features, radii and the bound's ingredients."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from compute._bound import certified_bound, gamma
+from compute._features import (
+    GradedBuilder,
+    feature_count,
+    graded_features_t,
+    graded_monomials,
+    monomial_features_t,
+    monomial_tables,
+)
+from compute._poly import _make, best, candidates, tv_factor
+from compute._radius import centre, matrix_radius
+
+FAMILIES = ("chebyshev", "taylor")
+
+
+def _poly_eval(coeffs: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return np.polynomial.polynomial.polyval(s, coeffs)
+
+
+# ---- features -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("d", "g"), [(1, 0), (1, 4), (2, 3), (3, 5), (8, 4), (16, 3)])
+def test_feature_counts_are_binomial(d: int, g: int) -> None:
+    r = math.comb(d + g, g)
+    assert feature_count(d, g) == r
+    assert monomial_tables(d, g).r == r
+    plan = graded_monomials(d, g)
+    assert plan.r == r
+    expo = plan.exponents()
+    assert len({tuple(e) for e in expo}) == r  # every monomial exactly once
+    assert (expo.sum(axis=1) == plan.degree).all()
+    multinomial = [
+        math.factorial(int(e.sum())) / math.prod(math.factorial(int(a)) for a in e) for e in expo
+    ]
+    np.testing.assert_allclose(plan.multinomial, multinomial, rtol=1e-15)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("d", "g"), [(1, 3), (3, 4), (5, 5), (8, 3)])
+def test_feature_identity_is_the_polynomial_of_the_score(family: str, d: int, g: int) -> None:
+    """phi(q) . psi(k) == P(scale <q, k>) in float64, for both monomial orderings."""
+    gen = torch.Generator().manual_seed(d * 10 + g)
+    q = torch.randn(7, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(9, d, generator=gen, dtype=torch.float64)
+    scale = 0.7
+    a = _make(family, g, 1.5)
+    want = _poly_eval(a.coeffs, (scale * q @ k.T).numpy())  # [7, 9]
+    c = a.coeffs * scale ** np.arange(g + 1)
+    plan = graded_monomials(d, g)
+    w = torch.from_numpy(c[plan.degree] * plan.multinomial)  # [r]
+    u1 = graded_features_t(q.T.contiguous(), plan) * w[:, None]  # [r, 7]
+    u2 = graded_features_t(k.T.contiguous(), plan)  # [r, 9]
+    np.testing.assert_allclose((u1.T @ u2).numpy(), want, rtol=1e-12, atol=1e-12)
+    tables = monomial_tables(d, g)
+    w2 = torch.from_numpy(c[tables.degree] * tables.multinomial)
+    v1 = monomial_features_t(q.T.contiguous(), tables) * w2[:, None]
+    v2 = monomial_features_t(k.T.contiguous(), tables)
+    np.testing.assert_allclose((v1.T @ v2).numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_graded_builder_matches_function_and_batches() -> None:
+    plan = graded_monomials(4, 3)
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)  # [.., d, B]
+    out = torch.zeros(2, 3, plan.r + 5, 6, dtype=torch.float64)
+    got = GradedBuilder(plan, x, out).build()
+    want = graded_features_t(x, plan)
+    assert torch.equal(got[..., : plan.r, :], want)
+    assert torch.equal(got[..., plan.r :, :], torch.zeros_like(got[..., plan.r :, :]))
+    with pytest.raises(ValueError):
+        GradedBuilder(plan, x[..., :3, :], out)
+
+
+# ---- polynomials --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("R", [0.25, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("g", [1, 3, 5, 8])
+def test_certified_range_contains_the_true_relative_error(family: str, R: float, g: int) -> None:
+    """[dmin, dmax] contains P(s) e^-s - 1 on a grid 50x finer than the one that built it."""
+    a = _make(family, g, R)
+    s = np.linspace(-R, R, 200_001)
+    delta = _poly_eval(a.coeffs, s) * np.exp(-s) - 1.0
+    assert a.dmin <= delta.min() + 1e-15
+    assert a.dmax >= delta.max() - 1e-15
+    # and useful: the Lipschitz guard and the closed form are first order in the grid step, so
+    # allow half the range (the containment above is the safety property)
+    slack = 0.5 * (delta.max() - delta.min()) + 1e-13
+    assert a.dmax - delta.max() <= slack and delta.min() - a.dmin <= slack
+
+
+def test_closed_form_taylor_bound_holds() -> None:
+    for R in (0.5, 1.0, 3.0):
+        for g in (2, 4, 7):
+            a = _make("taylor", g, R)
+            assert a.max_abs_delta <= math.exp(R) * R ** (g + 1) / math.factorial(g + 1) * (
+                1 + 1e-9
+            )
+
+
+@pytest.mark.parametrize(
+    ("eps", "R", "g_cheb", "g_taylor"),
+    [
+        (1e-2, 0.5, 2, 3),
+        (1e-2, 1.0, 4, 5),
+        (1e-3, 0.5, 3, 4),
+        (1e-3, 1.0, 5, 6),
+        (1e-3, 2.0, 7, 10),
+        (1e-6, 1.0, 7, 9),
+    ],
+)
+def test_theory_table_of_degrees(eps: float, R: float, g_cheb: int, g_taylor: int) -> None:
+    """Theory §2's table: the smallest degree with certified max |delta| <= eps, per family."""
+
+    def smallest(family: str) -> int:
+        return next(g for g in range(25) if _make(family, g, R).max_abs_delta <= eps)
+
+    assert smallest("chebyshev") == g_cheb
+    assert smallest("taylor") == g_taylor
+
+
+def test_candidates_pick_the_better_family_per_degree() -> None:
+    cands = candidates(1.0, 8)
+    assert [a.degree for a in cands] == list(range(9))
+    for a in cands:
+        other = [_make(f, a.degree, 1.0) for f in FAMILIES]
+        assert a.t == min(o.t for o in other)
+        assert best(1.0, a.degree) is a
+
+
+def test_tv_factor_formula_and_tightness() -> None:
+    """t(dmin, dmax) is the worst two-set error of theory §1.4, and eps/(1+sqrt(1-eps^2))."""
+    for eps in (0.3, 1e-2, 1e-5):
+        assert tv_factor(-eps, eps) == pytest.approx(eps / (1 + math.sqrt(1 - eps**2)), rel=1e-9)
+    for dmin, dmax in ((-0.2, 0.1), (-1e-3, 5e-3), (0.0, 0.4)):
+        # mass p on the keys that get factor 1+dmax, 1-p on those that get 1+dmin
+        p = np.linspace(0, 1, 200_001)
+        err = p * (1 + dmax) / (p * (1 + dmax) + (1 - p) * (1 + dmin)) - p
+        t = tv_factor(dmin, dmax)
+        assert err.max() <= t * (1 + 1e-12)
+        assert err.max() >= t * (1 - 1e-6)
+    assert tv_factor(-1.0, 0.1) == math.inf
+
+
+# ---- radius -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_radius_bounds_every_centred_score(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 40, 6, generator=gen, dtype=torch.float64) * (seed + 1)
+    k = torch.randn(3, 50, 6, generator=gen, dtype=torch.float64) + 3.0  # off-centre keys
+    scale = -0.4 if seed % 2 else 0.4
+    kc = centre(k)
+    R = matrix_radius(q, kc, scale)
+    s = scale * q @ kc.transpose(1, 2)
+    assert float(s.abs().max()) <= R
+    # R also bounds |scale| sum_l |q_l| |k_l| (what the rounding model needs)
+    absdot = abs(scale) * (q.abs() @ kc.abs().transpose(1, 2))
+    assert float(absdot.max()) <= R
+    # centring by the midrange shrinks the largest key entry
+    assert float(kc.abs().max()) <= float((k - k.mean(dim=1, keepdim=True)).abs().max()) + 1e-12
+
+
+# ---- bound --------------------------------------------------------------------------------------
+
+
+def test_certified_bound_parts() -> None:
+    a = best(1.0, 5)
+    kw = {"features": 128, "block": 256, "value_range": 2.0, "value_absmax": 1.0}
+    b64 = certified_bound(a, compute_dtype=torch.float64, out_dtype=torch.float64, **kw)
+    b32 = certified_bound(a, compute_dtype=torch.float32, out_dtype=torch.float32, **kw)
+    assert b64.polynomial == pytest.approx(2.0 * a.t, rel=1e-9)
+    assert b64.rounding < 1e-11 < b32.rounding
+    assert b32.total >= b32.polynomial + b32.rounding
+    longer = certified_bound(
+        a, compute_dtype=torch.float32, out_dtype=torch.float32, float64_terms=10**6, **kw
+    )
+    assert longer.total >= b32.total
+    bf16 = certified_bound(a, compute_dtype=torch.float32, out_dtype=torch.bfloat16, **kw)
+    assert bf16.rounding >= 2.0**-9  # the output cast alone
+    assert gamma(10, 0.1) == math.inf

@@ -1,0 +1,472 @@
+"""compute.lora_gradient: exact path vs autograd through SDPA and finite differences; the
+polynomial path's closed-form backward vs autograd through the surrogate; measured error <=
+certified bound (hypothesis, random and adversarial); threshold behaviour; bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as nnf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import compute
+from compute import lora as lora_mod
+from compute._cost import Rates
+from compute._poly import _make
+
+F64 = torch.float64
+
+
+def make_case(
+    *,
+    lead: tuple[int, ...] = (2,),
+    L: int = 24,
+    dm: int = 6,
+    dh: int = 3,
+    rank: int = 2,
+    full: bool = True,
+    radius: float | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = F64,
+    y_scale: float = 1.0,
+) -> dict:
+    """Random inputs; with ``radius``, x is scaled so the centred score radius equals it."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, s: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=F64) * s).to(dtype)
+
+    x = rnd(*lead, L, dm)
+    y = rnd(*lead, L, dh, s=y_scale)
+    w = {mu: rnd(dm, dh, s=1 / math.sqrt(dm)) for mu in "qkv"}
+    names = "qkv" if full else "qv"
+    adapters = {mu: (rnd(rank, dh, s=0.5), rnd(dm, rank, s=0.5)) for mu in names}
+    case = dict(x=x, y=y, w_q=w["q"], w_k=w["k"], w_v=w["v"], adapters=adapters, alpha=2.0)
+    if radius is not None:
+        r0 = lora_mod._radius_only(lora_mod._validate(**_vargs(case)))
+        case["x"] = (x.double() * math.sqrt(radius / r0)).to(dtype)
+    return case
+
+
+def _vargs(case: dict) -> dict:
+    return dict(
+        x=case["x"], y=case["y"], w_q=case["w_q"], w_k=case["w_k"], w_v=case["w_v"],
+        adapters=case["adapters"], alpha=case["alpha"], scale=case.get("scale"),
+    )  # fmt: skip
+
+
+def sdpa_reference(case: dict, scale: float | None = None) -> tuple[float, dict]:
+    """Loss and adapter gradients by torch.autograd through SDPA, in float64."""
+    leaves = {
+        mu: (a.detach().double().requires_grad_(), b.detach().double().requires_grad_())
+        for mu, (a, b) in case["adapters"].items()
+    }
+    x, y = case["x"].double(), case["y"].double()
+    w = {}
+    for mu in "qkv":
+        wm = case[f"w_{mu}"].double()
+        if mu in leaves:
+            a, b = leaves[mu]
+            wm = wm + case["alpha"] / a.shape[0] * (b @ a)
+        w[mu] = wm
+    out = nnf.scaled_dot_product_attention(x @ w["q"], x @ w["k"], x @ w["v"], scale=scale)
+    loss = 0.5 * (out - y).square().sum()
+    loss.backward()
+    return float(loss.detach()), {mu: (a.grad, b.grad) for mu, (a, b) in leaves.items()}
+
+
+def run(case: dict, **kw) -> compute.LoraResult:
+    return compute.lora_gradient(**{**_vargs(case), **kw})
+
+
+# ------------------------------------------------------------------------------- exact path
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["partial", "full"])
+@pytest.mark.parametrize("lead", [(), (3,), (2, 2)], ids=["B0", "B3", "B2-H2"])
+def test_exact_equals_autograd_through_sdpa(full: bool, lead: tuple[int, ...]) -> None:
+    case = make_case(lead=lead, L=37, dm=7, dh=4, rank=3, full=full, seed=1)
+    res = run(case, method="exact")
+    loss, ref = sdpa_reference(case)
+    assert res.error_bounds is None and res.plan.method == "exact"
+    assert res.loss == pytest.approx(loss, rel=1e-12)
+    assert set(res.grads) == set(ref)
+    for mu, (da, db) in ref.items():
+        ga, gb = res.grads[mu]
+        assert ga.shape == da.shape and gb.shape == db.shape
+        torch.testing.assert_close(ga, da, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gb, db, rtol=1e-10, atol=1e-12)
+
+
+def test_exact_custom_scale_and_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_mod, "_EXACT_BLOCK_ELEMS", 64)  # many query blocks
+    case = make_case(lead=(2,), L=45, dm=5, dh=3, seed=2)
+    case["scale"] = 0.7
+    calls: list[tuple[int, int]] = []
+    res = run(case, method="exact", progress=lambda d, t: calls.append((d, t)))
+    loss, ref = sdpa_reference(case, scale=0.7)
+    assert res.loss == pytest.approx(loss, rel=1e-12)
+    for mu, (da, db) in ref.items():
+        torch.testing.assert_close(res.grads[mu][0], da, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res.grads[mu][1], db, rtol=1e-10, atol=1e-12)
+    assert len(calls) > 3 and calls[-1][0] == calls[-1][1]
+
+
+def test_exact_float32_close_to_float64() -> None:
+    case = make_case(lead=(2,), L=64, dm=8, dh=4, seed=3, dtype=torch.float32)
+    res = run(case, method="exact")
+    _, ref = sdpa_reference(case)
+    for mu, (da, db) in ref.items():
+        assert res.grads[mu][0].dtype == torch.float32
+        torch.testing.assert_close(res.grads[mu][0].double(), da, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res.grads[mu][1].double(), db, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["partial", "full"])
+def test_exact_matches_finite_differences(full: bool) -> None:
+    case = make_case(lead=(2,), L=5, dm=3, dh=2, rank=2, full=full, seed=4)
+    res = run(case, method="exact")
+    h = 1e-6
+    for mu, pair in case["adapters"].items():
+        for which in range(2):
+            base = pair[which]
+            fd = torch.empty_like(base)
+            for idx in range(base.numel()):
+                vals = []
+                for sign in (1.0, -1.0):
+                    pert = base.clone()
+                    pert.view(-1)[idx] += sign * h
+                    new = list(pair)
+                    new[which] = pert
+                    adapters = {**case["adapters"], mu: tuple(new)}
+                    vals.append(run({**case, "adapters": adapters}, method="exact").loss)
+                fd.view(-1)[idx] = (vals[0] - vals[1]) / (2 * h)
+            torch.testing.assert_close(res.grads[mu][which], fd, rtol=1e-6, atol=1e-7)
+
+
+# -------------------------------------------------------------------------- polynomial path
+
+
+def _surrogate_autograd(q, kc, vc, yc, approx, scale):
+    """Autograd through the dense surrogate: P(scale Q Kc^T) instead of exp (tiny L only)."""
+    q, kc, vc = (t.clone().requires_grad_() for t in (q, kc, vc))
+    s = scale * q @ kc.transpose(-1, -2)
+    p = sum(float(c) * s**m for m, c in enumerate(approx.coeffs))
+    o = (p @ vc) / p.sum(-1, keepdim=True)
+    loss = 0.5 * (o - yc).square().sum()
+    loss.backward()
+    return float(loss.detach()), q.grad, kc.grad, vc.grad
+
+
+@pytest.mark.parametrize("family", ["chebyshev", "taylor"])
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_factored_backward_is_the_chain_rule(family: str, g: int, monkeypatch) -> None:
+    monkeypatch.setattr(lora_mod, "_POLY_BLOCK_ELEMS", 200)  # several blocks per pass
+    gen = torch.Generator().manual_seed(g)
+    nb, L, d = 2, 19, 3
+    q, kc, vc, yc = (torch.randn(nb, L, d, generator=gen, dtype=F64) * 0.6 for _ in range(4))
+    approx = _make(family, g, 1.5)
+    loss, dq, dk, dv, errs = lora_mod._poly_qkv_grads(q, kc, vc, yc, approx, 0.8, None)
+    assert errs is None
+    loss_ref, dq_ref, dk_ref, dv_ref = _surrogate_autograd(q, kc, vc, yc, approx, 0.8)
+    assert loss == pytest.approx(loss_ref, rel=1e-10)
+    for got, want in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def _errors(case: dict, res: compute.LoraResult) -> list[tuple[str, int, float, float, float]]:
+    """(adapter, which, measured max-abs error, bound, max|G_exact|) for every gradient."""
+    _, ref = sdpa_reference(case)
+    assert res.error_bounds is not None
+    out = []
+    for mu, pair in ref.items():
+        for which, want in enumerate(pair):
+            got = res.grads[mu][which].double()
+            bound = res.error_bounds[mu][which]
+            assert bound is not None
+            err = float((got - want).abs().max())
+            out.append((mu, which, err, bound, float(want.abs().max())))
+    return out
+
+
+def _check_bounds(case: dict, res: compute.LoraResult) -> None:
+    """Measured max-abs error <= certified bound, and the honest meaning of eps:
+    measured <= bound <= eps * max|G_exact| for every dA, dB."""
+    eps = res.plan.eps
+    rel = res.plan.extra["relative_bounds"]
+    for mu, which, err, bound, gmax in _errors(case, res):
+        assert err <= bound, (mu, which, err, bound)
+        assert rel[mu]["ab"[which]] <= eps
+        assert bound <= eps * gmax * (1 + 1e-9), (mu, which, bound, gmax)
+    assert res.plan.extra["relative_bound"] <= eps
+
+
+def _adversarial(kind: str, seed: int, radius: float) -> dict:
+    case = make_case(lead=(2,), L=20, dm=4, dh=2, rank=2, radius=None, seed=seed)
+    x = case["x"].clone()
+    if kind == "dominant-key":  # one key row far larger: one column of F dominates
+        x[:, 0] *= 6.0
+    elif kind == "far-target":  # Y far from the values: large E
+        case["y"] = case["y"] * 50.0 + 20.0
+    elif kind == "value-offset":  # values with a large common offset (centring matters)
+        case["w_v"] = case["w_v"] + 5.0
+    elif kind == "low-rank-x":  # every row of x on one line: all scores of a row alike
+        x = x[..., :1] * torch.ones_like(x)
+    elif kind == "sign-aligned":  # x rows of equal sign pattern: no cancellation in X^T dQ
+        x = x.abs()
+    case["x"] = x
+    r0 = lora_mod._radius_only(lora_mod._validate(**_vargs(case)))
+    case["x"] = case["x"] * math.sqrt(radius / r0)
+    return case
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(
+        ["dominant-key", "far-target", "value-offset", "low-rank-x", "sign-aligned"]
+    ),
+    seed=st.integers(0, 10_000),
+    radius=st.sampled_from([0.2, 1.0, 2.0]),
+    eps=st.sampled_from([0.9, 0.2]),
+)
+def test_polynomial_error_within_bound_adversarial(kind, seed, radius, eps) -> None:
+    case = _adversarial(kind, seed, radius)
+    try:
+        res = run(case, method="polynomial", eps=eps)
+    except compute.CertificationError:
+        assert radius >= 1.0
+        return
+    _check_bounds(case, res)
+
+
+def test_low_degree_error_is_visible_and_bounded() -> None:
+    """At degree 2 the approximation error is large, yet below the a-posteriori bound."""
+    case = make_case(lead=(2,), L=30, dm=5, dh=2, radius=1.5, seed=7, y_scale=3.0)
+    grads, _ = _run_degree(case, "chebyshev", 2)
+    _, ref = sdpa_reference(case)
+    rel = max(
+        float((grads[mu][0].double() - ref[mu][0]).abs().max() / ref[mu][0].abs().max())
+        for mu in ref
+    )
+    assert rel > 1e-4  # the test can see an approximation error at all
+    assert _check_degree(case, "chebyshev", 2) > 0.0
+
+
+def _run_degree(case: dict, family: str, g: int) -> tuple[dict, object]:
+    """One polynomial run at a fixed degree (bypassing the eps check) and its certificate."""
+    inp = lora_mod._validate(**_vargs(case))
+    prep = lora_mod._prepare(inp)
+    approx = _make(family, g, prep.radius)
+    _, grads, cert = lora_mod._run_polynomial(inp, prep, approx, None)
+    return grads, cert
+
+
+def _check_degree(case: dict, family: str, g: int) -> float:
+    """measured <= bound for every dA, dB at this degree; returns the largest err / bound."""
+    grads, cert = _run_degree(case, family, g)
+    if isinstance(cert, str):  # only P vanishing or rounding blow-up may refuse to certify
+        assert "vanish" in cert or "rounding" in cert
+        return 0.0
+    _, ref = sdpa_reference(case)
+    worst = 0.0
+    for mu, pair in ref.items():
+        for which, want in enumerate(pair):
+            err = float((grads[mu][which].double() - want).abs().max())
+            bound = cert.bounds[mu][which]
+            assert err <= bound, (mu, which, err, bound)
+            worst = max(worst, err / bound)
+    return worst
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(
+        ["random", "dominant-key", "far-target", "value-offset", "low-rank-x", "sign-aligned"]
+    ),
+    seed=st.integers(0, 10_000),
+    radius=st.sampled_from([0.3, 1.0, 2.5]),
+    family=st.sampled_from(["chebyshev", "taylor"]),
+    g=st.integers(1, 5),
+)
+def test_bound_holds_at_every_degree(kind, seed, radius, family, g) -> None:
+    """The a-posteriori bound holds whatever the degree, including where it is near-tight."""
+    if kind == "random":
+        case = make_case(lead=(2,), L=19, dm=4, dh=2, rank=2, radius=radius, seed=seed)
+    else:
+        case = _adversarial(kind, seed, radius)
+    _check_degree(case, family, g)
+
+
+def test_bound_is_near_tight_at_low_degree() -> None:
+    """At degree 2 the bound is within ~2 orders of the measured error (not vacuous)."""
+    worst = max(
+        _check_degree(make_case(lead=(), L=20, dm=3, dh=2, rank=1, radius=1.0, seed=s), f, 2)
+        for s in range(6)
+        for f in ("chebyshev", "taylor")
+    )
+    assert worst > 1e-2
+
+
+def test_auto_polynomial_meets_eps_honestly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whenever auto returns polynomial: measured <= bound <= eps * max|G_exact| per gradient."""
+    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
+    seen = 0
+    for seed, radius, eps, full in [
+        (20, 0.2, 1e-3, True), (21, 0.5, 1e-2, False), (22, 1.0, 1e-3, True),
+        (23, 0.1, 1e-4, False), (24, 0.8, 5e-2, True),
+    ]:  # fmt: skip
+        case = make_case(lead=(2,), L=48, dm=6, dh=2, full=full, radius=radius, seed=seed)
+        res = run(case, method="auto", eps=eps)
+        if res.plan.method == "polynomial":
+            seen += 1
+            _check_bounds(case, res)
+            assert res.plan.degree == res.plan.extra["tries"][-1]["degree"]
+    assert seen >= 3
+
+
+def test_failed_certificate_sends_auto_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
+    monkeypatch.setattr(lora_mod, "PREDICT_FACTOR", 1e-12)  # predicts degree 1 certifies
+    monkeypatch.setattr(lora_mod, "MAX_TRIES", 1)
+    case = make_case(lead=(2,), L=40, dm=5, dh=2, radius=1.0, seed=13)
+    res = run(case, method="auto", eps=1e-4)
+    assert res.plan.method == "exact" and res.error_bounds is None
+    assert "certificate failed" in res.plan.reason and "> eps=0.0001" in res.plan.reason
+    assert res.plan.extra["tries"][0]["degree"] == 1
+    assert res.plan.extra["tries"][0]["relative_bound"] > 1e-4
+    with pytest.raises(compute.CertificationError, match="certificate failed"):
+        run(case, method="polynomial", eps=1e-4)
+
+
+def test_failed_certificate_raises_the_degree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
+    monkeypatch.setattr(lora_mod, "PREDICT_FACTOR", 1e-12)
+    case = make_case(lead=(2,), L=40, dm=5, dh=2, radius=0.5, seed=14)
+    res = run(case, method="auto", eps=1e-3)
+    tries = res.plan.extra["tries"]
+    assert res.plan.method == "polynomial" and len(tries) >= 2
+    assert tries[0]["relative_bound"] > 1e-3 >= tries[-1]["relative_bound"]
+    assert res.plan.degree == tries[-1]["degree"] > tries[0]["degree"]
+    _check_bounds(case, res)
+
+
+def test_polynomial_progress_and_cancel() -> None:
+    case = make_case(lead=(2,), L=40, dm=4, dh=2, radius=0.3, seed=8)
+    calls: list[tuple[int, int]] = []
+    run(case, method="polynomial", eps=0.1, progress=lambda d, t: calls.append((d, t)))
+    assert calls and calls[-1][0] == calls[-1][1] and len(calls) >= 3
+
+    def cancel(done: int, total: int) -> None:
+        raise compute.Cancelled()
+
+    with pytest.raises(compute.Cancelled):
+        run(case, method="polynomial", eps=0.1, progress=cancel)
+    with pytest.raises(compute.Cancelled):
+        run(case, method="exact", progress=cancel)
+
+
+# ------------------------------------------------------------------------ planning/threshold
+
+
+def test_large_norms_make_auto_exact_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    # exact "infinitely slow": only the certificate can send auto to exact
+    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
+    case = make_case(lead=(1,), L=32, dm=6, dh=3, radius=60.0, seed=9)
+    res = run(case, method="auto", eps=1e-3)
+    assert res.plan.method == "exact" and res.error_bounds is None
+    assert "No polynomial" in res.plan.reason and "R=" in res.plan.reason
+    assert res.plan.rho == pytest.approx(res.plan.radius / math.log(32))
+    with pytest.raises(compute.CertificationError):
+        run(case, method="polynomial", eps=1e-3)
+
+
+def test_auto_is_certified_whenever_polynomial(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
+    for radius in (0.05, 0.5, 3.0, 20.0):
+        case = make_case(lead=(2,), L=64, dm=6, dh=2, radius=radius, seed=10)
+        res = run(case, method="auto", eps=1e-3)
+        if res.plan.method == "polynomial":
+            _check_bounds(case, res)
+        else:
+            assert res.error_bounds is None and res.plan.reason
+
+
+def test_plan_lora_gradient_regimes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fixed throughputs: the decision logic, not this machine's momentary load, is under test
+    fixed = Rates(gemm=5e10, skinny=2e10, elems=5e8, exps=1e9)
+    monkeypatch.setattr(lora_mod, "rates", lambda device, dtype: fixed)
+    small = compute.plan_lora_gradient(n=65536, d=8, radius=0.25, eps=1e-3, full=True)
+    assert small.op == "lora-gradient" and small.method == "polynomial"
+    assert small.degree is not None and small.features == math.comb(8 + small.degree, 8)
+    assert small.predicted_bound is not None and small.predicted_bound <= 1e-3
+    big = compute.plan_lora_gradient(n=65536, d=8, radius=40.0, eps=1e-3)
+    assert big.method == "exact"
+    assert "No polynomial" in big.reason or "not predicted to certify" in big.reason
+    short = compute.plan_lora_gradient(n=64, d=8, radius=0.25, eps=1e-3)
+    assert short.method == "exact" and "slower" in short.reason
+    assert compute.plan_lora_gradient(n=64, d=8, radius=0.25, method="exact").method == "exact"
+    with pytest.raises(compute.CertificationError):
+        compute.plan_lora_gradient(n=64, d=8, radius=40.0, method="polynomial")
+
+
+def test_summary_is_json_safe() -> None:
+    import json
+
+    case = make_case(lead=(1,), L=16, dm=4, dh=2, radius=0.2, seed=11)
+    for method in ("exact", "polynomial"):
+        json.dumps(run(case, method=method, eps=0.1).summary())
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+def _bad_cases() -> list[tuple[str, dict, str]]:
+    base = make_case(lead=(2,), L=8, dm=4, dh=3, rank=2, full=True, seed=12)
+    a, b = base["adapters"]["q"]
+    nan_x = base["x"].clone()
+    nan_x[0, 0, 0] = float("nan")
+    inf_a = a.clone()
+    inf_a[0, 0] = float("inf")
+    return [
+        ("y", {"y": torch.zeros(2, 7, 3, dtype=F64)}, "y-rows"),
+        ("y", {"y": torch.zeros(3, 8, 3, dtype=F64)}, "y-lead"),
+        ("w_k", {"w_k": torch.zeros(5, 3, dtype=F64)}, "w_k-dmodel"),
+        ("w_v", {"w_v": torch.zeros(4, 2, dtype=F64)}, "w_v-dhead"),
+        ("adapters['q'][0]", {"adapters": {**base["adapters"], "q": (a[:, :2], b)}}, "A-dhead"),
+        ("adapters['v'][1]", {"adapters": {**base["adapters"], "v": (a, b[:3])}}, "B-dmodel"),
+        ("adapters['k'][1]", {"adapters": {**base["adapters"], "k": (a, b[:, :1])}}, "rank"),
+        ("adapters", {"adapters": {**base["adapters"], "o": (a, b)}}, "unknown-name"),
+        ("adapters", {"adapters": {"q": (a, b)}}, "missing-v"),
+        ("adapters", {"adapters": [a, b]}, "not-a-dict"),
+        ("adapters['q']", {"adapters": {**base["adapters"], "q": a}}, "not-a-pair"),
+        ("x", {"x": nan_x}, "nan-x"),
+        ("adapters['q'][0]", {"adapters": {**base["adapters"], "q": (inf_a, b)}}, "inf-A"),
+        ("x", {"x": [[1.0]]}, "x-list"),
+        ("x", {"x": torch.zeros(8, 4, dtype=torch.int64)}, "x-int"),
+        ("alpha", {"alpha": "2"}, "alpha-str"),
+        ("alpha", {"alpha": float("nan")}, "alpha-nan"),
+        ("scale", {"scale": float("inf")}, "scale-inf"),
+        ("method", {"method": "fast"}, "method"),
+        ("eps", {"eps": 0.0}, "eps"),
+        ("progress", {"progress": 3}, "progress"),
+    ]
+
+
+@pytest.mark.parametrize(("argument", "change", "case_id"), _bad_cases(), ids=lambda v: None)
+def test_bad_input_names_the_argument(argument: str, change: dict, case_id: str) -> None:
+    base = make_case(lead=(2,), L=8, dm=4, dh=3, rank=2, full=True, seed=12)
+    kwargs = {**_vargs(base), **change}
+    with pytest.raises(compute.InvalidInputError) as info:
+        compute.lora_gradient(**kwargs)
+    assert info.value.argument == argument, case_id
+    assert argument in str(info.value)
+
+
+def test_plan_bad_input() -> None:
+    with pytest.raises(compute.InvalidInputError, match="radius"):
+        compute.plan_lora_gradient(n=10, d=4, radius=-1.0)
+    with pytest.raises(compute.InvalidInputError, match=r"^n"):
+        compute.plan_lora_gradient(n=0, d=4, radius=1.0)

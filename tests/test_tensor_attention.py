@@ -1,0 +1,622 @@
+"""Tensor (triple-wise) attention: exact and polynomial paths against a float64 brute force."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import compute
+from compute._poly import Approximation, relative_error_range, taylor_coeffs
+from compute._radius import tensor_radius
+
+ta = importlib.import_module("compute.tensor_attention")  # the module (the name is the function)
+
+F64 = torch.float64
+
+
+def brute_force(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    scale: float,
+    poly: np.ndarray | None = None,
+) -> torch.Tensor:
+    """float64 reference with the materialised ``[..., n, n1 * n2]`` scores.
+
+    With ``poly`` (monomial coefficients), ``exp`` is replaced by that polynomial: the output
+    the polynomial path computes in exact arithmetic.
+    """
+    q, k1, k2, v1, v2 = (x.to(F64) for x in (q, k1, k2, v1, v2))
+    kk = (k1.unsqueeze(-2) * k2.unsqueeze(-3)).flatten(-3, -2)  # [..., n1*n2, d]
+    vv = (v1.unsqueeze(-2) * v2.unsqueeze(-3)).flatten(-3, -2)  # [..., n1*n2, dv]
+    s = scale * q @ kk.transpose(-1, -2)  # [..., n, n1*n2]
+    if poly is None:
+        w = torch.softmax(s, dim=-1)
+    else:
+        p = sum(float(c) * s**m for m, c in enumerate(poly))
+        assert isinstance(p, torch.Tensor)
+        w = p / p.sum(dim=-1, keepdim=True)
+    return w @ vv  # [..., n, dv]
+
+
+def make_inputs(
+    lead: tuple[int, ...],
+    n: int,
+    n1: int,
+    n2: int,
+    d: int,
+    dv: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    radius: float | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs; with ``radius``, q is rescaled so that R3 equals it."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    q, k1, k2 = rnd(*lead, n, d), rnd(*lead, n1, d), rnd(*lead, n2, d)
+    v1, v2 = rnd(*lead, n1, dv), rnd(*lead, n2, dv)
+    if radius is not None:
+        sc = 1.0 / math.sqrt(d) if scale is None else scale
+        r3 = tensor_radius(q, k1, k2, sc)
+        q = q * (radius / r3 if r3 > 0 else 0.0)
+    return tuple(x.to(dtype) for x in (q, k1, k2, v1, v2))
+
+
+def case_id(lead: tuple[int, ...], n: int, n1: int, n2: int, d: int, dv: int, dt: str) -> str:
+    b = "x".join(map(str, lead)) or "1"
+    return f"B{b}-N{n}-N1_{n1}-N2_{n2}-D{d}-DV{dv}-{dt}"
+
+
+# ------------------------------------------------------------------ worked example (theory §3)
+
+Q = [[0.5, -0.2], [0.1, 0.3]]
+K1 = [[0.4, 0.1], [-0.3, 0.2]]
+K2 = [[0.2, -0.5], [0.6, 0.1]]
+V1 = [[1.0, 2.0], [0.0, 1.0]]
+V2 = [[1.0, -1.0], [2.0, 1.0]]
+
+
+def _example() -> tuple[torch.Tensor, ...]:
+    return tuple(torch.tensor(x, dtype=F64) for x in (Q, K1, K2, V1, V2))
+
+
+def _taylor2(radius: float) -> Approximation:
+    coeffs = taylor_coeffs(2)
+    dmin, dmax = relative_error_range(coeffs, radius)
+    return Approximation("taylor", 2, radius, coeffs, dmin, dmax)
+
+
+def test_worked_example_factorisation() -> None:
+    """P(Q (K1 ⊘ K2)^T) from the three feature maps, weights on the query side."""
+    q, k1, k2, _, _ = _example()
+    approx = _taylor2(1.0)
+    tables = ta._graded(2, 2)
+    w = ta._weights(approx, tables, 1.0)  # [r]
+    u1 = w[:, None] * ta._graded_features_t(q.T.contiguous(), tables)  # [r, n]
+    u2 = ta._graded_features_t(k1.T.contiguous(), tables)  # [r, n1]
+    u3 = ta._graded_features_t(k2.T.contiguous(), tables)  # [r, n2]
+    p = torch.einsum("ai,aj,ak->ijk", u1, u2, u3).reshape(2, 4)  # column (i1, i2) = i1*n2 + i2
+    expected = torch.tensor(
+        [[1.05125, 1.12496, 0.99005, 0.91042], [0.99302, 1.02736, 0.96465, 0.98807]], dtype=F64
+    )
+    assert (p - expected).abs().max() <= 1e-5
+
+
+def test_worked_example_outputs() -> None:
+    q, k1, k2, v1, v2 = _example()
+    approx_out = ta._polynomial_forward(
+        q[None], k1[None], k2[None], v1[None], v2[None], _taylor2(1.0), 1.0
+    )[0]
+    assert (
+        approx_out - torch.tensor([[0.80977, 0.01663], [0.76710, 0.02318]], dtype=F64)
+    ).abs().max() <= 1e-5
+    exact = torch.tensor([[0.80988, 0.01672], [0.76710, 0.02319]], dtype=F64)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="exact", scale=1.0)
+    assert (res.output - exact).abs().max() <= 1e-5
+    assert (brute_force(q, k1, k2, v1, v2, 1.0) - exact).abs().max() <= 1e-5
+    assert res.error_bound is None and res.plan.method == "exact"
+
+
+# ------------------------------------------------------------------------------ exact path
+
+EXACT_CASES = [
+    ((), 1, 1, 1, 1, 1),
+    ((), 5, 7, 3, 4, 2),
+    ((2,), 16, 16, 16, 4, 3),
+    ((2, 3), 9, 4, 11, 8, 5),
+    ((), 24, 20, 17, 3, 1),
+]
+
+
+@pytest.mark.parametrize("dt", ["fp32", "fp64"])
+@pytest.mark.parametrize(
+    ("lead", "n", "n1", "n2", "d", "dv"),
+    EXACT_CASES,
+    ids=[case_id(*c, "").rstrip("-") for c in EXACT_CASES],
+)
+def test_exact_equals_brute_force(
+    lead: tuple[int, ...], n: int, n1: int, n2: int, d: int, dv: int, dt: str
+) -> None:
+    dtype = F64 if dt == "fp64" else torch.float32
+    q, k1, k2, v1, v2 = make_inputs(lead, n, n1, n2, d, dv, dtype=dtype, seed=n + d)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="exact")
+    ref = brute_force(q, k1, k2, v1, v2, 1.0 / math.sqrt(d))
+    assert res.output.shape == (*lead, n, dv) and res.output.dtype == dtype
+    vmax = float((v1.abs().amax(-2) * v2.abs().amax(-2)).max())
+    tol = (1e-12 if dt == "fp64" else 2e-6) * vmax
+    assert (res.output.to(F64) - ref).abs().max() <= tol
+
+
+@pytest.mark.parametrize("dt", ["fp32", "fp64"])
+def test_exact_large_scores_use_running_max(dt: str) -> None:
+    """Scores far beyond exp's range: the running-max branch, still equal to brute force."""
+    dtype = F64 if dt == "fp64" else torch.float32
+    q, k1, k2, v1, v2 = make_inputs((2,), 12, 9, 7, 4, 3, dtype=dtype, seed=3)
+    scale = 400.0 if dt == "fp32" else 3000.0
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="exact", scale=scale)
+    ref = brute_force(q, k1, k2, v1, v2, scale)
+    assert torch.isfinite(res.output).all()
+    tol = 1e-9 if dt == "fp64" else 1e-3
+    assert (res.output.to(F64) - ref).abs().max() <= tol * float(ref.abs().max() + 1)
+
+
+def test_exact_blocks_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny blocks: many query and j1 blocks, same result; progress reaches its total."""
+    monkeypatch.setattr(ta, "_EXACT_BLOCK", 40)
+    q, k1, k2, v1, v2 = make_inputs((2,), 13, 6, 10, 3, 2, dtype=F64, seed=5)
+    calls: list[tuple[int, int]] = []
+    res = compute.tensor_attention(
+        q, k1, k2, v1, v2, method="exact", progress=lambda a, b: calls.append((a, b))
+    )
+    assert (res.output - brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(3))).abs().max() <= 1e-12
+    assert len(calls) > 4 and calls[-1][0] == calls[-1][1]
+    assert [c[0] for c in calls] == list(range(1, len(calls) + 1))
+
+
+# ------------------------------------------------------------------------- polynomial path
+
+POLY_CASES = [
+    ((), 20, 20, 20, 4, 4, 1.0, 1e-3),
+    ((2,), 16, 11, 23, 3, 2, 0.5, 1e-2),
+    ((3,), 8, 8, 8, 2, 5, 2.0, 1e-3),
+    ((), 1, 1, 1, 8, 8, 1.0, 1e-3),
+    ((), 18, 14, 9, 8, 3, 0.25, 1e-4),
+]
+
+
+@pytest.mark.parametrize("dt", ["fp32", "fp64"])
+@pytest.mark.parametrize(
+    ("lead", "n", "n1", "n2", "d", "dv", "radius", "eps"),
+    POLY_CASES,
+    ids=[case_id(*c[:6], f"R{c[6]}-eps{c[7]:g}") for c in POLY_CASES],
+)
+def test_polynomial_within_bound(
+    lead: tuple[int, ...],
+    n: int,
+    n1: int,
+    n2: int,
+    d: int,
+    dv: int,
+    radius: float,
+    eps: float,
+    dt: str,
+) -> None:
+    dtype = F64 if dt == "fp64" else torch.float32
+    q, k1, k2, v1, v2 = make_inputs(lead, n, n1, n2, d, dv, dtype=dtype, seed=7, radius=radius)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=eps)
+    ref = brute_force(q, k1, k2, v1, v2, 1.0 / math.sqrt(d))
+    err = float((res.output.to(F64) - ref).abs().max())
+    vmax = float((v1.abs().amax(-2) * v2.abs().amax(-2)).max())
+    assert res.plan.method == "polynomial" and res.error_bound is not None
+    assert err <= res.error_bound <= eps * vmax * (1 + 1e-9)
+    assert res.plan.op == "tensor-attention" and res.plan.degree is not None
+    assert res.output.dtype == dtype and res.output.shape == (*lead, n, dv)
+
+
+@pytest.mark.parametrize("dt", ["fp32", "fp64"])
+def test_rounding_part_bounds_the_rounding(dt: str) -> None:
+    """The float32/float64 forward vs the same polynomial in exact (float64) arithmetic."""
+    dtype = F64 if dt == "fp64" else torch.float32
+    q, k1, k2, v1, v2 = make_inputs((), 40, 33, 29, 4, 3, dtype=dtype, seed=11, radius=1.5)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=1e-3)
+    approx = ta._best_at(ta._grid_radius(res.plan.radius), res.plan.degree)
+    assert approx.family == res.plan.family
+    exact_poly = brute_force(q, k1, k2, v1, v2, 0.5, poly=approx.coeffs)
+    exact = brute_force(q, k1, k2, v1, v2, 0.5)
+    parts = res.plan.extra["bound_parts"]
+    assert float((res.output.to(F64) - exact_poly).abs().max()) <= parts["rounding"]
+    assert float((exact_poly - exact).abs().max()) <= parts["polynomial"]
+
+
+def test_adversarial_delta_peaks() -> None:
+    """1-d construction of theory §1.4: weights where delta is extreme, values to match."""
+    n1 = 201
+    radius = 1.0
+    q = torch.ones(1, 1, dtype=F64)
+    k1 = torch.linspace(-radius, radius, n1, dtype=F64)[:, None]  # scores cover [-R, R]
+    k2 = torch.ones(1, 1, dtype=F64)
+    v2 = torch.ones(1, 1, dtype=F64)
+    # pick the plan's polynomial, then put value 1 where delta is above its midpoint
+    alternating = (torch.arange(n1, dtype=F64) % 2)[:, None]  # same range and max as below
+    probe = compute.tensor_attention(
+        q, k1, k2, alternating, v2, method="polynomial", scale=1.0, eps=1e-3
+    )
+    approx = ta._best_at(ta._grid_radius(probe.plan.radius), probe.plan.degree)
+    s = k1[:, 0].numpy()
+    delta = np.polynomial.polynomial.polyval(s, approx.coeffs) * np.exp(-s) - 1
+    v1 = torch.tensor((delta > (delta.max() + delta.min()) / 2).astype(np.float64))[:, None]
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", scale=1.0, eps=1e-3)
+    ref = brute_force(q, k1, k2, v1, v2, 1.0)
+    err = float((res.output - ref).abs().max())
+    assert res.error_bound is not None and err <= res.error_bound
+    assert res.plan.degree == probe.plan.degree
+    assert err >= 0.5 * res.plan.extra["bound_parts"]["polynomial"]  # the bound is nearly tight
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> dict[str, object]:
+    return {
+        "lead": draw(st.sampled_from([(), (2,), (1, 2)])),
+        "n": draw(st.integers(1, 12)),
+        "n1": draw(st.integers(1, 12)),
+        "n2": draw(st.integers(1, 12)),
+        "d": draw(st.integers(1, 6)),
+        "dv": draw(st.integers(1, 4)),
+        "radius": draw(st.floats(0.0, 3.0)),
+        "eps": draw(st.sampled_from([0.3, 1e-1, 1e-2, 1e-3, 1e-4, 1e-6])),
+        "dtype": draw(st.sampled_from([torch.float32, F64])),
+        "values": draw(st.sampled_from(["normal", "positive", "spiky", "constant", "zero"])),
+        "keys": draw(st.sampled_from(["normal", "constant", "sparse", "wide"])),
+        "scale": draw(st.sampled_from([None, 1.0, -0.7])),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+def _shape_values(v: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "positive":
+        return v.abs() + 0.1
+    if kind == "spiky":
+        mask = torch.rand(v.shape, generator=gen, dtype=F64) < 0.1
+        return torch.where(mask, 1e3 * v, 1e-3 * v)
+    if kind == "constant":
+        return torch.ones_like(v) * 2.5
+    if kind == "zero":
+        return torch.zeros_like(v)
+    return v
+
+
+def _shape_keys(k: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if kind == "constant":
+        return torch.ones_like(k) * 0.3
+    if kind == "sparse":
+        return k * (torch.rand(k.shape, generator=gen, dtype=F64) < 0.3)
+    if kind == "wide":
+        return k * torch.exp(4 * torch.randn(k.shape, generator=gen, dtype=F64))
+    return k
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_measured_error_never_exceeds_bound(p: dict[str, object]) -> None:
+    lead, n, n1, n2 = p["lead"], p["n"], p["n1"], p["n2"]
+    d, dv, dtype, seed = p["d"], p["dv"], p["dtype"], p["seed"]
+    assert isinstance(lead, tuple) and isinstance(dtype, torch.dtype) and isinstance(seed, int)
+    assert isinstance(n, int) and isinstance(n1, int) and isinstance(n2, int)
+    assert isinstance(d, int) and isinstance(dv, int)
+    radius, eps, scale = p["radius"], p["eps"], p["scale"]
+    assert isinstance(radius, float) and isinstance(eps, float)
+    assert scale is None or isinstance(scale, float)
+    gen = torch.Generator().manual_seed(seed)
+    q, k1, k2, v1, v2 = make_inputs(lead, n, n1, n2, d, dv, dtype=F64, seed=seed)
+    k1 = _shape_keys(k1, str(p["keys"]), gen)
+    k2 = _shape_keys(k2, str(p["keys"]), gen)
+    sc = 1.0 / math.sqrt(d) if scale is None else scale
+    r3 = tensor_radius(q, k1, k2, sc)
+    q = q * (radius / r3) if r3 > 0 else q
+    v1 = _shape_values(v1, str(p["values"]), gen)
+    v2 = _shape_values(v2, str(p["values"]), gen)
+    q, k1, k2, v1, v2 = (x.to(dtype) for x in (q, k1, k2, v1, v2))
+    ref = brute_force(q, k1, k2, v1, v2, sc)
+    vmax = float((v1.to(F64).abs().amax(-2) * v2.to(F64).abs().amax(-2)).max())
+    try:
+        res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=eps, scale=scale)
+    except compute.CertificationError:
+        auto = compute.tensor_attention(q, k1, k2, v1, v2, method="auto", eps=eps, scale=scale)
+        assert auto.plan.method == "exact" and "certifies" in auto.plan.reason
+        return
+    err = float((res.output.to(F64) - ref).abs().max())
+    assert res.error_bound is not None
+    assert err <= res.error_bound, (err, res.error_bound, res.plan.to_dict())
+    assert res.error_bound <= eps * vmax * (1 + 1e-9)
+
+
+# --------------------------------------------------------------------- auto, plan, edge cases
+
+
+def test_auto_picks_polynomial_when_it_pays() -> None:
+    q, k1, k2, v1, v2 = make_inputs((), 300, 300, 300, 4, 4, seed=1, radius=0.5)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, eps=1e-2, sample_rows=5)
+    assert res.plan.method == "polynomial", res.plan.reason
+    assert "beats the exact path" in res.plan.reason
+    assert res.plan.cost_polynomial is not None and res.plan.cost_exact is not None
+    assert res.plan.cost_polynomial < res.plan.cost_exact
+    assert res.measured_error is not None and res.error_bound is not None
+    assert res.measured_error <= res.error_bound
+
+
+def test_huge_entries_run_exact_with_reason() -> None:
+    q, k1, k2, v1, v2 = make_inputs((), 6, 5, 4, 3, 2, dtype=F64, seed=2)
+    q = q * 100.0
+    res = compute.tensor_attention(q, k1, k2, v1, v2)
+    assert res.plan.method == "exact" and "no polynomial" in res.plan.reason
+    assert res.plan.rho > 1.0
+    assert (res.output - brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(3))).abs().max() < 1e-12
+    with pytest.raises(compute.CertificationError):
+        compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial")
+
+
+def test_tiny_problem_runs_exact_because_cheaper() -> None:
+    q, k1, k2, v1, v2 = make_inputs((), 3, 3, 3, 8, 2, seed=4, radius=0.5)
+    res = compute.tensor_attention(q, k1, k2, v1, v2)
+    assert res.plan.method == "exact" and "not below the exact path" in res.plan.reason
+
+
+def test_constant_rows_and_zero_query() -> None:
+    q, k1, k2, v1, v2 = make_inputs((), 5, 6, 7, 3, 2, dtype=F64, seed=6)
+    q = torch.zeros_like(q)  # every score is 0: plain means
+    for method in ("exact", "polynomial"):
+        res = compute.tensor_attention(q, k1, k2, v1, v2, method=method)
+        expected = (v1.mean(0) * v2.mean(0)).expand(5, 2)
+        assert (res.output - expected).abs().max() <= 1e-12
+
+
+def test_default_scale_is_inverse_sqrt_d() -> None:
+    q, k1, k2, v1, v2 = make_inputs((), 4, 5, 6, 9, 2, dtype=F64, seed=8)
+    a = compute.tensor_attention(q, k1, k2, v1, v2, method="exact").output
+    b = compute.tensor_attention(q, k1, k2, v1, v2, method="exact", scale=1 / 3).output
+    assert torch.equal(a, b)
+
+
+def test_sample_rows_measure_the_error() -> None:
+    q, k1, k2, v1, v2 = make_inputs((2,), 30, 10, 12, 3, 2, seed=9, radius=1.0)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", sample_rows=7)
+    ref = brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(3))
+    rows = ta._sample_indices(30, 7, q.device)
+    want = float((res.output.to(F64)[:, rows] - ref[:, rows]).abs().max())
+    assert res.measured_error is not None
+    assert abs(res.measured_error - want) <= 1e-12 + 1e-9 * want
+    assert res.error_bound is not None and res.measured_error <= res.error_bound
+
+
+@pytest.mark.parametrize("method", ["exact", "polynomial"])
+def test_progress_cancel_propagates(method: str) -> None:
+    q, k1, k2, v1, v2 = make_inputs((), 8, 8, 8, 2, 2, seed=10, radius=0.5)
+
+    def cancel(done: int, total: int) -> None:
+        raise compute.Cancelled
+
+    with pytest.raises(compute.Cancelled):
+        compute.tensor_attention(q, k1, k2, v1, v2, method=method, progress=cancel)
+
+
+def test_polynomial_progress_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature blocks smaller than the problem: several blocks, same output."""
+    q, k1, k2, v1, v2 = make_inputs((2,), 21, 19, 17, 3, 2, dtype=F64, seed=12, radius=1.0)
+    whole = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial").output
+    monkeypatch.setattr(ta, "_FEATURE_BLOCK", 400)
+    calls: list[tuple[int, int]] = []
+    res = compute.tensor_attention(
+        q, k1, k2, v1, v2, method="polynomial", progress=lambda a, b: calls.append((a, b))
+    )
+    assert (res.output - whole).abs().max() <= 1e-12
+    assert len(calls) > 6 and calls[-1][0] == calls[-1][1]
+
+
+def test_half_precision_inputs() -> None:
+    q, k1, k2, v1, v2 = make_inputs((), 10, 9, 8, 4, 3, dtype=torch.float16, seed=13, radius=1)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=1e-2)
+    ref = brute_force(q, k1, k2, v1, v2, 0.5)
+    assert res.output.dtype == torch.float16
+    assert res.error_bound is not None
+    assert float((res.output.to(F64) - ref).abs().max()) <= res.error_bound
+
+
+def test_plan_tensor_attention() -> None:
+    plan = compute.plan_tensor_attention(n=1024, d=8, radius=1.0, eps=1e-3)
+    assert plan.op == "tensor-attention" and plan.method == "polynomial", plan.reason
+    assert plan.predicted_bound is not None and plan.predicted_bound <= 1e-3
+    assert plan.features is not None and plan.features < 1024 * 1024
+    assert math.isclose(plan.rho, 1.0 / math.log(1024))
+    hard = compute.plan_tensor_attention(n=1024, d=8, radius=12.0)
+    assert hard.method == "exact" and "no polynomial" in hard.reason
+    with pytest.raises(compute.CertificationError):
+        compute.plan_tensor_attention(n=1024, d=8, radius=12.0, method="polynomial")
+    forced = compute.plan_tensor_attention(n=4, d=8, radius=0.5, method="polynomial")
+    assert forced.method == "polynomial"
+    assert compute.plan_tensor_attention(n=64, d=4, radius=1.0, method="exact").method == "exact"
+    assert plan.to_dict()["op"] == "tensor-attention"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"n": 0}, "n"),
+        ({"d": 2.5}, "d"),
+        ({"radius": -1.0}, "radius"),
+        ({"radius": math.inf}, "radius"),
+        ({"eps": 0.0}, "eps"),
+        ({"dv": 0}, "dv"),
+        ({"batch": True}, "batch"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"method": "fast"}, "method"),
+    ],
+)
+def test_plan_bad_arguments(kwargs: dict[str, object], argument: str) -> None:
+    args: dict[str, object] = {"n": 16, "d": 4, "radius": 1.0}
+    args.update(kwargs)
+    with pytest.raises(compute.InvalidInputError) as info:
+        compute.plan_tensor_attention(**args)  # type: ignore[arg-type]
+    assert info.value.argument == argument
+
+
+def _good() -> dict[str, object]:
+    q, k1, k2, v1, v2 = make_inputs((2,), 4, 5, 6, 3, 2, seed=0)
+    return {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}
+
+
+BAD = [
+    ("q", lambda a: a.update(q=[[1.0]]), "q"),
+    ("int", lambda a: a.update(k1=torch.ones(2, 5, 3, dtype=torch.int32)), "k1"),
+    ("nan", lambda a: a["k2"].__setitem__((0, 0, 0), math.nan), "k2"),
+    ("1d", lambda a: a.update(v1=torch.ones(5)), "v1"),
+    ("empty", lambda a: a.update(v2=torch.ones(2, 0, 2)), "v2"),
+    ("d", lambda a: a.update(k1=torch.ones(2, 5, 4)), "k1"),
+    ("d2", lambda a: a.update(k2=torch.ones(2, 6, 2)), "k2"),
+    ("rows1", lambda a: a.update(v1=torch.ones(2, 4, 2)), "v1"),
+    ("rows2", lambda a: a.update(v2=torch.ones(2, 5, 2)), "v2"),
+    ("dv", lambda a: a.update(v2=torch.ones(2, 6, 3)), "v2"),
+    ("lead", lambda a: a.update(k2=torch.ones(3, 6, 3)), "k2"),
+    ("method", lambda a: a.update(method="fast"), "method"),
+    ("eps", lambda a: a.update(eps=1.0), "eps"),
+    ("eps_bool", lambda a: a.update(eps=True), "eps"),
+    ("scale", lambda a: a.update(scale=math.inf), "scale"),
+    ("sample_rows", lambda a: a.update(sample_rows=-1), "sample_rows"),
+    ("progress", lambda a: a.update(progress=3), "progress"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "argument"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_inputs_raise(mutate: object, argument: str) -> None:
+    args = _good()
+    assert callable(mutate)
+    mutate(args)
+    with pytest.raises(compute.InvalidInputError) as info:
+        compute.tensor_attention(**args)  # type: ignore[arg-type]
+    assert info.value.argument == argument
+    assert argument in str(info.value)
+
+
+# ------------------------------------------------------------------- features and the bound
+
+
+@pytest.mark.parametrize(("d", "g"), [(1, 4), (2, 2), (3, 5), (8, 4)])
+def test_graded_features_multinomial_identity(d: int, g: int) -> None:
+    """sum over |alpha| = m of mult * x^alpha = (sum x)^m, and r = C(d + g, g)."""
+    tables = ta._graded(d, g)
+    assert tables.r == math.comb(d + g, g)
+    x = torch.randn(d, 11, dtype=F64, generator=torch.Generator().manual_seed(d * 10 + g))
+    f = ta._graded_features_t(x, tables)
+    for m in range(g + 1):
+        rows = slice(tables.offsets[m], tables.offsets[m + 1])
+        lhs = (tables.multinomial[rows, None] * f[rows]).sum(0)
+        assert torch.allclose(lhs, x.sum(0) ** m, rtol=1e-12, atol=1e-12)
+    assert len({tuple(col) for col in f.T[:1].tolist()}) == 1  # a column is one vector
+
+
+def test_rounding_bound_structure() -> None:
+    approx = ta._best_at(1.0, 4)
+    common: dict[str, object] = {
+        "features": 495,
+        "n1": 4096,
+        "n2": 4096,
+        "out_dtype": torch.float32,
+        "weight_max": 2.0,
+        "entry_max": 1.5,
+        "value_range": np.array([2.0, 1.0]),
+        "value_absmax": np.array([1.0, 0.5]),
+    }
+    b16 = ta.tensor_rounding_bound(approx, compute_dtype=torch.float32, chunk=16, **common)
+    b512 = ta.tensor_rounding_bound(approx, compute_dtype=torch.float32, chunk=512, **common)
+    b64 = ta.tensor_rounding_bound(approx, compute_dtype=F64, chunk=4096, **common)
+    assert b16.rounding < b512.rounding  # longer compute-dtype products round more
+    assert b64.rounding < b16.rounding
+    assert b16.polynomial == b512.polynomial == b64.polynomial == approx.t * 2.0
+    assert b64.total >= b64.polynomial + b64.rounding  # nothing is dropped
+    bad = Approximation("taylor", 1, 3.0, taylor_coeffs(1), -1.5, 0.5)  # P not positive
+    assert ta.tensor_rounding_bound(bad, compute_dtype=F64, chunk=16, **common).total == math.inf
+
+
+def test_minimax_is_certified_and_better() -> None:
+    for radius in (0.5, 1.0, 2.0):
+        for g in (2, 4, 6):
+            mm = ta._minimax(g, radius)
+            assert mm is not None
+            s = np.linspace(-radius, radius, 100_001)
+            delta = np.polynomial.polynomial.polyval(s, mm.coeffs) * np.exp(-s) - 1
+            assert mm.dmin <= delta.min() and delta.max() <= mm.dmax
+    assert ta._best_at(1.0, 4).family == "minimax"
+
+
+def test_grid_radius_rounds_up() -> None:
+    for r in (1e-3, 0.37, 1.0, 1.0000001, 2.5, 17.0):
+        g = ta._grid_radius(r)
+        assert r <= g <= r * 2 ** (1 / 32) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 15, 16, 17, 48, 53])
+def test_chunked_products_match_plain_products(m: int) -> None:
+    gen = torch.Generator().manual_seed(m)
+    f = torch.randn(7, m + 3, generator=gen, dtype=F64)[:, 2 : 2 + m]  # a strided column slice
+    ve = torch.randn(m, 3, generator=gen, dtype=F64)
+    acc = torch.zeros(7, 3, dtype=F64)
+    ta._chunked_moments(f, ve, 16, acc)
+    assert torch.allclose(acc, f @ ve, rtol=1e-12, atol=1e-12)
+    feats = torch.randn(m, 5 + 2, generator=gen, dtype=F64)[:, 1:6]  # m features, 5 queries
+    me = torch.randn(m, 3, generator=gen, dtype=F64)
+    out = ta._chunked_readout(feats, me, 4)  # [3, 5]
+    assert torch.allclose(out, me.T @ feats, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_feature_blocks_within_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 with several key and query feature blocks and chunked products."""
+    monkeypatch.setattr(ta, "_FEATURE_BLOCK", 2000)
+    q, k1, k2, v1, v2 = make_inputs((2,), 150, 140, 130, 2, 3, seed=14, radius=1.0)
+    calls: list[tuple[int, int]] = []
+    res = compute.tensor_attention(
+        q, k1, k2, v1, v2, method="polynomial", eps=1e-3, progress=lambda a, b: calls.append((a, b))
+    )
+    assert res.plan.compute_dtype == "float32" and len(calls) > 4
+    ref = brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(2))
+    assert res.error_bound is not None
+    assert float((res.output.to(F64) - ref).abs().max()) <= res.error_bound
+
+
+def test_grad_requiring_and_non_contiguous_inputs() -> None:
+    q, k1, k2, v1, v2 = make_inputs((2,), 6, 5, 7, 4, 3, dtype=F64, seed=15, radius=1.0)
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, non-contiguous
+    assert not qt.is_contiguous()
+    k1g = k1.clone().requires_grad_(True)
+    ref = brute_force(q, k1, k2, v1, v2, 0.5)
+    for method in ("exact", "polynomial"):
+        res = compute.tensor_attention(qt, k1g, k2, v1, v2, method=method)
+        assert not res.output.requires_grad
+        bound = 1e-12 if res.error_bound is None else res.error_bound
+        assert float((res.output - ref).abs().max()) <= bound
+
+
+@pytest.mark.parametrize("dt", ["fp32", "fp64"])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1e6, 1e15])
+def test_value_magnitudes_within_bound(dt: str, magnitude: float) -> None:
+    """Tiny and huge values (normalised by powers of two inside): still within the bound."""
+    dtype = F64 if dt == "fp64" else torch.float32
+    q, k1, k2, v1, v2 = make_inputs((), 9, 8, 7, 3, 2, dtype=F64, seed=16, radius=1.0)
+    v1 = v1 * magnitude
+    v1[:, 1] *= 1e-3  # columns of different scales
+    q, k1, k2, v1, v2 = (x.to(dtype) for x in (q, k1, k2, v1, v2))
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=1e-3)
+    ref = brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(3))
+    assert res.error_bound is not None
+    assert float((res.output.to(F64) - ref).abs().max()) <= res.error_bound
