@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+	$(PY) -m ruff check compute app workers tests benchmarks
+	$(PY) -m ruff format --check compute app workers tests benchmarks
 
 typecheck: $(STAMP)
 	$(PY) -m mypy compute app workers

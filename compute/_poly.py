@@ -20,8 +20,11 @@ __all__ = [
     "bessel_i",
     "best",
     "candidates",
+    "certified_best",
     "chebyshev_coeffs",
     "derivative",
+    "grid_radius",
+    "minimax",
     "relative_error_range",
     "taylor_coeffs",
     "tv_factor",
@@ -181,3 +184,74 @@ def candidates(R: float, max_degree: int = 24) -> list[Approximation]:
     that stop at the first degree that suffices can use :func:`best` degree by degree instead.
     """
     return [best(R, g) for g in range(max_degree + 1)]
+
+
+# --- Relative-error minimax fits (moved here from tensor_attention; shared by every op) --------
+
+MINIMAX_MAX_DEGREE = 7  # above this the truncated Chebyshev series is as good or better
+
+
+@lru_cache(maxsize=512)
+def minimax(g: int, radius: float) -> Approximation | None:
+    """Near-minimax relative-error polynomial for ``exp`` on ``[-radius, radius]``, certified.
+
+    Fitted by Lawson's iteratively reweighted least squares on the relative error
+    ``P(s) e^-s - 1`` (Chebyshev basis in ``s / radius``, Chebyshev nodes), then certified
+    exactly like the other families: :func:`relative_error_range` (dense grid plus a rigorous
+    guard) gives ``[dmin, dmax]`` whatever the fit's quality. For degrees <= 7 it has 1.1–8x
+    smaller ``t`` than the truncated Chebyshev series, often one degree less (``r`` 2.6x smaller
+    at d = 8, g = 5 -> 4). None when the fit is not positive on the interval.
+    """
+    if g < 1 or not 0.0 < radius <= MAX_RADIUS:
+        return None
+    nodes = np.cos(np.linspace(0.0, np.pi, 8 * (g + 1) + 1))  # [N] in [-1, 1]
+    basis = npcheb.chebvander(nodes, g) * np.exp(-radius * nodes)[:, None]  # [N, g+1]
+    weight = np.full(len(nodes), 1.0 / len(nodes))
+    coef = np.zeros(g + 1)
+    for _ in range(25):
+        sw = np.sqrt(weight)
+        coef = np.linalg.lstsq(basis * sw[:, None], sw, rcond=None)[0]
+        err = np.abs(basis @ coef - 1.0)
+        total = float((weight * err).sum())
+        if not total > 0.0:
+            break
+        weight = weight * err / total
+    monomial = np.zeros(g + 1)
+    in_t = npcheb.cheb2poly(coef)
+    monomial[: len(in_t)] = in_t
+    coeffs = monomial / radius ** np.arange(g + 1, dtype=np.float64)
+    dmin, dmax = relative_error_range(coeffs, radius)
+    if not (np.isfinite(dmin) and np.isfinite(dmax)) or dmin <= -1.0:
+        return None
+    return Approximation("minimax", g, radius, coeffs, dmin, dmax)
+
+
+def grid_radius(radius: float) -> float:
+    """``radius`` rounded up to the grid ``2^(k/32)`` (so fits are cached and reused)."""
+    if radius <= 0.0:
+        return 0.0
+    k = math.ceil(32.0 * math.log2(radius) - 1e-9)
+    out = 2.0 ** (k / 32.0)
+    return out if out >= radius else 2.0 ** ((k + 1) / 32.0)
+
+
+@lru_cache(maxsize=4096)
+def _certified_best_at(grid: float, g: int) -> Approximation:
+    options = [best(grid, g)]
+    if g <= MINIMAX_MAX_DEGREE:
+        mm = minimax(g, grid)
+        if mm is not None:
+            options.append(mm)
+    return min(options, key=lambda a: a.t)
+
+
+def certified_best(R: float, g: int) -> Approximation:
+    """Degree-g certified polynomial with the smallest ``t``: Chebyshev, Taylor or minimax.
+
+    Built on ``[-R', R']`` with ``R' = grid_radius(R) >= R`` (valid on the smaller interval,
+    cached across inputs; ``approx.radius`` is ``R'``, conservative wherever the radius enters a
+    bound). Radii above ``MAX_RADIUS`` are never certified.
+    """
+    if not R <= MAX_RADIUS:
+        return _make("chebyshev", g, float(R))
+    return _certified_best_at(grid_radius(float(R)), g)

@@ -12,7 +12,7 @@ Polynomial pipeline (the floating-point model of ``compute/_bound.py`` describes
    (midrange), which changes nothing in exact arithmetic (softmax is shift invariant in the
    scores, attention is affine equivariant in V);
 2. certified radius ``R >= |scale| sum_l |q_il| |kc_jl|`` (Cauchy–Schwarz / Hölder, O(n d));
-3. the smallest degree g (Chebyshev or Taylor, ``_poly.candidates``) and compute dtype whose
+3. the smallest degree g (Chebyshev, Taylor or minimax, ``_poly.certified_best``) and dtype whose
    certified bound, rounding included, is at most ``eps * max|v|``;
 4. keys and queries are rescaled per coordinate by powers of two (exact) so that monomials of
    unbalanced inputs neither overflow nor underflow; the scale's power of two is split between
@@ -49,7 +49,7 @@ from ._bound import BoundParts, certified_bound, unit_roundoff
 from ._cost import predict_exact_attention, predict_polynomial_attention, rates
 from ._device import default_device
 from ._features import GradedBuilder, GradedMonomials, feature_count, graded_monomials
-from ._poly import Approximation, best
+from ._poly import Approximation, certified_best
 from ._radius import centre, matrix_radius
 from .errors import CertificationError, InvalidInputError
 from .result import AttentionResult, Plan
@@ -575,7 +575,7 @@ def _select(
         return _Selection(None, f"R = {R:.3g} is beyond the polynomial regime (R > {MAX_RADIUS:g})")
     n_max = max(n_q, n_k)
     for g in range(MAX_DEGREE + 1):
-        approx = best(R, g)
+        approx = certified_best(R, g)
         r = feature_count(d, g)
         for dtype in dtypes:
             fp32 = dtype != torch.float64

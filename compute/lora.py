@@ -20,8 +20,12 @@ Two methods:
   ``[r', d (d+1)]`` table. It is computed in float64 whatever the input dtype, so the rounding
   part of the bound stays negligible.
 
-The certified a-priori bound of the polynomial path is derived step by step in
-``docs/lora_bound.md``; :func:`_gradient_bounds` implements it line by line.
+The polynomial path's certified bound is a-posteriori: per-row bounds from the run's own
+residuals and factored sums of non-negative weights (extra GEMM columns, O(L r d)), propagated
+through ``|X|^T``, ``|B|^T``, ``|A|^T``; ``eps`` is checked as ``b <= eps (max|G~| - b)`` per
+gradient, which implies ``b <= eps max|G_exact|``. It is derived step by step in
+``docs/lora_bound.md``; ``_constants``, ``_row_bound``, ``_col_bound`` and ``_certify``
+implement it with the equation numbers in comments.
 """
 
 from __future__ import annotations
@@ -517,7 +521,7 @@ def _poly_qkv_grads(
     dmaug = dmu * w[:, None]  # [nb, r, d+1 (+2d+2)]
     dmext = dmaug[..., : d + 1]  # [nb, r, d+1]  = U1^T C
     dm = dmaug[..., :d]  # [nb, r, d]
-    dmz = dmaug[..., d + 1 :]  # [nb, r, 2d+2]  column sums of z (bound only)
+    dmsel = torch.cat([dm, dmaug[..., d + 1 :]], dim=-1)  # [nb, r, d + 2d+2]  [dM, z sums]
     hk = (factor[None, :, :, None] * dmext[:, child]).reshape(nb, r_low, d * (d + 1))
 
     # pass 3: keys -> dV, dK (and their per-row bounds)
@@ -529,7 +533,7 @@ def _poly_qkv_grads(
         j0, j1 = jb * blk, min(L, (jb + 1) * blk)
         f2t = _features_batched(kc[:, j0:j1], tables).transpose(1, 2)  # [nb, b, r]
         if cert is not None and err_v is not None and err_k is not None:
-            both = torch.bmm(f2t, dmaug[..., list(range(d)) + list(range(d + 1, d + 1 + nz))])
+            both = torch.bmm(f2t, dmsel)  # [nb, b, d + 2d+2]
             dv[:, j0:j1] = both[..., :d]  # [nb, b, d]
             ek, ev = _col_bound(cert, both[..., d:], zmax, beta)
             err_k[:, j0:j1] = ek
@@ -541,7 +545,6 @@ def _poly_qkv_grads(
             dk[:, j0:j1] = (t.view(nb, -1, d, d + 1) * vext[:, j0:j1, None, :]).sum(-1)
         done += 1
         _call_progress(progress, done, total)
-    del dmz
     errs = None
     if err_q is not None and err_k is not None and err_v is not None:
         errs = (err_q, err_k, err_v)
@@ -800,10 +803,13 @@ def _certify(
         ea = s * (abs_b.T @ ew) + _gamma(dm + 1) * s * (abs_b.T @ awh)  # [r, dh]
         eb = s * (ew @ abs_a.T) + _gamma(dh + 1) * s * (awh @ abs_a.T)  # [dm, r]
         ga, gb = grads[mu]
-        # (7.3): the cast to the adapter's dtype rounds once: u_out |value|
+        # (7.3): the cast to the adapter's dtype rounds once: |fl(x) - x| <= u_out |x| + tiny
+        # and |x| <= |fl(x)| / (1 - u_out)
         for t, e_t in ((ga, ea), (gb, eb)):
             if t.dtype != torch.float64:
-                e_t.add_(_unit_roundoff(t.dtype) * t.to(torch.float64).abs() * (1 + _U64))
+                u_out = _unit_roundoff(t.dtype)
+                tiny = float(torch.finfo(t.dtype).tiny)  # covers gradual underflow of the cast
+                e_t.add_(u_out / (1 - u_out) * t.to(torch.float64).abs() + tiny)
         ba = float(ea.amax()) * _BOUND_INFLATE + _UNDERFLOW_GUARD
         bb = float(eb.amax()) * _BOUND_INFLATE + _UNDERFLOW_GUARD
         ma = float(ga.abs().amax()) if ga.numel() else 0.0

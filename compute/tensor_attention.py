@@ -28,12 +28,8 @@ The keys are NOT centred: softmax over (j1, j2) is invariant only to adding a co
 query row, and ``(k1 - a) ∘ (k2 - b)`` is not ``k1 ∘ k2`` minus such a constant, so the matrix
 trick of theory §1.3 does not carry over. The radius is R3 of theory §3 on the raw inputs.
 
-Generic helpers defined here (candidates for the shared core): ``_graded`` /
-``_graded_features_t`` (monomials ordered by last variable: each degree block is ``d``
-broadcast products of a contiguous prefix, no gathers, about 2.5x faster than
-``_features.monomial_features_t``), ``_minimax`` (a relative-error minimax polynomial for exp,
-certified by ``_poly.relative_error_range``; 1.1–8x smaller ``t`` than Chebyshev at degrees
-<= 7, most at low degree and large R), ``_grid_radius`` (radius rounded up to a cache grid).
+Polynomials come from ``_poly.certified_best``: Chebyshev, Taylor or a certified
+relative-error minimax fit, whichever has the smallest ``t`` at each degree.
 """
 
 from __future__ import annotations
@@ -47,14 +43,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from numpy.polynomial import chebyshev as npcheb
 
 from ._bound import BoundParts, gamma, unit_roundoff
 from ._cost import predict_exact_attention, predict_polynomial_attention, rates
 from ._device import default_device
 from ._features import feature_count
-from ._poly import Approximation, relative_error_range
-from ._poly import best as poly_best
+from ._poly import Approximation, certified_best
 from ._radius import tensor_radius
 from ._validate import (
     check_eps,
@@ -252,63 +246,6 @@ def _overflow_safe(
 # Polynomials: the shared certified families plus a relative-error minimax fit
 # --------------------------------------------------------------------------------------------
 
-MINIMAX_MAX_DEGREE = 7  # above this the truncated Chebyshev series is as good or better
-
-
-@lru_cache(maxsize=512)
-def _minimax(g: int, radius: float) -> Approximation | None:
-    """Near-minimax relative-error polynomial for ``exp`` on ``[-radius, radius]``, certified.
-
-    Fitted by Lawson's iteratively reweighted least squares on the relative error
-    ``P(s) e^-s - 1`` (Chebyshev basis in ``s / radius``, Chebyshev nodes), then certified
-    exactly like the shared families: ``_poly.relative_error_range`` (dense grid plus a
-    Lipschitz guard) gives a rigorous ``[dmin, dmax]`` whatever the fit's quality. For the
-    degrees used here it has 1.1–8x smaller ``t`` than the truncated Chebyshev series, which is
-    often one degree less (``r`` 2.6x smaller at d = 8, g = 5 -> 4).
-    """
-    if g < 1 or radius <= 0.0:
-        return None
-    nodes = np.cos(np.linspace(0.0, np.pi, 8 * (g + 1) + 1))  # [N] in [-1, 1]
-    basis = npcheb.chebvander(nodes, g) * np.exp(-radius * nodes)[:, None]  # [N, g+1]
-    weight = np.full(len(nodes), 1.0 / len(nodes))
-    coef = np.zeros(g + 1)
-    for _ in range(25):
-        sw = np.sqrt(weight)
-        coef = np.linalg.lstsq(basis * sw[:, None], sw, rcond=None)[0]
-        err = np.abs(basis @ coef - 1.0)
-        total = float((weight * err).sum())
-        if not total > 0.0:
-            break
-        weight = weight * err / total
-    monomial = np.zeros(g + 1)
-    in_t = npcheb.cheb2poly(coef)
-    monomial[: len(in_t)] = in_t
-    coeffs = monomial / radius ** np.arange(g + 1, dtype=np.float64)
-    dmin, dmax = relative_error_range(coeffs, radius)
-    if not (np.isfinite(dmin) and np.isfinite(dmax)) or dmin <= -1.0:
-        return None
-    return Approximation("minimax", g, radius, coeffs, dmin, dmax)
-
-
-def _grid_radius(radius: float) -> float:
-    """``radius`` rounded up to the grid ``2^(k/32)`` (so minimax fits are cached and reused)."""
-    if radius <= 0.0:
-        return 0.0
-    k = math.ceil(32.0 * math.log2(radius) - 1e-9)
-    out = 2.0 ** (k / 32.0)
-    return out if out >= radius else 2.0 ** ((k + 1) / 32.0)
-
-
-@lru_cache(maxsize=4096)
-def _best_at(grid: float, g: int) -> Approximation:
-    """The certified polynomial of degree ``g`` on ``[-grid, grid]`` with the smallest ``t``."""
-    options = [poly_best(grid, g)]  # the better of Chebyshev and Taylor
-    if g <= MINIMAX_MAX_DEGREE:
-        mm = _minimax(g, grid)
-        if mm is not None:
-            options.append(mm)
-    return min(options, key=lambda a: a.t)
-
 
 def _approximations(radius: float) -> Iterator[Approximation]:
     """Degree by degree (0..MAX_DEGREE, lazily), the certified polynomial with the smallest t.
@@ -320,9 +257,8 @@ def _approximations(radius: float) -> Iterator[Approximation]:
     """
     if not radius <= MAX_RADIUS:
         return
-    grid = _grid_radius(radius)
     for g in range(MAX_DEGREE + 1):
-        yield _best_at(grid, g)
+        yield certified_best(radius, g)
 
 
 # --------------------------------------------------------------------------------------------

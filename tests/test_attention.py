@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compute
-from compute._poly import _make
+from compute._poly import _make, certified_best
 from compute._radius import centre, matrix_radius
 from compute.attention import _exact_forward, _polynomial_forward, _polynomial_reference
 
@@ -180,8 +180,11 @@ def adversarial(R: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch
     q = 1, scale = 1: keys sit at the scores argmax/argmin of delta on [-R, R], plus one key at
     each of -R and +R so that centring leaves them in place; values 1 on the argmax keys, 0
     elsewhere; the counts give the argmax keys the worst-case share of the softmax mass.
-    Returns q, k, v and the degree the polynomial was taken from.
+    Returns q, k, v and the degree the polynomial was taken from. R is nudged just below itself
+    so that the certified radius (inflated by 1e-12 for rounding) rounds up to the fit grid
+    point R itself (``_poly.grid_radius``), where the polynomial's error peaks.
     """
+    R = R * (1 - 1e-9)
     f64 = torch.float64
     one = torch.ones(1, 1, dtype=f64)
     probe = compute.attention(
@@ -194,7 +197,8 @@ def adversarial(R: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch
     )
     family, degree = probe.plan.family, probe.plan.degree
     assert family is not None and degree is not None
-    a = _make(family, degree, probe.plan.radius)
+    a = certified_best(probe.plan.radius, degree)
+    assert a.family == family
     s = torch.linspace(-R, R, 200_001, dtype=f64)
     p = sum(float(c) * s**m for m, c in enumerate(a.coeffs))
     delta = p * torch.exp(-s) - 1  # [grid]
@@ -405,14 +409,15 @@ def test_plan_attention() -> None:
     """Certification is deterministic; the method follows the (machine-measured) predictions."""
     for n in (16, 65536):
         p = compute.plan_attention(n=n, d=8, radius=1.0, eps=1e-3)
-        assert p.degree == 5 and p.features == 1287 and p.family == "chebyshev"
+        # the certified minimax fit needs one degree less than Chebyshev (5, r = 1287) here
+        assert p.degree == 4 and p.features == 495 and p.family == "minimax"
         assert p.cost_polynomial is not None and p.cost_exact is not None
         assert p.rho == pytest.approx(1 / math.log(n))
         assert p.to_dict()["reason"] == p.reason and p.reason.endswith(".")
         assert (p.method == "polynomial") == (p.cost_polynomial < p.cost_exact)
         if p.method == "polynomial":
             assert p.predicted_bound is not None and p.predicted_bound <= 1e-3
-            assert "certified by a degree-5 chebyshev polynomial" in p.reason
+            assert "certified by a degree-4 minimax polynomial" in p.reason
         else:
             assert p.predicted_bound is None and "exact is cheaper" in p.reason
     big = compute.plan_attention(n=4096, d=64, radius=3.1, eps=1e-3)

@@ -12,7 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compute
-from compute._poly import Approximation, relative_error_range, taylor_coeffs
+from compute._poly import (
+    Approximation,
+    certified_best,
+    grid_radius,
+    minimax,
+    relative_error_range,
+    taylor_coeffs,
+)
 from compute._radius import tensor_radius
 
 ta = importlib.import_module("compute.tensor_attention")  # the module (the name is the function)
@@ -232,7 +239,7 @@ def test_rounding_part_bounds_the_rounding(dt: str) -> None:
     dtype = F64 if dt == "fp64" else torch.float32
     q, k1, k2, v1, v2 = make_inputs((), 40, 33, 29, 4, 3, dtype=dtype, seed=11, radius=1.5)
     res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=1e-3)
-    approx = ta._best_at(ta._grid_radius(res.plan.radius), res.plan.degree)
+    approx = certified_best(res.plan.radius, res.plan.degree)
     assert approx.family == res.plan.family
     exact_poly = brute_force(q, k1, k2, v1, v2, 0.5, poly=approx.coeffs)
     exact = brute_force(q, k1, k2, v1, v2, 0.5)
@@ -254,7 +261,7 @@ def test_adversarial_delta_peaks() -> None:
     probe = compute.tensor_attention(
         q, k1, k2, alternating, v2, method="polynomial", scale=1.0, eps=1e-3
     )
-    approx = ta._best_at(ta._grid_radius(probe.plan.radius), probe.plan.degree)
+    approx = certified_best(probe.plan.radius, probe.plan.degree)
     s = k1[:, 0].numpy()
     delta = np.polynomial.polynomial.polyval(s, approx.coeffs) * np.exp(-s) - 1
     v1 = torch.tensor((delta > (delta.max() + delta.min()) / 2).astype(np.float64))[:, None]
@@ -527,7 +534,7 @@ def test_graded_features_multinomial_identity(d: int, g: int) -> None:
 
 
 def test_rounding_bound_structure() -> None:
-    approx = ta._best_at(1.0, 4)
+    approx = certified_best(1.0, 4)
     common: dict[str, object] = {
         "features": 495,
         "n1": 4096,
@@ -552,17 +559,17 @@ def test_rounding_bound_structure() -> None:
 def test_minimax_is_certified_and_better() -> None:
     for radius in (0.5, 1.0, 2.0):
         for g in (2, 4, 6):
-            mm = ta._minimax(g, radius)
+            mm = minimax(g, radius)
             assert mm is not None
             s = np.linspace(-radius, radius, 100_001)
             delta = np.polynomial.polynomial.polyval(s, mm.coeffs) * np.exp(-s) - 1
             assert mm.dmin <= delta.min() and delta.max() <= mm.dmax
-    assert ta._best_at(1.0, 4).family == "minimax"
+    assert certified_best(1.0, 4).family == "minimax"
 
 
 def test_grid_radius_rounds_up() -> None:
     for r in (1e-3, 0.37, 1.0, 1.0000001, 2.5, 17.0):
-        g = ta._grid_radius(r)
+        g = grid_radius(r)
         assert r <= g <= r * 2 ** (1 / 32) * (1 + 1e-12)
 
 
