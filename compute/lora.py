@@ -396,6 +396,12 @@ def _features_batched(x: torch.Tensor, tables: _Tables) -> torch.Tensor:
     return out.view(-1, nb, b).transpose(0, 1)  # [nb, r, b]
 
 
+def _poly_blocking(nb: int, L: int, r: int) -> tuple[int, int]:
+    """Rows per block and number of blocks of the polynomial passes (also used by §5's N)."""
+    blk = max(16, min(L, _POLY_BLOCK_ELEMS // max(1, nb * r)))
+    return blk, -(-L // blk)
+
+
 @dataclass(frozen=True)
 class _Consts:
     """Constants of the a-posteriori bound for one approximation (docs/lora_bound.md §3-§6).
@@ -468,8 +474,7 @@ def _poly_qkv_grads(
     child = torch.from_numpy(child_np).to(dev)  # [r', d]
     factor = torch.from_numpy(factor_np).to(dev, f64)  # [r', d]
     w = torch.from_numpy(_poly_weights(approx, d, scale)).to(dev, f64)  # [r]
-    blk = max(16, min(L, _POLY_BLOCK_ELEMS // max(1, nb * r)))
-    nblocks = -(-L // blk)
+    blk, nblocks = _poly_blocking(nb, L, r)
     total = 3 * nblocks
     done = 0
     ones = torch.ones((nb, L, 1), dtype=f64, device=dev)
@@ -705,7 +710,10 @@ def _constants(
     r = feature_count(dh, g)
     sq = math.sqrt(dh)
     u = _U64
-    n_chain = 4 * g + 16 + L + 2 * r + 2 * dh + 2  # §5: roundings along any term's path
+    # §5: roundings along any term's path; a sum over keys (queries) is blocked: at most blk
+    # additions inside one block's GEMM and one per later block's accumulation
+    blk, nblocks = _poly_blocking(prep.q.shape[0], L, r)
+    n_chain = 3 * g + 16 + blk + nblocks + r + 2 * dh + 2
     gam = _gamma(n_chain)
     # §3: relative error ranges of P and P' on |s| <= R, widened by the score perturbation sigma
     a1, b1, theta, eta, omega, lam = _weight_errors(approx, prep.sigma)
@@ -1114,7 +1122,10 @@ def lora_gradient(
     while approx is not None and prep is not None:
         loss, grads, cert = _run_polynomial(inp, prep, approx, progress)
         worst = cert.worst() if isinstance(cert, _Certificate) else math.inf
-        tries.append({"degree": approx.degree, "family": approx.family, "relative_bound": worst})
+        tries.append({
+            "degree": approx.degree, "family": approx.family,
+            "relative_bound": worst if math.isfinite(worst) else None,  # None: b >= max|G~|
+        })  # fmt: skip
         if isinstance(cert, _Certificate) and worst <= e:
             return _poly_result(plan, approx, cert, tries, inp, loss, grads, L, dh, t0)
         why = (

@@ -336,7 +336,8 @@ def test_failed_certificate_sends_auto_exact(monkeypatch: pytest.MonkeyPatch) ->
     assert res.plan.method == "exact" and res.error_bounds is None
     assert "certificate failed" in res.plan.reason and "> eps=0.0001" in res.plan.reason
     assert res.plan.extra["tries"][0]["degree"] == 1
-    assert res.plan.extra["tries"][0]["relative_bound"] > 1e-4
+    first = res.plan.extra["tries"][0]["relative_bound"]
+    assert first is None or first > 1e-4  # None: the bound exceeds max|G~|
     with pytest.raises(compute.CertificationError, match="certificate failed"):
         run(case, method="polynomial", eps=1e-4)
 
@@ -348,7 +349,8 @@ def test_failed_certificate_raises_the_degree(monkeypatch: pytest.MonkeyPatch) -
     res = run(case, method="auto", eps=1e-3)
     tries = res.plan.extra["tries"]
     assert res.plan.method == "polynomial" and len(tries) >= 2
-    assert tries[0]["relative_bound"] > 1e-3 >= tries[-1]["relative_bound"]
+    assert tries[0]["relative_bound"] is None or tries[0]["relative_bound"] > 1e-3
+    assert tries[-1]["relative_bound"] <= 1e-3
     assert res.plan.degree == tries[-1]["degree"] > tries[0]["degree"]
     _check_bounds(case, res)
 
