@@ -26,7 +26,7 @@ class Rates:
     exps: float  # elements/s of exp + row max/sum bookkeeping (exact path softmax)
 
 
-def _best_time(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+def _best_time(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -49,15 +49,29 @@ def _rates(device_str: str, dtype: torch.dtype) -> Rates:
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
 
-    a, b = rnd(big, 64), rnd(64, big)
-    t_gemm = _best_time(lambda: a @ b, device)
-    f, v = rnd(512, big), rnd(big, 16)
-    t_skinny = _best_time(lambda: f @ v, device)
+    # every kernel writes into a preallocated buffer: timing fresh allocations would measure
+    # page faults (large blocks are mmap-ed anew each call), not the arithmetic
+    a, b, ab = rnd(big, 64), rnd(64, big), rnd(big, big)
+    t_gemm = _best_time(lambda: torch.matmul(a, b, out=ab), device)
+    f, v, fv = rnd(512, big), rnd(big, 16), rnd(512, 16)
+    t_skinny = _best_time(lambda: torch.matmul(f, v, out=fv), device)
     idx = torch.randint(0, 512, (512,), generator=gen).to(device)
-    x = rnd(512, big)
-    t_elem = _best_time(lambda: x.index_select(0, idx) * x.index_select(0, idx), device)
-    s = rnd(big, big)
-    t_exp = _best_time(lambda: torch.exp(s - s.amax(dim=-1, keepdim=True)).sum(-1), device)
+    x, g1, g2, g3 = rnd(512, big), rnd(512, big), rnd(512, big), rnd(512, big)
+
+    def gather_mul() -> None:  # the gather-multiply of a monomial feature block
+        torch.index_select(x, 0, idx, out=g1)
+        torch.index_select(x, 0, idx, out=g2)
+        torch.mul(g1, g2, out=g3)
+
+    t_elem = _best_time(gather_mul, device)
+    s, e, rowsum = rnd(big, big), rnd(big, big), rnd(big)
+
+    def softmax_rows() -> None:
+        torch.sub(s, s.amax(dim=-1, keepdim=True), out=e)
+        torch.exp(e, out=e)
+        torch.sum(e, dim=-1, out=rowsum)
+
+    t_exp = _best_time(softmax_rows, device)
     return Rates(
         gemm=2.0 * big * 64 * big / t_gemm,
         skinny=2.0 * 512 * big * 16 / t_skinny,

@@ -47,16 +47,16 @@ import torch
 from ._bound import BoundParts, gamma, unit_roundoff
 from ._cost import predict_exact_attention, predict_polynomial_attention, rates
 from ._device import default_device
-from ._features import feature_count
+from ._features import GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
-from ._radius import tensor_radius
+from ._radius import _INFLATE as _RADIUS_INFLATE
 from ._validate import (
+    SUPPORTED_DTYPES,
     check_eps,
     check_method,
     check_same_batch,
     check_sample_rows,
     check_scale,
-    check_tensor,
     compute_dtype_of,
 )
 from .errors import CertificationError, InvalidInputError
@@ -354,88 +354,56 @@ def _exact_forward(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Graded:
-    """Monomials of degree <= g in d variables, ordered by degree, then by last variable.
+def _graded(d: int, g: int) -> GradedMonomials:
+    """Monomials of degree <= g in d variables, graded order (``compute._features``, cached).
 
-    Within degree m the block for last variable ``l`` is ``prev[:count[m][l]] * x[l]``: the
-    degree m-1 monomials whose last variable is at most ``l`` form a prefix of their block (it
-    is itself sorted by last variable), so every degree block is ``d`` broadcast products of a
-    contiguous prefix with one row of ``x``: no gathers, one read and one write per entry.
+    Within degree m the block for variable ``v`` is ``x_v`` times a prefix of the degree m-1
+    block, so every degree block is ``d`` broadcast products: no gathers, one read and one
+    write per entry.
     """
-
-    d: int
-    g: int
-    offsets: tuple[int, ...]  # offsets[m]: first row of degree m; offsets[g+1] == r
-    counts: tuple[tuple[int, ...], ...]  # counts[m-1][l]: prefix of degree m-1 used for x[l]
-    multinomial: torch.Tensor  # [r] float64: |alpha|! / prod(alpha_l!)
-    degree: torch.Tensor  # [r] int64
-
-    @property
-    def r(self) -> int:
-        return self.offsets[-1]
+    return graded_monomials(d, g)
 
 
-@lru_cache(maxsize=64)
-def _graded(d: int, g: int) -> _Graded:
-    offsets = [0, 1]
-    counts: list[tuple[int, ...]] = []
-    last = np.zeros(1, dtype=np.int64)  # last variable per monomial of the previous degree
-    run = np.zeros(1, dtype=np.int64)  # exponent of that last variable
-    mult = np.ones(1, dtype=np.float64)
-    mults, degrees = [mult], [np.zeros(1, dtype=np.int64)]
-    for m in range(1, g + 1):
-        # ``last`` is sorted, so the parents allowed for variable ``var`` are a prefix
-        cnt = tuple(int(np.searchsorted(last, var, side="right")) for var in range(d))
-        parts_last, parts_run, parts_mult = [], [], []
-        for var in range(d):
-            same = (last[: cnt[var]] == var) & (m > 1)
-            rn = np.where(same, run[: cnt[var]] + 1, 1)
-            parts_last.append(np.full(cnt[var], var, dtype=np.int64))
-            parts_run.append(rn)
-            parts_mult.append(mult[: cnt[var]] * m / rn)
-        last, run, mult = (np.concatenate(x) for x in (parts_last, parts_run, parts_mult))
-        counts.append(cnt)
-        offsets.append(offsets[-1] + len(last))
-        mults.append(mult)
-        degrees.append(np.full(len(last), m, dtype=np.int64))
-    return _Graded(
-        d=d,
-        g=g,
-        offsets=tuple(offsets),
-        counts=tuple(counts),
-        multinomial=torch.from_numpy(np.concatenate(mults)),
-        degree=torch.from_numpy(np.concatenate(degrees)),
-    )
-
-
-def _graded_features_t(x_t: torch.Tensor, tables: _Graded) -> torch.Tensor:
+def _graded_features_t(x_t: torch.Tensor, tables: GradedMonomials) -> torch.Tensor:
     """Monomials of ``x`` transposed: ``x_t: [d, N]`` -> ``[r, N]`` (row 0 is all ones).
 
     Unweighted; a monomial of degree m is the product of m entries, rounded m - 1 times.
     """
-    N = x_t.shape[1]
-    out = torch.empty(tables.r, N, dtype=x_t.dtype, device=x_t.device)  # [r, N]
-    out[0].fill_(1.0)
-    offs = tables.offsets
+    out = torch.empty(tables.r, x_t.shape[1], dtype=x_t.dtype, device=x_t.device)  # [r, N]
     if tables.g >= 1:
         out[1 : 1 + tables.d].copy_(x_t)  # degree 1: the variables themselves, in order
-    for m in range(2, tables.g + 1):
-        prev = out[offs[m - 1] : offs[m]]  # [r_{m-1}, N]
-        pos = offs[m]
-        for var, cnt in enumerate(tables.counts[m - 1]):
-            torch.mul(prev[:cnt], x_t[var], out=out[pos : pos + cnt])  # [cnt, N]
-            pos += cnt
+    _fill_features(out, tables)
     return out
 
 
-def _weights(approx: Approximation, tables: _Graded, scale: float) -> torch.Tensor:
-    """``w_a = c_|a| scale^|a| |a|! / a!`` in float64: ``[r]`` (all weights on the query side)."""
-    coef = torch.tensor(
-        [float(approx.coeffs[m]) * scale**m for m in range(approx.degree + 1)],
-        dtype=torch.float64,
-    )  # [g+1]
-    return coef[tables.degree] * tables.multinomial  # [r]
+def _fill_features(out: torch.Tensor, tables: GradedMonomials) -> None:
+    """Complete ``out: [r, N]`` whose degree-1 rows ``out[1 : 1 + d]`` already hold ``x^T``.
+
+    Row 0 becomes all ones and every degree ``m >= 2`` block is built by ``tables.steps`` from
+    the degree ``m - 1`` block and the degree-1 rows (the products of
+    ``compute._features.graded_features_t``, reading ``x_v`` from row ``1 + v``).
+    """
+    out[0].fill_(1.0)
+    first = tables.offsets[2] if tables.g >= 2 else tables.r  # degree-1 rows are given
+    for dst, end, src, var in tables.steps:
+        if dst >= first:
+            torch.mul(out[src : src + (end - dst)], out[1 + var], out=out[dst:end])  # [cnt, N]
+
+
+def _weights(approx: Approximation, tables: GradedMonomials, scale: float) -> torch.Tensor:
+    """``w_a = c_|a| scale^|a| |a|! / a!`` in float64: ``[r]`` (all weights on the query side).
+
+    Cached on (d, g, coefficients, scale): the returned tensor is shared, never modify it.
+    """
+    coeffs = tuple(float(c) for c in approx.coeffs[: approx.degree + 1])
+    return _weights_cached(tables.d, approx.degree, coeffs, scale)
+
+
+@lru_cache(maxsize=256)
+def _weights_cached(d: int, g: int, coeffs: tuple[float, ...], scale: float) -> torch.Tensor:
+    tables = graded_monomials(d, g)
+    coef = np.array([c * scale**m for m, c in enumerate(coeffs)], dtype=np.float64)  # [g+1]
+    return torch.from_numpy(coef[tables.degree] * tables.multinomial)  # [r]
 
 
 def _weight_max(approx: Approximation, scale: float) -> float:
@@ -529,21 +497,40 @@ def _polynomial_forward(
             progress(done, total)
 
     out = torch.empty(B, n, dv, dtype=torch.float64, device=dev)
-    ones1 = torch.ones(n1, 1, dtype=dt, device=dev)
-    ones2 = torch.ones(n2, 1, dtype=dt, device=dev)
+    ones = torch.ones(B, n1 + n2, 1, dtype=dt, device=dev)
+    ve_all = torch.cat([torch.cat([v1, v2], dim=1), ones], dim=2)  # [B, n1+n2, dv+1]
+    fused = one_block and n1 % c == 0 and n2 % c == 0  # both moments in one batched product
     for b in range(B):
-        ve1 = torch.cat([v1[b], ones1], dim=1)  # [n1, dv+1]
-        ve2 = torch.cat([v2[b], ones2], dim=1)  # [n2, dv+1]
-        a1 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
-        a2 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
+        ve1, ve2 = ve_all[b, :n1], ve_all[b, n1:]  # [n1, dv+1], [n2, dv+1]
         f_all: torch.Tensor | None = None
         if one_block:
-            x_t = torch.cat([k1[b], k2[b], q[b]], dim=0).T.contiguous()  # [d, n1+n2+n]
-            f_all = _graded_features_t(x_t, tables)  # [r, n1+n2+n]
+            f_all = torch.empty(r, n1 + n2 + n, dtype=dt, device=dev)  # [r, n1+n2+n]
+            if tables.g >= 1:  # degree 1: the variables themselves, written in place
+                f_all[1 : 1 + d, :n1].copy_(k1[b].T)
+                f_all[1 : 1 + d, n1 : n1 + n2].copy_(k2[b].T)
+                f_all[1 : 1 + d, n1 + n2 :].copy_(q[b].T)
+            _fill_features(f_all, tables)
+        if fused:
+            assert f_all is not None
+            nc1, nc = n1 // c, (n1 + n2) // c
+            fb = f_all[:, : n1 + n2].unfold(1, c, c).transpose(0, 1)  # [nc, r, c]
+            vb = ve_all[b].view(nc, c, dv + 1)  # [nc, c, dv+1]
+            prods = torch.bmm(fb, vb)  # [nc, r, dv+1]: one compute-dtype product per chunk
+            if 2 * nc1 == nc:  # n1 == n2: both sums over chunks in one float64 reduction
+                a1, a2 = prods.view(2, nc1, r, dv + 1).sum(dim=1, dtype=torch.float64)
+            else:
+                a1 = prods[:nc1].sum(dim=0, dtype=torch.float64)  # [r, dv+1] float64
+                a2 = prods[nc1:].sum(dim=0, dtype=torch.float64)  # [r, dv+1]
+            tick()
+        elif f_all is not None:
+            a1 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
+            a2 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
             _chunked_moments(f_all[:, :n1], ve1, c, a1)
             _chunked_moments(f_all[:, n1 : n1 + n2], ve2, c, a2)
             tick()
         else:
+            a1 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
+            a2 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
             for kk, ve, acc in ((k1[b], ve1, a1), (k2[b], ve2, a2)):
                 for s in range(0, kk.shape[0], kb):
                     f = _graded_features_t(kk[s : s + kb].T.contiguous(), tables)  # [r, L]
@@ -568,7 +555,11 @@ def _polynomial_forward(
 
 
 def _balance(
-    q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    scale: float,
+    maxima: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
     """Rescale ``q, k1, k2`` by powers of two so their largest entries are equal (``< 2^t``).
 
@@ -576,8 +567,10 @@ def _balance(
     ``|scale| max|q| max|k1| max|k2| <= R3``, ``2^t <= (16 R3)^(1/3)`` and ``|scale'| in
     [1/2, 4)``: features of degree g stay below ``entry_max^g``. Returns
     ``(q', k1', k2', scale', entry_max)`` with ``entry_max >= max(1, every |entry|)``.
+    ``maxima``: the largest magnitudes of ``q, k1, k2`` when already known (``_statistics``).
     """
-    maxima = [float(x.abs().max()) for x in (q, k1, k2)]
+    if maxima is None:
+        maxima = [float(x.abs().max()) for x in (q, k1, k2)]
     plain = max(1.0, *maxima)
     if scale == 0.0 or min(maxima) == 0.0:
         return q, k1, k2, scale, plain
@@ -602,12 +595,17 @@ def _value_exponents(v: torch.Tensor) -> torch.Tensor:
     return e.to(torch.int64)
 
 
-def _times_pow2(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+def _times_pow2(x: torch.Tensor, e: torch.Tensor, *, direct: bool = False) -> torch.Tensor:
     """``x * 2^e`` as two multiplications by normal powers of two (exact but for underflow).
 
     Any exponent of a float's range splits into two halves whose powers of two are normal
-    numbers, so neither factor over- or underflows.
+    numbers, so neither factor over- or underflows. ``direct=True`` (the caller guarantees
+    ``|e| <= 1000``, as for exponents of float32 data and their sums) multiplies once in
+    float64 and rounds once to ``x.dtype``: the same single rounding, fewer operations.
     """
+    if direct:
+        # 2^e is a normal float64 and x 2^e exact in float64 but for underflow: one rounding
+        return (x.double() * torch.exp2(e.double())).to(x.dtype)
     half = torch.div(e, 2, rounding_mode="floor")
     return x * torch.exp2(half.to(x.dtype)) * torch.exp2((e - half).to(x.dtype))
 
@@ -627,6 +625,106 @@ def _value_stats(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torc
     value_range = (top - bottom) * (1.0 + infl) + (top.abs() + bottom.abs()) * infl
     value_absmax = corners.abs().amax(dim=0) * (1.0 + infl)
     return value_range, value_absmax
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """The data-dependent numbers of one call (see ``_statistics``)."""
+
+    radius: float  # R3, as ``compute._radius.tensor_radius``
+    maxima: list[float]  # max |q|, max |k1|, max |k2| (over every slice)
+    value_range: np.ndarray  # [B*dv] float64
+    value_absmax: np.ndarray  # [B*dv] float64
+    value_scale: np.ndarray  # [B*dv] float64: 2^(e1+e2), 0 for all-zero columns
+    e1: torch.Tensor  # [B, 1, dv] int64: max |v1| in [2^(e1-1), 2^e1) per column
+    e2: torch.Tensor  # [B, 1, dv] int64
+
+
+_NAMES = ("q", "k1", "k2", "v1", "v2")
+
+
+def _statistics(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    scale: float,
+) -> _Stats:
+    """Finiteness, R3, the balancing maxima and the value statistics from one host sync.
+
+    ``q: [B, n, d]``, ``k1: [B, n1, d]``, ``k2: [B, n2, d]``, ``v1: [B, n1, dv]``,
+    ``v2: [B, n2, dv]``, all in one dtype. On the device: one pass over ``[q; k1; k2]`` gives
+    every row's 2-norm (accumulated in float64) and largest magnitude, reduced per slice and
+    tensor to ``[B, 2, 3]``; one ``aminmax`` per value tensor gives the column extremes
+    ``[B, dv]`` (exact). These ``6 B + 4 B dv`` numbers cross to the host once; the rest is
+    float64 numpy on them: R3 exactly as ``tensor_radius`` (best Hölder splitting per slice,
+    max over slices, times ``1 + 1e-12``), the value statistics as ``_value_stats`` (corners
+    of the extremes, inflated by ``4 u64``) and the exponents as ``_value_exponents``
+    (``max |v| = max(hi, -lo)``).
+
+    Finiteness comes from the same reductions: ``amax``/``aminmax`` propagate NaN and an
+    infinite entry makes its row maximum (or a column extreme) infinite, so a tensor is finite
+    exactly when those reductions are (the 2-norms are not used for this: they may overflow
+    for finite float64 inputs). Raises ``InvalidInputError`` naming the first non-finite
+    tensor (q, k1, k2, v1, v2 order).
+    """
+    B, n, _ = q.shape
+    n1, dv = k1.shape[1], v1.shape[-1]
+    x = torch.cat([q, k1, k2], dim=1)  # [B, n+n1+n2, d]
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)  # [B, n+n1+n2]
+    peaks = x.abs().amax(dim=-1).double()  # [B, n+n1+n2], exact
+    row = torch.stack([norms, peaks], dim=1)  # [B, 2, n+n1+n2]
+    if n == n1 == k2.shape[1]:
+        seg = row.view(B, 2, 3, n).amax(dim=-1)  # [B, 2, 3]: (2-norm, inf-norm) of (q, k1, k2)
+    else:
+        seg = torch.stack(
+            [row[..., :n].amax(-1), row[..., n : n + n1].amax(-1), row[..., n + n1 :].amax(-1)],
+            dim=-1,
+        )  # [B, 2, 3]
+    lo1, hi1 = torch.aminmax(v1, dim=1)  # [B, dv]
+    lo2, hi2 = torch.aminmax(v2, dim=1)  # [B, dv]
+    ext = torch.stack([hi1, lo1, hi2, lo2]).double()  # [4, B, dv], exact
+    host = torch.cat([seg.reshape(-1), ext.reshape(-1)]).cpu().numpy()  # the one host sync
+    two, top_abs = host[: 6 * B].reshape(B, 2, 3).transpose(1, 0, 2)  # [B, 3] each
+    h1, l1, h2, l2 = host[6 * B :].reshape(4, B, dv)  # [B, dv] each
+    finite = [
+        *(bool(np.isfinite(top_abs[:, j]).all()) for j in range(3)),
+        bool(np.isfinite(h1).all() and np.isfinite(l1).all()),
+        bool(np.isfinite(h2).all() and np.isfinite(l2).all()),
+    ]
+    for name, ok in zip(_NAMES, finite, strict=True):
+        if not ok:
+            raise InvalidInputError(name, "contains NaN or Inf")
+    # the three Hölder splittings of tensor_radius: the inf-norm on one factor, 2-norms on two
+    with np.errstate(over="ignore"):
+        options = np.stack(
+            [
+                two[:, 0] * two[:, 1] * top_abs[:, 2],
+                two[:, 0] * top_abs[:, 1] * two[:, 2],
+                top_abs[:, 0] * two[:, 1] * two[:, 2],
+            ]
+        )  # [3, B]
+        radius = float(options.min(axis=0).max()) * abs(scale) * _RADIUS_INFLATE
+        corners = np.stack([h1 * h2, h1 * l2, l1 * h2, l1 * l2])  # [4, B, dv]
+    top, bottom = corners.max(axis=0), corners.min(axis=0)
+    infl = 4.0 * _U64
+    value_range = (top - bottom) * (1.0 + infl) + (np.abs(top) + np.abs(bottom)) * infl
+    value_absmax = np.abs(corners).max(axis=0) * (1.0 + infl)  # [B, dv]
+    e1 = np.frexp(np.maximum(h1, -l1))[1].astype(np.int64)  # [B, dv]
+    e2 = np.frexp(np.maximum(h2, -l2))[1].astype(np.int64)  # [B, dv]
+    value_scale = np.where(
+        value_absmax > 0, np.maximum(np.ldexp(1.0, e1 + e2), 5e-324), 0.0
+    )  # [B, dv]: 2^(e1+e2), never rounded down to 0 for a nonzero column
+    return _Stats(
+        radius=radius if math.isfinite(radius) else math.inf,
+        maxima=[float(top_abs[:, j].max()) for j in range(3)],
+        value_range=value_range.reshape(-1),
+        value_absmax=value_absmax.reshape(-1),
+        value_scale=value_scale.reshape(-1),
+        e1=torch.from_numpy(e1).reshape(B, 1, dv).to(q.device),
+        e2=torch.from_numpy(e2).reshape(B, 1, dv).to(q.device),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -913,12 +1011,26 @@ def plan_tensor_attention(
 # --------------------------------------------------------------------------------------------
 
 
+def _check_tensor(name: str, x: object) -> torch.Tensor:
+    """``check_tensor`` without its finiteness pass: ``_statistics`` checks that for free."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(name, f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise InvalidInputError(
+            name, f"unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64"
+        )
+    if x.dim() < 2:
+        raise InvalidInputError(name, f"expected at least 2 dimensions, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise InvalidInputError(name, f"empty tensor (shape {tuple(x.shape)})")
+    return x
+
+
 def _validate(
     q: object, k1: object, k2: object, v1: object, v2: object
 ) -> tuple[torch.Tensor, ...]:
-    names = ("q", "k1", "k2", "v1", "v2")
-    ts = [check_tensor(nm, x) for nm, x in zip(names, (q, k1, k2, v1, v2), strict=True)]
-    check_same_batch(names, ts)
+    ts = [_check_tensor(nm, x) for nm, x in zip(_NAMES, (q, k1, k2, v1, v2), strict=True)]
+    check_same_batch(_NAMES, ts)
     tq, ta, tb, va, vb = ts
     d = tq.shape[-1]
     for nm, t in (("k1", ta), ("k2", tb)):
@@ -1021,19 +1133,11 @@ def tensor_attention(
     def flat(x: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
         return x.reshape(batch, x.shape[-2], x.shape[-1]).to(dt)
 
-    radius = tensor_radius(tq, ta, tb, sc)
-    value_range, value_absmax = _value_stats(flat(va, exact_dtype), flat(vb, exact_dtype))
-    target = eps * float(value_absmax.max())
-    e1 = _value_exponents(flat(va, exact_dtype))  # [B, 1, dv]
-    e2 = _value_exponents(flat(vb, exact_dtype))  # [B, 1, dv]
-    value_scale = torch.where(
-        value_absmax > 0,
-        torch.exp2((e1 + e2).double()).reshape(batch, dv).clamp_min(5e-324),
-        0.0,
-    )  # [B, dv]: 2^(e1+e2), never rounded down to 0 for a nonzero column
-    qb, ab, bb, scale_b, entry_max = _balance(
-        flat(tq, exact_dtype), flat(ta, exact_dtype), flat(tb, exact_dtype), sc
-    )
+    fq, fa, fb, fv1, fv2 = (flat(x, exact_dtype) for x in (tq, ta, tb, va, vb))
+    stats = _statistics(fq, fa, fb, fv1, fv2, sc)  # raises for NaN/Inf
+    e1, e2 = stats.e1, stats.e2  # [B, 1, dv] each
+    target = eps * float(stats.value_absmax.max())
+    qb, ab, bb, scale_b, entry_max = _balance(fq, fa, fb, sc, stats.maxima)
     problem = _Problem(
         n=n,
         n1=n1,
@@ -1041,34 +1145,27 @@ def tensor_attention(
         d=d,
         dv=dv,
         batch=batch,
-        radius=radius,
+        radius=stats.radius,
         eps=eps,
         target=target,
         scale=scale_b,
         entry_max=entry_max,
-        value_range=value_range.reshape(-1).cpu().numpy(),
-        value_absmax=value_absmax.reshape(-1).cpu().numpy(),
-        value_scale=value_scale.reshape(-1).cpu().numpy(),
+        value_range=stats.value_range,
+        value_absmax=stats.value_absmax,
+        value_scale=stats.value_scale,
         exact_dtype=exact_dtype,
         out_dtype=out_dtype,
         device=dev,
     )
     plan, choice = _make_plan(problem, method)
     if choice is None:
-        out = _exact_forward(
-            flat(tq, exact_dtype),
-            flat(ta, exact_dtype),
-            flat(tb, exact_dtype),
-            flat(va, exact_dtype),
-            flat(vb, exact_dtype),
-            sc,
-            progress,
-        ).to(out_dtype)
+        out = _exact_forward(fq, fa, fb, fv1, fv2, sc, progress).to(out_dtype)
         bound = None
     else:
         cd = choice.dtype
-        v1n = _times_pow2(flat(va, cd), -e1)  # [B, n1, dv], |v1n| < 1
-        v2n = _times_pow2(flat(vb, cd), -e2)  # [B, n2, dv], |v2n| < 1
+        small = exact_dtype == torch.float32  # exponents of float32 data: |e1 + e2| <= 300
+        v1n = _times_pow2(fv1.to(cd), -e1, direct=small)  # [B, n1, dv], |v1n| < 1
+        v2n = _times_pow2(fv2.to(cd), -e2, direct=small)  # [B, n2, dv], |v2n| < 1
         t64 = _polynomial_forward(
             qb.to(cd),
             ab.to(cd),
@@ -1080,7 +1177,7 @@ def tensor_attention(
             chunk=choice.chunk,
             progress=progress,
         )  # [B, n, dv] float64
-        out = _times_pow2(t64, e1 + e2).to(out_dtype)  # exact in float64
+        out = _times_pow2(t64, e1 + e2, direct=small).to(out_dtype)  # exact in float64
         bound = choice.bound.total
     measured = None
     if sample_rows > 0:

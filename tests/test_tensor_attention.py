@@ -528,7 +528,7 @@ def test_graded_features_multinomial_identity(d: int, g: int) -> None:
     f = ta._graded_features_t(x, tables)
     for m in range(g + 1):
         rows = slice(tables.offsets[m], tables.offsets[m + 1])
-        lhs = (tables.multinomial[rows, None] * f[rows]).sum(0)
+        lhs = (torch.from_numpy(tables.multinomial)[rows, None] * f[rows]).sum(0)
         assert torch.allclose(lhs, x.sum(0) ** m, rtol=1e-12, atol=1e-12)
     assert len({tuple(col) for col in f.T[:1].tolist()}) == 1  # a column is one vector
 
@@ -627,3 +627,83 @@ def test_value_magnitudes_within_bound(dt: str, magnitude: float) -> None:
     ref = brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(3))
     assert res.error_bound is not None
     assert float((res.output.to(F64) - ref).abs().max()) <= res.error_bound
+
+
+# ----------------------------------------------------- fused statistics and the fused forward
+
+
+@pytest.mark.parametrize("lengths", [(6, 6, 6), (4, 5, 7)], ids=["equal", "unequal"])
+@pytest.mark.parametrize("name", ["q", "k1", "k2", "v1", "v2"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_entry_is_named(lengths: tuple[int, int, int], name: str, bad: float) -> None:
+    """Finiteness comes from the statistics' reductions: any NaN/Inf anywhere is caught."""
+    n, n1, n2 = lengths
+    q, k1, k2, v1, v2 = make_inputs((2,), n, n1, n2, 3, 2, dtype=torch.float32, seed=21)
+    args = {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}
+    t = args[name]
+    t[1, t.shape[1] - 1, t.shape[2] - 1] = bad  # last slice, last row, last column
+    with pytest.raises(compute.InvalidInputError) as info:
+        compute.tensor_attention(**args)  # type: ignore[arg-type]
+    assert info.value.argument == name
+
+
+@pytest.mark.parametrize("lengths", [(9, 9, 9), (5, 8, 11)], ids=["equal", "unequal"])
+@pytest.mark.parametrize("dt", ["fp32", "fp64"])
+def test_statistics_match_the_separate_helpers(lengths: tuple[int, int, int], dt: str) -> None:
+    """``_statistics`` gives what ``tensor_radius``, ``_value_stats``, ... give one by one."""
+    dtype = F64 if dt == "fp64" else torch.float32
+    n, n1, n2 = lengths
+    q, k1, k2, v1, v2 = make_inputs((3,), n, n1, n2, 4, 3, dtype=dtype, seed=22)
+    v1[1, :, 2] = 0.0  # an all-zero column
+    v2[2] *= 1e-20  # small values
+    st = ta._statistics(q, k1, k2, v1, v2, 0.7)
+    r3 = tensor_radius(q, k1, k2, 0.7)
+    assert r3 <= st.radius <= r3 * (1 + 1e-13)
+    assert st.maxima == [float(x.abs().max()) for x in (q, k1, k2)]
+    vr, va = ta._value_stats(v1, v2)
+    assert np.array_equal(st.value_range, vr.reshape(-1).numpy())
+    assert np.array_equal(st.value_absmax, va.reshape(-1).numpy())
+    assert torch.equal(st.e1, ta._value_exponents(v1))
+    assert torch.equal(st.e2, ta._value_exponents(v2))
+    scale = torch.exp2((st.e1 + st.e2).double()).reshape(-1)
+    expected = torch.where(va.reshape(-1) > 0, scale, 0.0).numpy()
+    assert np.array_equal(st.value_scale, expected)
+
+
+def test_huge_finite_float64_inputs_are_not_rejected() -> None:
+    """2-norms may overflow for finite float64 inputs: the radius is inf, the path exact."""
+    q, k1, k2, v1, v2 = make_inputs((), 4, 5, 6, 3, 2, dtype=F64, seed=23)
+    q[0, 0] = 1e300
+    k1[0, 0] = 1e300
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="auto", scale=1e-300)
+    assert res.plan.method == "exact" and not math.isfinite(res.plan.radius)
+    assert bool(torch.isfinite(res.output).all())
+
+
+@pytest.mark.parametrize("e_shift", [-140, -60, 0, 60, 120])
+def test_times_pow2_direct_equals_split(e_shift: int) -> None:
+    """The one-multiplication float32 scaling rounds exactly like the two-step one."""
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 50, 3, generator=gen) * torch.tensor([1e-30, 1.0, 1e30])  # [2, 50, 3]
+    e = torch.randint(-20, 20, (2, 1, 3), generator=gen) + e_shift  # [2, 1, 3]
+    e = e.clamp(-200, 200)
+    split = ta._times_pow2(x, e)
+    direct = ta._times_pow2(x, e, direct=True)
+    assert direct.dtype == torch.float32
+    assert torch.equal(direct, split)
+
+
+@pytest.mark.parametrize("n2", [32, 48, 40], ids=["fused-equal", "fused", "separate"])
+def test_fused_moments_match_float64_polynomial(n2: int) -> None:
+    """Both key moments in one batched product (chunk divides n1 and n2) or one by one."""
+    q, k1, k2, v1, v2 = make_inputs((2,), 20, 32, n2, 3, 2, dtype=F64, seed=25, radius=1.0)
+    approx = certified_best(1.0, 3)
+    sc = 0.5
+    out = ta._polynomial_forward(
+        *(x.float() for x in (q, k1, k2, v1, v2)), approx, sc, chunk=16
+    )  # [2, 20, 2] float64
+    s = torch.einsum("bil,bjl,bkl->bijk", q * sc, k1, k2)  # [2, 20, 32, n2]
+    coeffs = torch.tensor(approx.coeffs, dtype=F64)
+    p = sum(c * s**m for m, c in enumerate(coeffs))  # [2, 20, 32, n2]
+    ref = torch.einsum("bijk,bjc,bkc->bic", p, v1, v2) / p.sum((-2, -1))[..., None]
+    assert float((out - ref).abs().max()) <= 1e-5
