@@ -48,7 +48,7 @@ def redis_server() -> Iterator[str]:
     """A private redis-server for the test session; yields its URL."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.path.exists(binary):
-        pytest.skip("redis-server is not installed (make install installs it)")
+        pytest.fail("redis-server is not installed: `make test` installs it (Debian redis-server)")
     tmp = tempfile.mkdtemp(prefix="attn-redis-")
     port = free_port()
     proc = subprocess.Popen(
