@@ -12,6 +12,8 @@ Polynomial pipeline (the floating-point model of ``compute/_bound.py`` describes
    (midrange), which changes nothing in exact arithmetic (softmax is shift invariant in the
    scores, attention is affine equivariant in V);
 2. certified radius ``R >= |scale| sum_l |q_il| |kc_jl|`` (Cauchy–Schwarz / Hölder, O(n d));
+   steps 1–2, the finiteness checks and the value statistics are one set of reductions per
+   tensor with a single host sync (``_statistics``; the radius equals ``matrix_radius``'s);
 3. the smallest degree g (Chebyshev, Taylor or minimax, ``_poly.certified_best``) and dtype whose
    certified bound, rounding included, is at most ``eps * max|v|``;
 4. keys and queries are rescaled per coordinate by powers of two (exact) so that monomials of
@@ -50,7 +52,8 @@ from ._cost import predict_exact_attention, predict_polynomial_attention, rates
 from ._device import default_device
 from ._features import GradedBuilder, GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
-from ._radius import centre, matrix_radius
+from ._radius import _INFLATE as _RADIUS_INFLATE
+from ._radius import centre
 from .errors import CertificationError, InvalidInputError
 from .result import AttentionResult, Plan
 
@@ -203,23 +206,31 @@ def _weights(approx: Approximation, plan: GradedMonomials, scale_mantissa: float
 
 
 def _balance(
-    q: torch.Tensor, kc: torch.Tensor, scale: float
+    q: torch.Tensor,
+    kc: torch.Tensor,
+    scale: float,
+    q_absmax: torch.Tensor | None = None,
+    k_absmax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Exact power-of-two rescaling: ``scale <q, k> == s' <q', k'>`` with balanced q', k'.
 
-    ``q: [L, n, d]``, ``kc: [L, m, d]``. Per slice and coordinate l, q is multiplied by
-    ``2^(e_l + a)`` and k by ``2^(-e_l + b)`` where ``e_l`` equalises their largest magnitudes
+    ``q: [L, n, d]``, ``kc: [L, m, d]``; returns ``q'`` and ``k'`` transposed, ``[L, d, n]`` and
+    ``[L, d, m]`` contiguous (the layout of a feature block's input), and ``s'``. Per slice
+    and coordinate l, q is multiplied by ``2^(e_l + a)`` and k by ``2^(-e_l + b)`` where
+    ``e_l`` equalises their largest magnitudes
     and ``2^(a + b)`` is the power of two of ``|scale|``; ``s' = sign(scale) * mantissa`` with
     mantissa in [0.5, 1). Multiplying by powers of two is exact (no overflow or underflow at
     the clamped exponents for inputs that certify), so the scores are unchanged bit for bit.
+    ``q_absmax, k_absmax: [L, d]``: ``max |q|`` and ``max |kc|`` per slice and column when
+    already known (``_statistics``; any floating dtype, the values are exact); else reduced here.
     """
     mant, expo = math.frexp(abs(scale)) if scale != 0.0 else (0.0, 0)
     if abs(expo) > 120:  # extreme scale: keep it in the weights (R, hence g, is tiny or huge)
         mant, expo = abs(scale), 0
     ea = expo // 2
     eb = expo - ea
-    qa = q.abs().max(dim=1).values.double()  # [L, d]
-    ka = kc.abs().max(dim=1).values.double()  # [L, d]
+    qa = (q.abs().max(dim=1).values if q_absmax is None else q_absmax).double()  # [L, d]
+    ka = (kc.abs().max(dim=1).values if k_absmax is None else k_absmax).double()  # [L, d]
     ok = (qa > 0) & (ka > 0)
     lq = torch.where(ok, torch.log2(qa.clamp_min(1e-300)), torch.zeros_like(qa))
     lk = torch.where(ok, torch.log2(ka.clamp_min(1e-300)), torch.zeros_like(ka))
@@ -228,7 +239,98 @@ def _balance(
     fq = torch.ldexp(one, e + ea).to(q.dtype)  # [L, d] exact powers of two (normal in fp32)
     fk = torch.ldexp(one, eb - e).to(q.dtype)  # [L, d]
     signed = math.copysign(mant, scale) if scale != 0.0 else 0.0
-    return q * fq.unsqueeze(1), kc * fk.unsqueeze(1), signed
+    # written straight into the transposed layout the feature blocks load: [L, d, n], [L, d, m]
+    qt = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=q.dtype, device=q.device)
+    kt = torch.empty((kc.shape[0], kc.shape[2], kc.shape[1]), dtype=kc.dtype, device=kc.device)
+    torch.mul(q.transpose(1, 2), fq.unsqueeze(2), out=qt)  # [L, d, n]
+    torch.mul(kc.transpose(1, 2), fk.unsqueeze(2), out=kt)  # [L, d, m]
+    return qt, kt, signed
+
+
+@dataclass(frozen=True)
+class _Extremes:
+    """Column extremes reduced once by ``_statistics`` (exact values, input compute dtype)."""
+
+    q_absmax: torch.Tensor | None  # [L, d] max |q| per slice and column (None: reduce again)
+    k_absmax: torch.Tensor  # [L, d] max |centre(k)| per slice and column
+    v_hi: torch.Tensor  # [L, dv] max v per slice and column
+    v_lo: torch.Tensor  # [L, dv] min v
+
+
+@dataclass(frozen=True)
+class _Stats:
+    """The data-dependent numbers of one call (see ``_statistics``)."""
+
+    kc: torch.Tensor  # [L, m, d] centre(k), bit for bit
+    radius: float  # as matrix_radius(q, centre(k), scale), bit for bit
+    value_range: float  # max over slices and columns of max v - min v (float64, exact)
+    value_absmax: float  # max |v| (exact)
+    extremes: _Extremes
+
+
+_INPUT_NAMES = ("q", "k", "v")
+
+
+def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> _Stats:
+    """Finiteness, centred keys, the certified radius and the value statistics, one host sync.
+
+    ``q: [L, n, d]``, ``k: [L, m, d]``, ``v: [L, m, dv]``, all in the compute dtype. On the
+    device: the column extremes of q, k and v (``[L, d]``, ``[L, dv]``; exact), the centred
+    keys ``kc = k - (hi + lo) / 2`` exactly as :func:`compute._radius.centre`, and the three
+    per-slice factors of :func:`compute._radius.matrix_radius` (largest row 2-norm of q and
+    of kc, accumulated in float64 without a float64 copy; largest Hölder sum
+    ``sum_l |q_il| max_j |kc_jl|`` in float64). ``max_j |kc_jl|`` needs no pass over kc:
+    ``x -> fl(x - c)`` is monotone, so the column extremes of kc are ``fl(hi - c)`` and
+    ``fl(lo - c)``. These ``3 L + 2 L dv + 3`` numbers cross to the host once; the radius is
+    then the same float64 arithmetic as ``matrix_radius`` (so equal bit for bit), the value
+    range and ``max |v|`` the same as ``attention`` computed before.
+
+    Finiteness comes from the same reductions: max/min propagate NaN and an infinite entry
+    makes a column extreme infinite, so a tensor is finite exactly when its extremes are.
+    Raises ``InvalidInputError`` naming the first non-finite tensor (q, k, v order).
+    """
+    f64 = torch.float64
+    L, dv = q.shape[0], v.shape[2]
+    q_hi, q_lo = q.max(dim=1).values, q.min(dim=1).values  # [L, d] (max/min: see centre)
+    k_hi, k_lo = k.max(dim=1).values, k.min(dim=1).values  # [L, d]
+    v_hi, v_lo = v.max(dim=1).values, v.min(dim=1).values  # [L, dv]
+    mid = (k_hi + k_lo) / 2  # [L, d], as centre()
+    kc = k - mid.unsqueeze(1)  # [L, m, d]
+    qa = torch.maximum(q_hi.abs(), q_lo.abs())  # [L, d] max |q|
+    ka = torch.maximum((k_hi - mid).abs(), (k_lo - mid).abs())  # [L, d] max |kc|, exact
+    q_two = torch.linalg.vector_norm(q, dim=-1, dtype=f64).amax(dim=-1)  # [L]
+    k_two = torch.linalg.vector_norm(kc, dim=-1, dtype=f64).amax(dim=-1)  # [L]
+    holder = (q.abs().double().mul_(ka.double().unsqueeze(1))).sum(dim=-1).amax(dim=-1)  # [L]
+    # (q.abs() is a fresh tensor in either dtype, so the in-place product never touches q)
+    peaks = torch.stack(
+        [
+            qa.amax(),
+            torch.maximum(k_hi.abs(), k_lo.abs()).amax(),
+            torch.maximum(v_hi.abs(), v_lo.abs()).amax(),
+        ]
+    ).double()  # [3]: NaN or Inf exactly when the tensor has one
+    host = (
+        torch.cat(
+            [peaks, q_two, k_two, holder, v_hi.double().reshape(-1), v_lo.double().reshape(-1)]
+        )
+        .cpu()
+        .numpy()
+    )  # the one host sync
+    for name, peak in zip(_INPUT_NAMES, host[:3], strict=True):
+        if not math.isfinite(float(peak)):
+            raise InvalidInputError(name, "contains NaN or Inf")
+    qn, kn, hs = host[3 : 3 + L], host[3 + L : 3 + 2 * L], host[3 + 2 * L : 3 + 3 * L]
+    hi = host[3 + 3 * L : 3 + 3 * L + L * dv]  # [L dv] float64, exact
+    lo = host[3 + 3 * L + L * dv :]  # [L dv]
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 inputs may overflow: R = inf
+        r = np.minimum(qn * kn, hs) * abs(scale)  # [L], as matrix_radius
+    return _Stats(
+        kc=kc,
+        radius=float(r.max()) * _RADIUS_INFLATE,
+        value_range=float((hi - lo).max()),
+        value_absmax=float(np.maximum(np.abs(hi), np.abs(lo)).max()),
+        extremes=_Extremes(q_absmax=qa, k_absmax=ka, v_hi=v_hi, v_lo=v_lo),
+    )
 
 
 def _polynomial_forward(
@@ -245,6 +347,7 @@ def _polynomial_forward(
     feature_chunk: int | None = None,
     progress: Progress | None = None,
     centred: bool = False,
+    extremes: _Extremes | None = None,
 ) -> torch.Tensor:
     """Factored attention ``(U1 (w*M)) / (U1 (w*z))`` streamed in blocks (theory §1.2).
 
@@ -267,6 +370,8 @@ def _polynomial_forward(
             float64. They must be the values the bound was certified with.
         progress: ``progress(done, total)`` after each block; exceptions propagate.
         centred: k is already ``centre(k)`` in ``dtype`` (skips recentring; same result).
+        extremes: column extremes of these q, (centred) k and v already reduced by
+            ``_statistics`` (skips those reductions; same result bit for bit).
 
     Returns:
         ``[L, n, dv]`` in ``dtype``. Memory O(L_g * r * B + L * r * dv), never n x m or n x r.
@@ -293,9 +398,17 @@ def _polynomial_forward(
     q = q.to(dtype)
     kc = k.to(dtype) if centred else centre(k.to(dtype))  # [L, m, d]
     v = v.to(dtype)
-    c = (v.max(dim=1, keepdim=True).values + v.min(dim=1, keepdim=True).values) / 2  # [L,1,dv]
+    if extremes is None:
+        v_hi = v.max(dim=1, keepdim=True).values  # [L, 1, dv]
+        v_lo = v.min(dim=1, keepdim=True).values  # [L, 1, dv]
+        qa, ka = None, None
+    else:  # casts up are exact and monotone: the extremes of the cast are the cast extremes
+        v_hi = extremes.v_hi.to(dtype).unsqueeze(1)  # [L, 1, dv]
+        v_lo = extremes.v_lo.to(dtype).unsqueeze(1)  # [L, 1, dv]
+        qa, ka = extremes.q_absmax, extremes.k_absmax
+    c = (v_hi + v_lo) / 2  # [L, 1, dv]
     vc = v - c  # [L, m, dv]
-    qb, kb, s_mant = _balance(q, kc, scale)
+    qb, kb, s_mant = _balance(q, kc, scale, qa, ka)
     w64 = torch.from_numpy(_weights(approx, plan, s_mant)).to(dev)  # [r] float64
 
     Lg = max(1, min(L, FEATURE_BLOCK_ELEMS // (rp * B)))
@@ -368,12 +481,11 @@ def _geometry(
     return B, ck, cr, rp, unit
 
 
-def _load(
-    xbuf: torch.Tensor, src: torch.Tensor, s: int
-) -> int:  # copy rows [s, s+B) of src [lg, n, d] transposed into xbuf [lg, d, B]; zero the rest
+def _load(xbuf: torch.Tensor, src: torch.Tensor, s: int) -> int:
+    """Copy columns ``[s, s + B)`` of ``src [lg, d, n]`` into ``xbuf [lg, d, B]``; zero the rest."""
     B = xbuf.shape[2]
-    e = min(src.shape[1], s + B)
-    xbuf[:, :, : e - s].copy_(src[:, s:e].transpose(1, 2))
+    e = min(src.shape[2], s + B)
+    xbuf[:, :, : e - s].copy_(src[:, :, s:e])
     if e - s < B:
         xbuf[:, :, e - s :].zero_()
     return e - s
@@ -395,7 +507,7 @@ def _noncausal_blocks(
 ) -> Any:
     """Yield ``(start, out_block or None)`` per key block (None) then per query block."""
     lg, rp, B = ubuf.shape
-    n, m, dv = qb.shape[1], kb.shape[1], vc.shape[2]
+    n, m, dv = qb.shape[2], kb.shape[2], vc.shape[2]  # qb: [lg, d, n], kb: [lg, d, m]
     r = plan.r
     builder = GradedBuilder(plan, xbuf, ubuf)
     M = torch.zeros((lg, rp, dv + 1), dtype=torch.float64, device=qb.device)  # [lg, rp, dv+1]
@@ -456,7 +568,7 @@ def _causal_blocks(
     the polynomial evaluated pairwise, ``P = (w U1_t)^T U2_t`` masked to ``j <= i``.
     """
     lg, rp, B = ubuf.shape
-    n, dv = qb.shape[1], vc.shape[2]
+    n, dv = qb.shape[2], vc.shape[2]  # qb, kb: [lg, d, n]
     r, b = plan.r, unit
     T = B // b
     dt, dev = ubuf.dtype, ubuf.device
@@ -938,9 +1050,9 @@ def attention(
     t0 = time.perf_counter()
     method = _validate.check_method(method)
     eps = _validate.check_eps(eps)
-    q = _validate.check_tensor("q", q)
-    k = _validate.check_tensor("k", k)
-    v = _validate.check_tensor("v", v)
+    q = _check_input("q", q)  # finiteness: from _statistics' reductions below
+    k = _check_input("k", k)
+    v = _check_input("v", v)
     _check_shapes(q, k, v)
     if not isinstance(causal, bool):
         raise InvalidInputError("causal", f"expected True or False, got {causal!r}")
@@ -958,13 +1070,15 @@ def attention(
     v3 = v.reshape(-1, m, dv).to(cd)  # [L, m, dv]
     L = q3.shape[0]
     if causal and m > n:  # keys beyond the last query are never visible (top-left mask)
+        for name, x in (("k", k3[:, n:]), ("v", v3[:, n:])):  # _statistics sees rows < n only
+            if not bool(torch.isfinite(x).all()):
+                raise InvalidInputError(name, "contains NaN or Inf")
         k3, v3, m = k3[:, :n], v3[:, :n], n
-    kc3 = centre(k3)  # [L, m, d]: the keys the polynomial path uses (softmax shift invariance)
-    R = matrix_radius(q3, kc3, s)
-    v_hi = v3.max(dim=1).values.double()  # [L, dv]
-    v_lo = v3.min(dim=1).values.double()  # [L, dv]
-    value_range = float((v_hi - v_lo).max())  # exact in float64
-    value_absmax = float(torch.maximum(v_hi.abs(), v_lo.abs()).max())
+    stats = _statistics(q3, k3, v3, s)  # raises InvalidInputError on NaN/Inf
+    kc3 = stats.kc  # [L, m, d]: the keys the polynomial path uses (softmax shift invariance)
+    R = stats.radius  # matrix_radius(q3, centre(k3), s)
+    value_range = stats.value_range  # exact in float64
+    value_absmax = stats.value_absmax
     # the computed midrange c may miss the true one by u |c|: widen the range accordingly
     value_range += 4.0 * unit_roundoff(cd) * value_absmax
     plan, cfg = _plan(
@@ -985,9 +1099,13 @@ def attention(
     )
     bound: float | None = None
     if cfg is not None:
-        out3 = _run_polynomial(q3, kc3, v3, cfg, s, causal=causal, progress=progress)
+        out3 = _run_polynomial(
+            q3, kc3, v3, cfg, s, causal=causal, progress=progress, extremes=stats.extremes
+        )
         bound = float(cfg.bound.total)
-        if not bool(torch.isfinite(out3).all()):  # overflow outside the model (extreme inputs)
+        # finite exactly when both global extremes are (NaN propagates): one cheap reduction
+        if not all(math.isfinite(x) for x in torch.stack(torch.aminmax(out3)).tolist()):
+            # overflow outside the model (extreme inputs)
             if method == "polynomial":
                 raise CertificationError(
                     "method='polynomial': an intermediate overflowed for these inputs (extreme "
@@ -1024,8 +1142,12 @@ def _run_polynomial(
     *,
     causal: bool,
     progress: Progress | None,
+    extremes: _Extremes | None = None,
 ) -> torch.Tensor:
-    """Dispatch to :func:`_polynomial_forward`; causal with m < n runs the rows >= m unmasked."""
+    """Dispatch to :func:`_polynomial_forward`; causal with m < n runs the rows >= m unmasked.
+
+    ``extremes``: from ``_statistics`` on these q3, k3 (uncentred), v3.
+    """
     kw: dict[str, Any] = {
         "dtype": cfg.dtype,
         "block": cfg.block,
@@ -1036,8 +1158,10 @@ def _run_polynomial(
     n, m = q3.shape[1], k3.shape[1]
     if not causal or n == m:
         return _polynomial_forward(
-            q3, k3, v3, cfg.approx, scale, causal=causal, progress=progress, **kw
+            q3, k3, v3, cfg.approx, scale, causal=causal, progress=progress, extremes=extremes, **kw
         )
+    if extremes is not None:  # the query extremes below are of row subsets: reduce them again
+        kw["extremes"] = dataclasses.replace(extremes, q_absmax=None)
     # causal, m < n: rows [0, m) are a square causal problem; rows [m, n) see every key
     top = _polynomial_forward(
         q3[:, :m], k3, v3, cfg.approx, scale, causal=True, progress=progress, **kw
@@ -1046,6 +1170,21 @@ def _run_polynomial(
         q3[:, m:], k3, v3, cfg.approx, scale, causal=False, progress=progress, **kw
     )
     return torch.cat([top, rest.to(top.dtype)], dim=1)
+
+
+def _check_input(name: str, x: object) -> torch.Tensor:
+    """``_validate.check_tensor`` without its finiteness pass: ``_statistics`` checks that."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInputError(name, f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _validate.SUPPORTED_DTYPES:
+        raise InvalidInputError(
+            name, f"unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64"
+        )
+    if x.dim() < 2:
+        raise InvalidInputError(name, f"expected at least 2 dimensions, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise InvalidInputError(name, f"empty tensor (shape {tuple(x.shape)})")
+    return x
 
 
 _DTYPES = {

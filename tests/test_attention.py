@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 import compute
 from compute._poly import _make, certified_best
 from compute._radius import centre, matrix_radius
-from compute.attention import _exact_forward, _polynomial_forward, _polynomial_reference
+from compute.attention import (
+    _balance,
+    _exact_forward,
+    _polynomial_forward,
+    _polynomial_reference,
+    _statistics,
+)
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -517,3 +523,103 @@ def test_extreme_scales(scale: float) -> None:
         assert pol.plan.degree is not None and pol.plan.degree <= 1
         assert pol.error_bound is not None
         assert float((pol.output.double() - ref).abs().max()) <= pol.error_bound
+
+
+# ---- merged statistics (one pass per tensor, one host sync) -------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    L=st.integers(1, 3),
+    n=st.integers(1, 70),
+    m=st.integers(1, 70),
+    d=st.integers(1, 9),
+    dv=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    log_size=st.floats(-30.0, 30.0),
+    offset=st.floats(-1e3, 1e3),
+    scale=st.floats(-4.0, 4.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_statistics_equal_the_separate_helpers(
+    L: int,
+    n: int,
+    m: int,
+    d: int,
+    dv: int,
+    dtype: torch.dtype,
+    log_size: float,
+    offset: float,
+    scale: float,
+    seed: int,
+) -> None:
+    """``_statistics`` gives bit for bit what centre / matrix_radius / the value reductions give."""
+    gen = torch.Generator().manual_seed(seed)
+    size = 2.0**log_size
+    q = (torch.randn(L, n, d, generator=gen, dtype=torch.float64) * size).to(dtype)
+    k = (torch.randn(L, m, d, generator=gen, dtype=torch.float64) * size + offset).to(dtype)
+    v = (torch.randn(L, m, dv, generator=gen, dtype=torch.float64) * size - offset).to(dtype)
+    if seed % 3 == 0:  # exact zeros and repeated rows
+        q[:, : n // 2] = 0.0
+        k[:, m // 2 :] = k[:, :1]
+    q0, k0, v0 = q.clone(), k.clone(), v.clone()
+    got = _statistics(q, k, v, scale)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)  # inputs untouched
+    kc = centre(k)
+    assert torch.equal(got.kc, kc)
+    assert got.radius == matrix_radius(q, kc, scale)  # bitwise: same float64 arithmetic
+    v_hi, v_lo = v.max(dim=1).values.double(), v.min(dim=1).values.double()  # [L, dv]
+    assert got.value_range == float((v_hi - v_lo).max())
+    assert got.value_absmax == float(torch.maximum(v_hi.abs(), v_lo.abs()).max())
+    ex = got.extremes
+    assert ex.q_absmax is not None
+    assert torch.equal(ex.q_absmax, q.abs().max(dim=1).values)
+    assert torch.equal(ex.k_absmax, kc.abs().max(dim=1).values)
+    assert torch.equal(ex.v_hi, v.max(dim=1).values)
+    assert torch.equal(ex.v_lo, v.min(dim=1).values)
+    # the balancing step is the same with the extremes passed in
+    qt, kt, s1 = _balance(q, kc, scale)
+    qt2, kt2, s2 = _balance(q, kc, scale, ex.q_absmax, ex.k_absmax)
+    assert s1 == s2 and torch.equal(qt, qt2) and torch.equal(kt, kt2)
+    assert qt.shape == (L, d, n) and kt.shape == (L, d, m) and qt.is_contiguous()
+
+
+def test_statistics_match_radius_of_overflowing_float64() -> None:
+    q = torch.full((1, 4, 3), 1e200, dtype=torch.float64)
+    k = torch.tensor([[[1e200, 0.0, 0.0], [-1e200, 0.0, 0.0]]], dtype=torch.float64)
+    v = torch.ones(1, 2, 1, dtype=torch.float64)
+    got = _statistics(q, k, v, 0.5)
+    assert got.radius == matrix_radius(q, centre(k), 0.5) == math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("arg", ["q", "k", "v"])
+@pytest.mark.parametrize("method", ["auto", "exact", "polynomial"])
+def test_non_finite_entry_names_its_argument(
+    dtype: torch.dtype, bad: float, arg: str, method: str
+) -> None:
+    q, k, v = make((2,), 9, 11, 4, 3, torch.float64, 0.5, seed=5)
+    args = {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype)}
+    order = ("q", "k", "v")
+    for other in order[order.index(arg) + 1 :]:  # later ones bad too: the first is reported
+        args[other] = args[other].clone()
+        args[other][0, 0, 0] = math.nan
+    x = args[arg].clone()
+    x[1, x.shape[1] - 1, x.shape[2] - 1] = bad  # last slice, row and column
+    args[arg] = x
+    with pytest.raises(compute.InvalidInputError) as info:
+        compute.attention(args["q"], args["k"], args["v"], method=method, eps=1e-2)
+    assert info.value.argument == arg
+    assert "NaN or Inf" in str(info.value)
+
+
+@pytest.mark.parametrize("arg", ["k", "v"])
+def test_non_finite_invisible_causal_keys_are_still_reported(arg: str) -> None:
+    q, k, v = make((), 5, 9, 4, 3, torch.float32, 0.5, seed=6)
+    x = {"k": k, "v": v}[arg].clone()
+    x[8, 0] = math.inf  # key 8 is beyond the last query: never visible, still invalid
+    args = {"q": q, "k": k, "v": v, arg: x}
+    with pytest.raises(compute.InvalidInputError) as info:
+        compute.attention(args["q"], args["k"], args["v"], causal=True)
+    assert info.value.argument == arg
