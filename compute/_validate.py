@@ -10,10 +10,14 @@ import torch
 from .errors import InvalidInputError
 
 __all__ = [
+    "DTYPE_NAMES",
     "METHODS",
     "SUPPORTED_DTYPES",
+    "check_count",
+    "check_dtype_name",
     "check_eps",
     "check_method",
+    "check_radius",
     "check_same_batch",
     "check_sample_rows",
     "check_scale",
@@ -25,8 +29,12 @@ METHODS = ("auto", "exact", "polynomial")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_tensor(name: str, x: object, *, min_dim: int = 2) -> torch.Tensor:
-    """A non-empty finite floating tensor of at least ``min_dim`` dimensions."""
+def check_tensor(name: str, x: object, *, min_dim: int = 2, finite: bool = True) -> torch.Tensor:
+    """A non-empty finite floating tensor of at least ``min_dim`` dimensions.
+
+    ``finite=False`` skips the NaN/Inf pass, for callers that read finiteness off reductions
+    they compute anyway (and must then check it themselves).
+    """
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(name, f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -39,7 +47,7 @@ def check_tensor(name: str, x: object, *, min_dim: int = 2) -> torch.Tensor:
         )
     if x.numel() == 0:
         raise InvalidInputError(name, f"empty tensor (shape {tuple(x.shape)})")
-    if not bool(torch.isfinite(x).all()):
+    if finite and not bool(torch.isfinite(x).all()):
         raise InvalidInputError(name, "contains NaN or Inf")
     return x
 
@@ -94,3 +102,39 @@ def check_sample_rows(sample_rows: object) -> int:
 def compute_dtype_of(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (fp16/bf16 are computed in float32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ---- arguments of the plan functions (no data, only sizes and names) ----------------------------
+
+DTYPE_NAMES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+def check_count(name: str, x: object, low: int = 1) -> int:
+    """An integer (not a bool) of at least ``low``: a length, dimension, rank or batch size."""
+    if isinstance(x, bool) or not isinstance(x, int) or x < low:
+        raise InvalidInputError(name, f"expected an integer >= {low}, got {x!r}")
+    return x
+
+
+def check_radius(radius: object) -> float:
+    """A certified score radius as a plan function takes it: a finite number >= 0."""
+    if isinstance(radius, bool) or not isinstance(radius, int | float):
+        raise InvalidInputError("radius", f"expected a number >= 0, got {radius!r}")
+    r = float(radius)
+    if not (math.isfinite(r) and r >= 0.0):
+        raise InvalidInputError("radius", f"must be finite and >= 0, got {radius!r}")
+    return r
+
+
+def check_dtype_name(dtype: object) -> torch.dtype:
+    """``"float16" | "bfloat16" | "float32" | "float64"`` -> the torch dtype."""
+    if not isinstance(dtype, str) or dtype not in DTYPE_NAMES:
+        raise InvalidInputError(
+            "dtype", f"unsupported dtype {dtype!r}; use one of {list(DTYPE_NAMES)}"
+        )
+    return DTYPE_NAMES[dtype]

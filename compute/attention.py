@@ -1050,9 +1050,10 @@ def attention(
     t0 = time.perf_counter()
     method = _validate.check_method(method)
     eps = _validate.check_eps(eps)
-    q = _check_input("q", q)  # finiteness: from _statistics' reductions below
-    k = _check_input("k", k)
-    v = _check_input("v", v)
+    # finiteness is read off _statistics' reductions below
+    q = _validate.check_tensor("q", q, finite=False)
+    k = _validate.check_tensor("k", k, finite=False)
+    v = _validate.check_tensor("v", v, finite=False)
     _check_shapes(q, k, v)
     if not isinstance(causal, bool):
         raise InvalidInputError("causal", f"expected True or False, got {causal!r}")
@@ -1172,35 +1173,6 @@ def _run_polynomial(
     return torch.cat([top, rest.to(top.dtype)], dim=1)
 
 
-def _check_input(name: str, x: object) -> torch.Tensor:
-    """``_validate.check_tensor`` without its finiteness pass: ``_statistics`` checks that."""
-    if not isinstance(x, torch.Tensor):
-        raise InvalidInputError(name, f"expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _validate.SUPPORTED_DTYPES:
-        raise InvalidInputError(
-            name, f"unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64"
-        )
-    if x.dim() < 2:
-        raise InvalidInputError(name, f"expected at least 2 dimensions, got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise InvalidInputError(name, f"empty tensor (shape {tuple(x.shape)})")
-    return x
-
-
-_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-
-
-def _check_int(name: str, x: object, low: int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < low:
-        raise InvalidInputError(name, f"expected an integer >= {low}, got {x!r}")
-    return x
-
-
 def plan_attention(
     *,
     n: int,
@@ -1226,19 +1198,14 @@ def plan_attention(
     """
     method = _validate.check_method(method)
     eps = _validate.check_eps(eps)
-    n = _check_int("n", n, 1)
-    d = _check_int("d", d, 1)
-    batch = _check_int("batch", batch, 1)
-    dv = d if dv is None else _check_int("dv", dv, 1)
-    if isinstance(radius, bool) or not isinstance(radius, int | float):
-        raise InvalidInputError("radius", f"expected a number >= 0, got {radius!r}")
-    if not (math.isfinite(float(radius)) and radius >= 0):
-        raise InvalidInputError("radius", f"must be finite and >= 0, got {radius!r}")
+    n = _validate.check_count("n", n)
+    d = _validate.check_count("d", d)
+    batch = _validate.check_count("batch", batch)
+    dv = d if dv is None else _validate.check_count("dv", dv)
+    radius = _validate.check_radius(radius)
     if not isinstance(causal, bool):
         raise InvalidInputError("causal", f"expected True or False, got {causal!r}")
-    if dtype not in _DTYPES:
-        raise InvalidInputError("dtype", f"unsupported dtype {dtype!r}; use one of {list(_DTYPES)}")
-    in_dtype = _DTYPES[dtype]
+    in_dtype = _validate.check_dtype_name(dtype)
     cd = torch.float64 if in_dtype == torch.float64 else torch.float32
     dev = torch.device(device) if device is not None else default_device()
     plan, _ = _plan(

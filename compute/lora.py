@@ -46,7 +46,16 @@ from ._features import feature_count
 from ._poly import Approximation, tv_factor
 from ._poly import _make as _make_approx
 from ._radius import matrix_radius
-from ._validate import check_eps, check_method, check_scale, check_tensor, compute_dtype_of
+from ._validate import (
+    check_count,
+    check_dtype_name,
+    check_eps,
+    check_method,
+    check_radius,
+    check_scale,
+    check_tensor,
+    compute_dtype_of,
+)
 from .errors import CertificationError, InvalidInputError
 from .result import LoraResult, Plan
 
@@ -1009,22 +1018,13 @@ def plan_lora_gradient(
     ``d_model`` and ``rank`` are validated but do not enter the prediction.
     """
     for name, val in (("n", n), ("d", d), ("rank", rank), ("batch", batch)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise InvalidInputError(name, f"expected an integer >= 1, got {val!r}")
-    dmod = d if d_model is None else d_model
-    if isinstance(dmod, bool) or not isinstance(dmod, int) or dmod < 1:
-        raise InvalidInputError("d_model", f"expected an integer >= 1 or None, got {d_model!r}")
-    if isinstance(radius, bool) or not isinstance(radius, int | float):
-        raise InvalidInputError("radius", f"expected a number >= 0, got {radius!r}")
-    if not (math.isfinite(float(radius)) and radius >= 0):
-        raise InvalidInputError("radius", f"expected a finite number >= 0, got {radius!r}")
+        check_count(name, val)
+    if d_model is not None:
+        check_count("d_model", d_model)
+    radius = check_radius(radius)
     e = check_eps(eps)
     m = check_method(method)
-    dtypes = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-              "bfloat16": torch.bfloat16}  # fmt: skip
-    if dtype not in dtypes:
-        raise InvalidInputError("dtype", f"expected one of {tuple(dtypes)}, got {dtype!r}")
-    dt = torch.float64 if dtype == "float64" else torch.float32
+    dt = torch.float64 if check_dtype_name(dtype) == torch.float64 else torch.float32
     return _choose(
         method=m, eps=e, n=n, d=d, batch=batch, full=full, radius=float(radius),
         device=torch.device("cpu"), dtype=dt,

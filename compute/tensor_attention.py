@@ -51,12 +51,15 @@ from ._features import GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
 from ._radius import _INFLATE as _RADIUS_INFLATE
 from ._validate import (
-    SUPPORTED_DTYPES,
+    check_count,
+    check_dtype_name,
     check_eps,
     check_method,
+    check_radius,
     check_same_batch,
     check_sample_rows,
     check_scale,
+    check_tensor,
     compute_dtype_of,
 )
 from .errors import CertificationError, InvalidInputError
@@ -86,12 +89,6 @@ _LOG2_ETA = {torch.float32: -149.0, torch.float64: -1074.0}
 # exp(-limit) is far above the smallest normal number (so are its products with the values):
 # below it the exact path may use a fixed per-row shift instead of a running max.
 _SHIFT_LIMIT = {torch.float32: 40.0, torch.float64: 600.0}
-_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -942,12 +939,6 @@ def _make_plan(p: _Problem, method: str) -> tuple[Plan, _Choice | None]:
     return plan, None
 
 
-def _check_int(name: str, x: object, minimum: int = 1) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
-        raise InvalidInputError(name, f"expected an integer >= {minimum}, got {x!r}")
-    return x
-
-
 def plan_tensor_attention(
     *,
     n: int,
@@ -969,20 +960,14 @@ def plan_tensor_attention(
     real inputs can only pick an equal or lower degree. Raises ``CertificationError`` for
     ``method="polynomial"`` when no polynomial certifies ``eps``.
     """
-    n = _check_int("n", n)
-    d = _check_int("d", d)
-    batch = _check_int("batch", batch)
-    dv = d if dv is None else _check_int("dv", dv)
+    n = check_count("n", n)
+    d = check_count("d", d)
+    batch = check_count("batch", batch)
+    dv = d if dv is None else check_count("dv", dv)
     eps = check_eps(eps)
     method = check_method(method)
-    if isinstance(radius, bool) or not isinstance(radius, int | float):
-        raise InvalidInputError("radius", f"expected a number >= 0, got {radius!r}")
-    radius = float(radius)
-    if not (math.isfinite(radius) and radius >= 0.0):
-        raise InvalidInputError("radius", f"must be finite and >= 0, got {radius!r}")
-    if dtype not in _DTYPES:
-        raise InvalidInputError("dtype", f"unknown dtype {dtype!r}; use one of {list(_DTYPES)}")
-    in_dtype = _DTYPES[dtype]
+    radius = check_radius(radius)
+    in_dtype = check_dtype_name(dtype)
     exact_dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
     problem = _Problem(
         n=n,
@@ -1011,25 +996,12 @@ def plan_tensor_attention(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_tensor(name: str, x: object) -> torch.Tensor:
-    """``check_tensor`` without its finiteness pass: ``_statistics`` checks that for free."""
-    if not isinstance(x, torch.Tensor):
-        raise InvalidInputError(name, f"expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise InvalidInputError(
-            name, f"unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64"
-        )
-    if x.dim() < 2:
-        raise InvalidInputError(name, f"expected at least 2 dimensions, got shape {tuple(x.shape)}")
-    if x.numel() == 0:
-        raise InvalidInputError(name, f"empty tensor (shape {tuple(x.shape)})")
-    return x
-
-
 def _validate(
     q: object, k1: object, k2: object, v1: object, v2: object
 ) -> tuple[torch.Tensor, ...]:
-    ts = [_check_tensor(nm, x) for nm, x in zip(_NAMES, (q, k1, k2, v1, v2), strict=True)]
+    ts = [
+        check_tensor(nm, x, finite=False) for nm, x in zip(_NAMES, (q, k1, k2, v1, v2), strict=True)
+    ]
     check_same_batch(_NAMES, ts)
     tq, ta, tb, va, vb = ts
     d = tq.shape[-1]
