@@ -40,7 +40,6 @@ from app.errors import (
 from app.models import ErrorBody, HealthPublic, JobPublic, PlanPublic, ResultPublic
 from app.ops import OPS, OpSpec, parse_binary, parse_json
 from app.queue import TERMINAL, Queue, retry_after
-from app.redis_conn import connect
 from app.settings import Settings, get_settings
 from app.tensors import decode_safetensors, encode_safetensors
 
@@ -294,12 +293,7 @@ def _build_router() -> APIRouter:
 def create_app(settings: Settings | None = None, *, client: redis.Redis | None = None) -> FastAPI:
     """The API; ``client`` overrides the Redis client (tests)."""
     settings = settings or get_settings()
-    queue = Queue(
-        client if client is not None else connect(settings),
-        ttl_seconds=settings.result_ttl_seconds,
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-    )
+    queue = Queue.from_settings(settings, client)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

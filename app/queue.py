@@ -30,6 +30,8 @@ from typing import Any
 import redis
 
 from app.errors import JobNotFinished, JobNotFound, NoResult, StaleAttempt
+from app.redis_conn import connect
+from app.settings import Settings
 from app.tensors import RawTensor
 
 __all__ = [
@@ -105,6 +107,16 @@ class Queue:
         self.ttl = int(ttl_seconds)
         self.lease_seconds = float(lease_seconds)
         self.max_attempts = int(max_attempts)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> Queue:
+        """The queue the settings describe, on ``client`` or a new connection (``connect``)."""
+        return cls(
+            client if client is not None else connect(settings),
+            ttl_seconds=settings.result_ttl_seconds,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+        )
 
     # ------------------------------------------------------------------ setup and health
     def ensure_groups(self, ops: Iterable[str] = OPS) -> None:

@@ -121,18 +121,12 @@ def make_settings(redis_url: str) -> Callable[..., Any]:
 @pytest.fixture
 def make_queue(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
     from app.queue import Queue
-    from app.redis_conn import connect
 
     made: list[Any] = []
 
     def make(**overrides: Any) -> Any:
         s = make_settings(**overrides)
-        q = Queue(
-            connect(s),
-            ttl_seconds=s.result_ttl_seconds,
-            lease_seconds=s.lease_seconds,
-            max_attempts=s.max_attempts,
-        )
+        q = Queue.from_settings(s)
         q.ensure_groups()
         made.append(q)
         return q
@@ -146,19 +140,13 @@ def make_queue(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]
 def start_worker(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
     """Start an in-process worker thread against the test Redis; stopped at teardown."""
     from app.queue import Queue
-    from app.redis_conn import connect
     from workers.worker import Worker
 
     started: list[tuple[Any, threading.Thread]] = []
 
     def start(**overrides: Any) -> Any:
         s = make_settings(**overrides)
-        q = Queue(
-            connect(s),
-            ttl_seconds=s.result_ttl_seconds,
-            lease_seconds=s.lease_seconds,
-            max_attempts=s.max_attempts,
-        )
+        q = Queue.from_settings(s)
         w = Worker(q, s)
         t = threading.Thread(target=w.run, daemon=True)
         t.start()

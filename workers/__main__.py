@@ -10,7 +10,6 @@ from types import FrameType
 from prometheus_client import start_http_server
 
 from app.queue import Queue
-from app.redis_conn import connect
 from app.settings import get_settings
 from workers.worker import Worker
 
@@ -22,12 +21,7 @@ def main() -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    queue = Queue(
-        connect(settings),
-        ttl_seconds=settings.result_ttl_seconds,
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-    )
+    queue = Queue.from_settings(settings)
     worker = Worker(queue, settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="0.0.0.0")
