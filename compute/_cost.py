@@ -24,6 +24,7 @@ class Rates:
     skinny: float  # flop/s, [r, b] @ [b, dv] with small dv (the factored path's products)
     elems: float  # elements/s of a gather-multiply (monomial features)
     exps: float  # elements/s of exp + row max/sum bookkeeping (exact path softmax)
+    stream: float  # elements/s of one read-modify-write pass over a 4M-element block
 
 
 def _best_time(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
@@ -72,11 +73,15 @@ def _rates(device_str: str, dtype: torch.dtype) -> Rates:
         torch.sum(e, dim=-1, out=rowsum)
 
     t_exp = _best_time(softmax_rows, device)
+    # a block of the size the exact LoRA path streams through ([slices, block, L] scores)
+    blk, blk_out = rnd(1 << 22), rnd(1 << 22)
+    t_stream = _best_time(lambda: torch.mul(blk, 1.5, out=blk_out), device)
     return Rates(
         gemm=2.0 * big * 64 * big / t_gemm,
         skinny=2.0 * 512 * big * 16 / t_skinny,
         elems=512.0 * big / t_elem,
         exps=float(big * big) / t_exp,
+        stream=float(1 << 22) / t_stream,
     )
 
 

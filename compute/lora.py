@@ -867,12 +867,20 @@ def _run_polynomial(
 
 
 def _cost_exact(rt: Rates, *, batch: int, n: int, d: int, full: bool) -> float:
-    """Six ``[b, L] x d`` GEMMs (5 for partial) and the softmax bookkeeping per pair, twice."""
+    """Per pair: six ``[b, L] x d`` GEMMs (5 for partial) and the passes over the score block.
+
+    The block (``_EXACT_BLOCK_ELEMS`` elements, far beyond the caches) is streamed through
+    memory: ``_exact_qkv_grads`` writes it or reads-modifies-writes it 8 times (scores, scale,
+    shift, exp, normalise, ``E V^T``, ``- D``, ``* F``) and only reads it 6 times (max, sum and
+    the four ``[b, L] x [L, d]`` products, counted as half a pass each: 11 passes in all; 10 for
+    partial adaptation, without ``dK``), at the calibrated ``rt.stream`` rate.
+    """
     pairs = float(batch) * n * n
     gemms = 6.0 if full else 5.0
+    passes = 11.0 if full else 10.5
     blocks = -(-batch * n * n // _EXACT_BLOCK_ELEMS)
     overhead = _LAUNCH_SECONDS * (10 + 14 * blocks)
-    return pairs * 2.0 * gemms * d / rt.gemm + 3.0 * pairs / rt.exps + overhead
+    return pairs * (2.0 * gemms * d / rt.gemm + passes / rt.stream) + overhead
 
 
 def _cost_polynomial(rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bool) -> float:

@@ -174,13 +174,44 @@ def tensor_rounding_bound(
     times ``1 + 1e-9`` for the float64 arithmetic of the bound itself. There is no term for the
     scores: they are never rounded (the features of the exact inputs carry them exactly).
     """
-    c = chunk
-    g, r, R = approx.degree, features, approx.radius
     vr = _as_numpy(value_range)
     va = _as_numpy(value_absmax)
     vs = 4.0 * va if value_scale is None else _as_numpy(value_scale)
+    coef = _rounding_coefficients(
+        approx,
+        features=features,
+        n1=n1,
+        n2=n2,
+        compute_dtype=compute_dtype,
+        out_dtype=out_dtype,
+        weight_max=weight_max,
+        entry_max=entry_max,
+        chunk=chunk,
+    )
+    return _bound_parts(approx.t, coef, vr, np.stack([va, vs]))
+
+
+def _rounding_coefficients(
+    approx: Approximation,
+    *,
+    features: int,
+    n1: int,
+    n2: int,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    weight_max: float,
+    entry_max: float,
+    chunk: int,
+) -> tuple[float, float] | None:
+    """``(ca, cs)``: per entry, rounding ``= ca Vabs + cs 2^(e1+e2)`` (``tensor_rounding_bound``).
+
+    Expands ``E + cast (Vabs + E)`` with ``E = (2 Gamma rho Vabs + 8 H' 2^(e1+e2)) / denom``.
+    None when no rounding bound exists (``dmin <= -1``, non-finite ``t``, ``denom <= 0``).
+    """
     if approx.dmin <= -1.0 or not math.isfinite(approx.t):
-        return BoundParts(math.inf, math.inf, math.inf)
+        return None
+    c = chunk
+    g, r, R = approx.degree, features, approx.radius
     u = unit_roundoff(compute_dtype)
     u_out = 0.0 if out_dtype == torch.float64 else unit_roundoff(out_dtype)
     k_c = 3 * max(g - 1, 0) + min(c, n1) + min(c, n2) + 1 + min(c, r)
@@ -198,16 +229,30 @@ def tensor_rounding_bound(
     h_rel = math.exp(log_h) if log_h < 700.0 else math.inf
     denom = 1.0 - big_gamma * rho - h_rel
     if not denom > 0.0:
-        poly = float((approx.t * vr).max()) if vr.size else 0.0
-        return BoundParts(poly, math.inf, math.inf)
-    poly_k = approx.t * vr
-    err_k = (2.0 * big_gamma * rho * va + 8.0 * h_rel * vs) / denom
+        return None
     cast = (1.0 + _U64) * (1.0 + u_out) - 1.0
-    rounding_k = err_k + cast * (va + err_k)
-    total_k = (poly_k + rounding_k) * (1.0 + 1e-9)
-    if total_k.size == 0:
+    ca = (1.0 + cast) * (2.0 * big_gamma * rho / denom) + cast
+    cs = (1.0 + cast) * (8.0 * h_rel / denom)
+    return ca, cs
+
+
+def _bound_parts(
+    t: float, coef: tuple[float, float] | None, vr: np.ndarray, vavs: np.ndarray
+) -> BoundParts:
+    """Max over entries of ``t range``, the rounding and their sum (times ``1 + 1e-9``).
+
+    ``vr: [K]`` value ranges, ``vavs: [2, K]`` = ``[Vabs; 2^(e1+e2)]``.
+    """
+    if not math.isfinite(t):
+        return BoundParts(math.inf, math.inf, math.inf)
+    if vr.size == 0:
         return BoundParts(0.0, 0.0, 0.0)
-    return BoundParts(float(poly_k.max()), float(rounding_k.max()), float(total_k.max()))
+    poly_k = t * vr
+    if coef is None:
+        return BoundParts(float(poly_k.max()), math.inf, math.inf)
+    rounding_k = coef[0] * vavs[0] + coef[1] * vavs[1]
+    total = float((poly_k + rounding_k).max()) * (1.0 + 1e-9)
+    return BoundParts(float(poly_k.max()), float(rounding_k.max()), total)
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -459,10 +504,33 @@ def _polynomial_forward(
     chunk: int | None = None,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Polynomial-method tensor attention: ``[B, n, dv]`` in float64 (see the module docstring).
+    """Polynomial-method tensor attention: ``[B, n, dv]`` in float64 (see ``_poly_core``).
 
     ``q: [B, n, d]``, ``k1: [B, n1, d]``, ``k2: [B, n2, d]``, ``v1: [B, n1, dv]``,
-    ``v2: [B, n2, dv]``, all in the compute dtype; ``approx`` is the polynomial ``P`` for
+    ``v2: [B, n2, dv]``, all in the compute dtype; lays them out as ``_poly_core`` takes them.
+    """
+    n, n1 = q.shape[1], k1.shape[1]
+    xt = torch.cat([q, k1, k2], dim=1).permute(2, 0, 1).contiguous()  # [d, B, n+n1+n2]
+    ones = torch.ones(v1.shape[0], n1 + k2.shape[1], 1, dtype=v1.dtype, device=v1.device)
+    ve = torch.cat([torch.cat([v1, v2], dim=1), ones], dim=2)  # [B, n1+n2, dv+1]
+    return _poly_core(xt, ve, n, n1, approx, scale, chunk=chunk, progress=progress)
+
+
+def _poly_core(
+    xt: torch.Tensor,
+    ve: torch.Tensor,
+    n: int,
+    n1: int,
+    approx: Approximation,
+    scale: float,
+    *,
+    chunk: int | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Polynomial-method tensor attention: ``[B, n, dv]`` in float64 (see the module docstring).
+
+    ``xt: [d, B, n+n1+n2]`` holds ``[q | k1 | k2]`` transposed and ``ve: [B, n1+n2, dv+1]``
+    holds ``[v1; v2 | 1]``, both in the compute dtype; ``approx`` is the polynomial ``P`` for
     ``exp`` and ``scale`` multiplies the trilinear form. Per slice (features of q, k1 and k2
     built together when they fit in one block of ``_FEATURE_BLOCK`` entries)::
 
@@ -472,16 +540,20 @@ def _polynomial_forward(
         o  = U1^T @ Me            # [n, dv+1]  ``chunk`` features per product, float64 across
         T  = o[:, :dv] / o[:, dv] # [n, dv]
 
-    The rounding of exactly these steps is what ``tensor_rounding_bound`` certifies.
+    The rounding of exactly these steps is what ``tensor_rounding_bound`` certifies. (In one
+    block the feature rows are padded with zero rows to a multiple of ``chunk``, so that all
+    chunks of the readout are one batched product: zero terms add no rounding.)
     """
-    B, n, d = q.shape
-    n1, n2, dv = k1.shape[1], k2.shape[1], v1.shape[-1]
-    dt, dev = q.dtype, q.device
+    d, B, N = xt.shape
+    n2, e = N - n - n1, ve.shape[-1]
+    dv = e - 1
+    dt, dev = xt.dtype, xt.device
     c = (CHUNK_FLOAT64 if dt == torch.float64 else CHUNKS_FLOAT32[-1]) if chunk is None else chunk
     tables = _graded(d, approx.degree)
     r = tables.r
     w = _weights(approx, tables, scale).to(dev)  # [r] float64
-    one_block = r * (n + n1 + n2) <= _FEATURE_BLOCK
+    r_pad = r if r <= c else -(-r // c) * c  # readout rows: whole chunks
+    one_block = r_pad * N <= _FEATURE_BLOCK
     kb = max(c, (_FEATURE_BLOCK // r) // c * c)  # keys per feature block (a multiple of c)
     qb = max(1, _FEATURE_BLOCK // r)  # queries per feature block
     per_slice = 2 if one_block else -(-n1 // kb) + -(-n2 // kb) + -(-n // qb)
@@ -494,52 +566,59 @@ def _polynomial_forward(
             progress(done, total)
 
     out = torch.empty(B, n, dv, dtype=torch.float64, device=dev)
-    ones = torch.ones(B, n1 + n2, 1, dtype=dt, device=dev)
-    ve_all = torch.cat([torch.cat([v1, v2], dim=1), ones], dim=2)  # [B, n1+n2, dv+1]
     fused = one_block and n1 % c == 0 and n2 % c == 0  # both moments in one batched product
+    me_pad = torch.zeros(r_pad, e, dtype=dt, device=dev) if one_block else None
     for b in range(B):
-        ve1, ve2 = ve_all[b, :n1], ve_all[b, n1:]  # [n1, dv+1], [n2, dv+1]
+        ve1, ve2 = ve[b, :n1], ve[b, n1:]  # [n1, dv+1], [n2, dv+1]
         f_all: torch.Tensor | None = None
         if one_block:
-            f_all = torch.empty(r, n1 + n2 + n, dtype=dt, device=dev)  # [r, n1+n2+n]
-            if tables.g >= 1:  # degree 1: the variables themselves, written in place
-                f_all[1 : 1 + d, :n1].copy_(k1[b].T)
-                f_all[1 : 1 + d, n1 : n1 + n2].copy_(k2[b].T)
-                f_all[1 : 1 + d, n1 + n2 :].copy_(q[b].T)
+            f_all = torch.empty(r_pad, N, dtype=dt, device=dev)  # [r_pad, n+n1+n2]
+            if tables.g >= 1:  # degree 1: the variables themselves
+                f_all[1 : 1 + d].copy_(xt[:, b])
             _fill_features(f_all, tables)
+            if r_pad > r:
+                f_all[r:, :n].zero_()  # padding rows of the queries' readout
         if fused:
             assert f_all is not None
             nc1, nc = n1 // c, (n1 + n2) // c
-            fb = f_all[:, : n1 + n2].unfold(1, c, c).transpose(0, 1)  # [nc, r, c]
-            vb = ve_all[b].view(nc, c, dv + 1)  # [nc, c, dv+1]
-            prods = torch.bmm(fb, vb)  # [nc, r, dv+1]: one compute-dtype product per chunk
+            fb = f_all[:r, n:].unfold(1, c, c).transpose(0, 1)  # [nc, r, c]
+            prods = torch.bmm(fb, ve[b].view(nc, c, e))  # [nc, r, dv+1]: one product per chunk
             if 2 * nc1 == nc:  # n1 == n2: both sums over chunks in one float64 reduction
-                a1, a2 = prods.view(2, nc1, r, dv + 1).sum(dim=1, dtype=torch.float64)
+                a1, a2 = prods.view(2, nc1, r, e).sum(dim=1, dtype=torch.float64)
             else:
                 a1 = prods[:nc1].sum(dim=0, dtype=torch.float64)  # [r, dv+1] float64
                 a2 = prods[nc1:].sum(dim=0, dtype=torch.float64)  # [r, dv+1]
             tick()
         elif f_all is not None:
-            a1 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
-            a2 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
-            _chunked_moments(f_all[:, :n1], ve1, c, a1)
-            _chunked_moments(f_all[:, n1 : n1 + n2], ve2, c, a2)
+            a1 = torch.zeros(r, e, dtype=torch.float64, device=dev)  # [r, dv+1]
+            a2 = torch.zeros(r, e, dtype=torch.float64, device=dev)  # [r, dv+1]
+            _chunked_moments(f_all[:r, n : n + n1], ve1, c, a1)
+            _chunked_moments(f_all[:r, n + n1 :], ve2, c, a2)
             tick()
         else:
-            a1 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
-            a2 = torch.zeros(r, dv + 1, dtype=torch.float64, device=dev)  # [r, dv+1]
-            for kk, ve, acc in ((k1[b], ve1, a1), (k2[b], ve2, a2)):
-                for s in range(0, kk.shape[0], kb):
-                    f = _graded_features_t(kk[s : s + kb].T.contiguous(), tables)  # [r, L]
-                    _chunked_moments(f, ve[s : s + kb], c, acc)
+            a1 = torch.zeros(r, e, dtype=torch.float64, device=dev)  # [r, dv+1]
+            a2 = torch.zeros(r, e, dtype=torch.float64, device=dev)  # [r, dv+1]
+            for lo, hi, vk, acc in ((n, n + n1, ve1, a1), (n + n1, N, ve2, a2)):
+                for s in range(lo, hi, kb):
+                    f = _graded_features_t(xt[:, b, s : min(s + kb, hi)].contiguous(), tables)
+                    _chunked_moments(f, vk[s - lo : s - lo + kb], c, acc)  # f: [r, L]
                     tick()
-        me = (w[:, None] * (a1 * a2)).to(dt)  # [r, dv+1]
-        starts = [0] if one_block else list(range(0, n, qb))
-        for s in starts:
-            if f_all is not None:
-                fq = f_all[:, n1 + n2 :]  # [r, n]
+        me64 = w[:, None] * (a1 * a2)  # [r, dv+1] float64: [M | z]
+        if f_all is not None and me_pad is not None:
+            me_pad[:r].copy_(me64)  # cast to the compute dtype; rows >= r stay zero
+            if r_pad == r:
+                o = torch.mm(me_pad.T, f_all[:, :n]).double()  # [dv+1, n]: one chunk
             else:
-                fq = _graded_features_t(q[b, s : s + qb].T.contiguous(), tables)  # [r, L]
+                ncr = r_pad // c
+                mb = me_pad.view(ncr, c, e).transpose(1, 2)  # [ncr, dv+1, c]
+                fq = f_all[:, :n].view(ncr, c, n)  # [ncr, c, n]
+                o = torch.bmm(mb, fq).sum(dim=0, dtype=torch.float64)  # [dv+1, n]
+            out[b] = (o[:dv] / o[dv:]).T
+            tick()
+            continue
+        me = me64.to(dt)  # [r, dv+1]
+        for s in range(0, n, qb):
+            fq = _graded_features_t(xt[:, b, s : min(s + qb, n)].contiguous(), tables)  # [r, L]
             o = _chunked_readout(fq, me, c)  # [dv+1, L] float64
             out[b, s : s + fq.shape[1]] = (o[:dv] / o[dv:]).T
             tick()
@@ -551,6 +630,31 @@ def _polynomial_forward(
 # --------------------------------------------------------------------------------------------
 
 
+def _balance_shifts(
+    maxima: list[float], scale: float, dtype: torch.dtype
+) -> tuple[list[int] | None, float, float]:
+    """Powers of two for ``q, k1, k2`` that make their largest entries equal (``< 2^t``).
+
+    Scores are unchanged (the product of the three factors is folded into ``scale'``) and, with
+    ``|scale| max|q| max|k1| max|k2| <= R3``, ``2^t <= (16 R3)^(1/3)`` and ``|scale'| in
+    [1/2, 4)``: features of degree g stay below ``entry_max^g``. Returns
+    ``(shifts, scale', entry_max)`` with ``entry_max >= max(1, every balanced |entry|)``;
+    ``shifts`` is None (inputs left as they are, ``scale' = scale``) when an input is all
+    zeros, ``scale`` is 0, or a shift would leave the exponent range of ``dtype``.
+    """
+    plain = max(1.0, *maxima)
+    if scale == 0.0 or min(maxima) == 0.0:
+        return None, scale, plain
+    exps = [math.frexp(m)[1] for m in maxima]  # m = f 2^e, f in [1/2, 1)
+    big = math.frexp(abs(scale))[1] + sum(exps)
+    t = big // 3
+    shifts = [t - e for e in exps]
+    limit = 120 if dtype != torch.float64 else 1000
+    if max(abs(sh) for sh in shifts) > limit:
+        return None, scale, plain
+    return shifts, math.ldexp(scale, -sum(shifts)), max(1.0, 2.0**t)
+
+
 def _balance(
     q: torch.Tensor,
     k1: torch.Tensor,
@@ -558,29 +662,18 @@ def _balance(
     scale: float,
     maxima: list[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
-    """Rescale ``q, k1, k2`` by powers of two so their largest entries are equal (``< 2^t``).
+    """``q, k1, k2`` rescaled by the powers of two of ``_balance_shifts`` (exact).
 
-    Scores are unchanged (the product of the three factors is folded into ``scale'``) and, with
-    ``|scale| max|q| max|k1| max|k2| <= R3``, ``2^t <= (16 R3)^(1/3)`` and ``|scale'| in
-    [1/2, 4)``: features of degree g stay below ``entry_max^g``. Returns
-    ``(q', k1', k2', scale', entry_max)`` with ``entry_max >= max(1, every |entry|)``.
-    ``maxima``: the largest magnitudes of ``q, k1, k2`` when already known (``_statistics``).
+    Returns ``(q', k1', k2', scale', entry_max)``. ``maxima``: the largest magnitudes of
+    ``q, k1, k2`` when already known (``_statistics``).
     """
     if maxima is None:
         maxima = [float(x.abs().max()) for x in (q, k1, k2)]
-    plain = max(1.0, *maxima)
-    if scale == 0.0 or min(maxima) == 0.0:
-        return q, k1, k2, scale, plain
-    exps = [math.frexp(m)[1] for m in maxima]  # m = f 2^e, f in [1/2, 1)
-    big = math.frexp(abs(scale))[1] + sum(exps)
-    t = big // 3
-    shifts = [t - e for e in exps]
-    limit = 120 if q.dtype != torch.float64 else 1000
-    if max(abs(sh) for sh in shifts) > limit:
-        return q, k1, k2, scale, plain
+    shifts, scale2, entry_max = _balance_shifts(maxima, scale, q.dtype)
+    if shifts is None:
+        return q, k1, k2, scale2, entry_max
     q2, a2, b2 = (x * (2.0**sh) for x, sh in zip((q, k1, k2), shifts, strict=True))
-    scale2 = math.ldexp(scale, -sum(shifts))
-    return q2, a2, b2, scale2, max(1.0, 2.0**t)
+    return q2, a2, b2, scale2, entry_max
 
 
 def _value_exponents(v: torch.Tensor) -> torch.Tensor:
@@ -605,6 +698,20 @@ def _times_pow2(x: torch.Tensor, e: torch.Tensor, *, direct: bool = False) -> to
         return (x.double() * torch.exp2(e.double())).to(x.dtype)
     half = torch.div(e, 2, rounding_mode="floor")
     return x * torch.exp2(half.to(x.dtype)) * torch.exp2((e - half).to(x.dtype))
+
+
+def _normalise_into(out: torch.Tensor, v: torch.Tensor, e: torch.Tensor, *, direct: bool) -> None:
+    """``out[...] = v * 2^-e`` rounded once to ``out.dtype`` (as ``_times_pow2``).
+
+    ``v: [B, m, dv]``, ``e: [B, 1, dv]`` int64. When every ``2^-e`` is a normal number of
+    ``out.dtype`` (the usual case) this is one multiplication written in place; a product by a
+    power of two is exact but for underflow, where it rounds once, like the float64 route.
+    """
+    lim = 125 if out.dtype == torch.float32 else 1021
+    if bool((e.abs() <= lim).all()):
+        torch.mul(v, torch.exp2(-e.to(out.dtype)), out=out)
+    else:
+        out.copy_(_times_pow2(v.to(out.dtype), -e, direct=direct))
 
 
 def _value_stats(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,6 +742,7 @@ class _Stats:
     value_scale: np.ndarray  # [B*dv] float64: 2^(e1+e2), 0 for all-zero columns
     e1: torch.Tensor  # [B, 1, dv] int64: max |v1| in [2^(e1-1), 2^e1) per column
     e2: torch.Tensor  # [B, 1, dv] int64
+    xt: torch.Tensor  # [d, B, n+n1+n2]: [q | k1 | k2] transposed, in the input dtype
 
 
 _NAMES = ("q", "k1", "k2", "v1", "v2")
@@ -651,29 +759,32 @@ def _statistics(
     """Finiteness, R3, the balancing maxima and the value statistics from one host sync.
 
     ``q: [B, n, d]``, ``k1: [B, n1, d]``, ``k2: [B, n2, d]``, ``v1: [B, n1, dv]``,
-    ``v2: [B, n2, dv]``, all in one dtype. On the device: one pass over ``[q; k1; k2]`` gives
-    every row's 2-norm (accumulated in float64) and largest magnitude, reduced per slice and
-    tensor to ``[B, 2, 3]``; one ``aminmax`` per value tensor gives the column extremes
-    ``[B, dv]`` (exact). These ``6 B + 4 B dv`` numbers cross to the host once; the rest is
-    float64 numpy on them: R3 exactly as ``tensor_radius`` (best Hölder splitting per slice,
-    max over slices, times ``1 + 1e-12``), the value statistics as ``_value_stats`` (corners
-    of the extremes, inflated by ``4 u64``) and the exponents as ``_value_exponents``
+    ``v2: [B, n2, dv]``, all in one dtype. On the device: ``[q; k1; k2]`` is transposed once
+    to ``xt: [d, B, n+n1+n2]`` (returned: the polynomial path's degree-1 features), so every
+    row's squared 2-norm (float64; squares of float32 entries are exact there) and largest
+    magnitude are element-wise reductions over ``d`` rows, reduced per slice and tensor to
+    ``[B, 2, 3]``; one ``aminmax`` per value tensor gives the column extremes ``[B, dv]``
+    (exact). These ``6 B + 4 B dv`` numbers cross to the host once; the rest is float64 numpy
+    on them: R3 exactly as ``tensor_radius`` (best Hölder splitting per slice, max over
+    slices, times ``1 + 1e-12``; the largest 2-norm is the square root of the largest squared
+    norm, square roots being monotone), the value statistics as ``_value_stats`` (corners of
+    the extremes, inflated by ``4 u64``) and the exponents as ``_value_exponents``
     (``max |v| = max(hi, -lo)``).
 
     Finiteness comes from the same reductions: ``amax``/``aminmax`` propagate NaN and an
     infinite entry makes its row maximum (or a column extreme) infinite, so a tensor is finite
-    exactly when those reductions are (the 2-norms are not used for this: they may overflow
+    exactly when those reductions are (the norms are not used for this: they may overflow
     for finite float64 inputs). Raises ``InvalidInputError`` naming the first non-finite
     tensor (q, k1, k2, v1, v2 order).
     """
     B, n, _ = q.shape
-    n1, dv = k1.shape[1], v1.shape[-1]
-    x = torch.cat([q, k1, k2], dim=1)  # [B, n+n1+n2, d]
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)  # [B, n+n1+n2]
-    peaks = x.abs().amax(dim=-1).double()  # [B, n+n1+n2], exact
-    row = torch.stack([norms, peaks], dim=1)  # [B, 2, n+n1+n2]
-    if n == n1 == k2.shape[1]:
-        seg = row.view(B, 2, 3, n).amax(dim=-1)  # [B, 2, 3]: (2-norm, inf-norm) of (q, k1, k2)
+    n1, n2, dv = k1.shape[1], k2.shape[1], v1.shape[-1]
+    xt = torch.cat([q, k1, k2], dim=1).permute(2, 0, 1).contiguous()  # [d, B, n+n1+n2]
+    sq = xt.double().square().sum(dim=0)  # [B, n+n1+n2] squared row 2-norms
+    peaks = xt.abs().amax(dim=0).double()  # [B, n+n1+n2], exact
+    row = torch.stack([sq, peaks], dim=1)  # [B, 2, n+n1+n2]
+    if n == n1 == n2:
+        seg = row.view(B, 2, 3, n).amax(dim=-1)  # [B, 2, 3]: (|.|_2^2, |.|_inf) of (q, k1, k2)
     else:
         seg = torch.stack(
             [row[..., :n].amax(-1), row[..., n : n + n1].amax(-1), row[..., n + n1 :].amax(-1)],
@@ -683,18 +794,20 @@ def _statistics(
     lo2, hi2 = torch.aminmax(v2, dim=1)  # [B, dv]
     ext = torch.stack([hi1, lo1, hi2, lo2]).double()  # [4, B, dv], exact
     host = torch.cat([seg.reshape(-1), ext.reshape(-1)]).cpu().numpy()  # the one host sync
-    two, top_abs = host[: 6 * B].reshape(B, 2, 3).transpose(1, 0, 2)  # [B, 3] each
+    sq_max, top_abs = host[: 6 * B].reshape(B, 2, 3).transpose(1, 0, 2)  # [B, 3] each
     h1, l1, h2, l2 = host[6 * B :].reshape(4, B, dv)  # [B, dv] each
-    finite = [
-        *(bool(np.isfinite(top_abs[:, j]).all()) for j in range(3)),
-        bool(np.isfinite(h1).all() and np.isfinite(l1).all()),
-        bool(np.isfinite(h2).all() and np.isfinite(l2).all()),
-    ]
-    for name, ok in zip(_NAMES, finite, strict=True):
-        if not ok:
-            raise InvalidInputError(name, "contains NaN or Inf")
+    if not np.isfinite(host).all():
+        finite = [
+            *(bool(np.isfinite(top_abs[:, j]).all()) for j in range(3)),
+            bool(np.isfinite(h1).all() and np.isfinite(l1).all()),
+            bool(np.isfinite(h2).all() and np.isfinite(l2).all()),
+        ]
+        for name, ok in zip(_NAMES, finite, strict=True):
+            if not ok:
+                raise InvalidInputError(name, "contains NaN or Inf")
+    two = np.sqrt(sq_max)  # [B, 3]: largest row 2-norm of q, k1, k2
     # the three Hölder splittings of tensor_radius: the inf-norm on one factor, 2-norms on two
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         options = np.stack(
             [
                 two[:, 0] * two[:, 1] * top_abs[:, 2],
@@ -715,12 +828,13 @@ def _statistics(
     )  # [B, dv]: 2^(e1+e2), never rounded down to 0 for a nonzero column
     return _Stats(
         radius=radius if math.isfinite(radius) else math.inf,
-        maxima=[float(top_abs[:, j].max()) for j in range(3)],
+        maxima=[float(m) for m in top_abs.max(axis=0)],
         value_range=value_range.reshape(-1),
         value_absmax=value_absmax.reshape(-1),
         value_scale=value_scale.reshape(-1),
         e1=torch.from_numpy(e1).reshape(B, 1, dv).to(q.device),
         e2=torch.from_numpy(e2).reshape(B, 1, dv).to(q.device),
+        xt=xt,
     )
 
 
@@ -798,6 +912,7 @@ def _first_certified(
 ) -> _Choice | None:
     """Lowest degree whose certified bound meets ``p.target`` in ``dtype`` (None if none)."""
     range_max = float(p.value_range.max()) if p.value_range.size else 0.0
+    vavs = np.stack([p.value_absmax, p.value_scale])  # [2, B*dv]
     for approx in _approximations(p.radius):
         if approx.degree > max_degree:
             return None
@@ -820,7 +935,7 @@ def _first_certified(
         ):
             continue
         for chunk in _chunk_options(dtype, r):  # longest first: fewest products
-            bound = tensor_rounding_bound(
+            coef = _rounding_coefficients(
                 approx,
                 features=r,
                 n1=p.n1,
@@ -829,11 +944,9 @@ def _first_certified(
                 out_dtype=p.out_dtype,
                 weight_max=w_max,
                 entry_max=p.entry_max,
-                value_range=p.value_range,
-                value_absmax=p.value_absmax,
                 chunk=chunk,
-                value_scale=p.value_scale,
             )
+            bound = _bound_parts(approx.t, coef, p.value_range, vavs)  # = tensor_rounding_bound
             if bound.total <= p.target:
                 cost = predict_polynomial_attention(
                     rates(p.device, dtype), batch=p.batch, n_q=p.n, n_k=p.n1 + p.n2, r=r, dv=p.dv
@@ -1109,7 +1222,7 @@ def tensor_attention(
     stats = _statistics(fq, fa, fb, fv1, fv2, sc)  # raises for NaN/Inf
     e1, e2 = stats.e1, stats.e2  # [B, 1, dv] each
     target = eps * float(stats.value_absmax.max())
-    qb, ab, bb, scale_b, entry_max = _balance(fq, fa, fb, sc, stats.maxima)
+    shifts, scale_b, entry_max = _balance_shifts(stats.maxima, sc, exact_dtype)
     problem = _Problem(
         n=n,
         n1=n1,
@@ -1135,19 +1248,19 @@ def tensor_attention(
         bound = None
     else:
         cd = choice.dtype
+        xt = stats.xt.to(cd)  # [d, B, n+n1+n2]: [q | k1 | k2] transposed
+        if shifts is not None:  # balance by powers of two: exact
+            spans = ((0, n), (n, n + n1), (n + n1, n + n1 + n2))
+            for (lo, hi), sh in zip(spans, shifts, strict=True):
+                if sh != 0:
+                    xt[:, :, lo:hi].mul_(2.0**sh)
+        ve = torch.empty(batch, n1 + n2, dv + 1, dtype=cd, device=dev)  # [v1; v2 | 1]
+        ve[..., dv].fill_(1.0)
         small = exact_dtype == torch.float32  # exponents of float32 data: |e1 + e2| <= 300
-        v1n = _times_pow2(fv1.to(cd), -e1, direct=small)  # [B, n1, dv], |v1n| < 1
-        v2n = _times_pow2(fv2.to(cd), -e2, direct=small)  # [B, n2, dv], |v2n| < 1
-        t64 = _polynomial_forward(
-            qb.to(cd),
-            ab.to(cd),
-            bb.to(cd),
-            v1n,
-            v2n,
-            choice.approx,
-            scale_b,
-            chunk=choice.chunk,
-            progress=progress,
+        for v, ex, lo, hi in ((fv1, e1, 0, n1), (fv2, e2, n1, n1 + n2)):
+            _normalise_into(ve[:, lo:hi, :dv], v, ex, direct=small)  # |v'| < 1
+        t64 = _poly_core(
+            xt, ve, n, n1, choice.approx, scale_b, chunk=choice.chunk, progress=progress
         )  # [B, n, dv] float64
         out = _times_pow2(t64, e1 + e2, direct=small).to(out_dtype)  # exact in float64
         bound = choice.bound.total

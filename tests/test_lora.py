@@ -398,7 +398,7 @@ def test_auto_is_certified_whenever_polynomial(monkeypatch: pytest.MonkeyPatch) 
 
 def test_plan_lora_gradient_regimes(monkeypatch: pytest.MonkeyPatch) -> None:
     # fixed throughputs: the decision logic, not this machine's momentary load, is under test
-    fixed = Rates(gemm=5e10, skinny=2e10, elems=5e8, exps=1e9)
+    fixed = Rates(gemm=5e10, skinny=2e10, elems=5e8, exps=1e9, stream=2e9)
     monkeypatch.setattr(lora_mod, "rates", lambda device, dtype: fixed)
     small = compute.plan_lora_gradient(n=65536, d=8, radius=0.25, eps=1e-3, full=True)
     assert small.op == "lora-gradient" and small.method == "polynomial"

@@ -707,3 +707,45 @@ def test_fused_moments_match_float64_polynomial(n2: int) -> None:
     p = sum(c * s**m for m, c in enumerate(coeffs))  # [2, 20, 32, n2]
     ref = torch.einsum("bijk,bjc,bkc->bic", p, v1, v2) / p.sum((-2, -1))[..., None]
     assert float((out - ref).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("shift", [0, 140], ids=["one-multiply", "split"])
+@pytest.mark.parametrize("out_dt", ["fp32", "fp64"])
+def test_normalise_into_rounds_like_times_pow2(shift: int, out_dt: str) -> None:
+    """Writing ``v * 2^-e`` into the value buffer rounds once, exactly like ``_times_pow2``."""
+    gen = torch.Generator().manual_seed(26)
+    v = torch.randn(2, 40, 3, generator=gen) * torch.tensor([1e-30, 1.0, 1e30])  # [2, 40, 3]
+    e = ta._value_exponents(v) + shift  # [2, 1, 3]; +140: 2^-e is no normal float32
+    dt = torch.float32 if out_dt == "fp32" else F64
+    out = torch.empty(2, 40, 3, dtype=dt)
+    ta._normalise_into(out, v, e, direct=True)
+    assert torch.equal(out, ta._times_pow2(v.to(dt), -e, direct=True))
+
+
+def test_planned_bound_is_the_rounding_bound() -> None:
+    """The planner's fast bound evaluation equals ``tensor_rounding_bound`` for its choice."""
+    q, k1, k2, v1, v2 = make_inputs(
+        (2,), 64, 48, 40, 4, 3, dtype=torch.float32, seed=27, radius=1.0
+    )
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=1e-3)
+    sc = 1.0 / math.sqrt(4)
+    st = ta._statistics(q, k1, k2, v1, v2, sc)
+    _, scale_b, entry_max = ta._balance_shifts(st.maxima, sc, torch.float32)
+    approx = certified_best(st.radius, res.plan.degree)
+    assert res.plan.family == approx.family
+    bound = ta.tensor_rounding_bound(
+        approx,
+        features=res.plan.features,
+        n1=48,
+        n2=40,
+        compute_dtype=getattr(torch, res.plan.compute_dtype),
+        out_dtype=torch.float32,
+        weight_max=ta._weight_max(approx, scale_b),
+        entry_max=entry_max,
+        value_range=st.value_range,
+        value_absmax=st.value_absmax,
+        chunk=res.plan.extra["chunk"],
+        value_scale=st.value_scale,
+    )
+    assert res.error_bound == bound.total
+    assert res.plan.extra["bound_parts"] == bound.to_dict()
