@@ -872,8 +872,8 @@ def _cost_exact(rt: Rates, *, batch: int, n: int, d: int, full: bool) -> float:
     The block (``_EXACT_BLOCK_ELEMS`` elements, far beyond the caches) is streamed through
     memory: ``_exact_qkv_grads`` writes it or reads-modifies-writes it 8 times (scores, scale,
     shift, exp, normalise, ``E V^T``, ``- D``, ``* F``) and only reads it 6 times (max, sum and
-    the four ``[b, L] x [L, d]`` products, counted as half a pass each: 11 passes in all; 10 for
-    partial adaptation, without ``dK``), at the calibrated ``rt.stream`` rate.
+    the four ``[b, L] x [L, d]`` products, counted as half a pass each: 11 passes in all; 10.5
+    for partial adaptation, without ``dK``), at the calibrated ``rt.stream`` rate.
     """
     pairs = float(batch) * n * n
     gemms = 6.0 if full else 5.0

@@ -121,7 +121,7 @@ def tensor_rounding_bound(
     ``weight_max >= max_a |w_a|`` and ``entry_max >= max(1, max |q'|, |k1'|, |k2'|)`` for the
     balanced inputs the path multiplies.
 
-    Model of ``_polynomial_forward`` (compute dtype with unit roundoff ``u``; ``u64 = 2^-53``):
+    Model of ``_poly_core`` (compute dtype with unit roundoff ``u``; ``u64 = 2^-53``):
 
     0. ``q, k1, k2`` are multiplied by powers of two (balancing) and ``v1, v2`` per column by
        powers of two (normalising to ``max |v'| in [1/2, 1)``): exact except on underflow
@@ -653,27 +653,6 @@ def _balance_shifts(
     if max(abs(sh) for sh in shifts) > limit:
         return None, scale, plain
     return shifts, math.ldexp(scale, -sum(shifts)), max(1.0, 2.0**t)
-
-
-def _balance(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    k2: torch.Tensor,
-    scale: float,
-    maxima: list[float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
-    """``q, k1, k2`` rescaled by the powers of two of ``_balance_shifts`` (exact).
-
-    Returns ``(q', k1', k2', scale', entry_max)``. ``maxima``: the largest magnitudes of
-    ``q, k1, k2`` when already known (``_statistics``).
-    """
-    if maxima is None:
-        maxima = [float(x.abs().max()) for x in (q, k1, k2)]
-    shifts, scale2, entry_max = _balance_shifts(maxima, scale, q.dtype)
-    if shifts is None:
-        return q, k1, k2, scale2, entry_max
-    q2, a2, b2 = (x * (2.0**sh) for x, sh in zip((q, k1, k2), shifts, strict=True))
-    return q2, a2, b2, scale2, entry_max
 
 
 def _value_exponents(v: torch.Tensor) -> torch.Tensor:
