@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 from numpy.polynomial import chebyshev as npcheb
@@ -120,7 +120,11 @@ def tv_factor(dmin: float, dmax: float) -> float:
 
 @dataclass(frozen=True)
 class Approximation:
-    """A polynomial for ``exp`` on ``[-radius, radius]`` with its certified relative error."""
+    """A polynomial for ``exp`` on ``[-radius, radius]`` with its certified relative error.
+
+    Immutable; ``t``, ``kappa`` and ``abs_sum`` are computed once per object (the planners ask
+    for them on every call and the objects are cached).
+    """
 
     family: str  # "chebyshev" | "taylor"
     degree: int
@@ -129,7 +133,7 @@ class Approximation:
     dmin: float
     dmax: float
 
-    @property
+    @cached_property
     def t(self) -> float:
         """Total-variation factor of theory §1.4."""
         return tv_factor(self.dmin, self.dmax)
@@ -138,7 +142,7 @@ class Approximation:
     def max_abs_delta(self) -> float:
         return max(abs(self.dmin), abs(self.dmax))
 
-    @property
+    @cached_property
     def kappa(self) -> float:
         """Rounding amplification ``e^R sum_m |c_m| R^m`` (theory §1.5)."""
         R = self.radius
@@ -146,7 +150,7 @@ class Approximation:
             np.sum(np.abs(self.coeffs) * R ** np.arange(len(self.coeffs), dtype=np.float64))
         )
 
-    @property
+    @cached_property
     def abs_sum(self) -> float:
         """``sum_m |c_m| R^m``: bounds ``sum_alpha |w_alpha q^alpha k^alpha|`` when ``R`` does."""
         R = self.radius

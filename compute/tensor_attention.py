@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _native
 from ._bound import BoundParts, gamma, unit_roundoff
 from ._cost import predict_exact_attention, predict_polynomial_attention, rates
 from ._device import default_device
@@ -210,21 +211,51 @@ def _rounding_coefficients(
     """
     if approx.dmin <= -1.0 or not math.isfinite(approx.t):
         return None
-    c = chunk
-    g, r, R = approx.degree, features, approx.radius
+    return _rounding_coefficients_cached(
+        approx.degree,
+        approx.radius,
+        approx.dmin,
+        approx.kappa,
+        features,
+        n1,
+        n2,
+        compute_dtype,
+        out_dtype,
+        weight_max,
+        entry_max,
+        chunk,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _rounding_coefficients_cached(
+    g: int,
+    R: float,
+    dmin: float,
+    kappa: float,
+    r: int,
+    n1: int,
+    n2: int,
+    compute_dtype: torch.dtype,
+    out_dtype: torch.dtype,
+    weight_max: float,
+    entry_max: float,
+    c: int,
+) -> tuple[float, float] | None:
+    """``_rounding_coefficients`` on the numbers it depends on (all discrete per shape: cached)."""
     u = unit_roundoff(compute_dtype)
     u_out = 0.0 if out_dtype == torch.float64 else unit_roundoff(out_dtype)
     k_c = 3 * max(g - 1, 0) + min(c, n1) + min(c, n2) + 1 + min(c, r)
     k_64 = -(-n1 // c) + -(-n2 // c) + -(-r // c) + (g + 4) + 5
     big_gamma = (1.0 + gamma(k_c, u)) * (1.0 + gamma(k_64, _U64)) - 1.0
-    rho = approx.kappa / (1.0 + approx.dmin)
+    rho = kappa / (1.0 + dmin)
     log_h = (
         math.log(2.0 * (3 * g + 10) * r)
         + _LOG2_ETA[compute_dtype] * math.log(2.0)
         + math.log(max(weight_max, 1e-300))
         + 3 * g * math.log(max(entry_max, 1.0))
         + R
-        - math.log1p(approx.dmin)
+        - math.log1p(dmin)
     )
     h_rel = math.exp(log_h) if log_h < 700.0 else math.inf
     denom = 1.0 - big_gamma * rho - h_rel
@@ -625,6 +656,107 @@ def _poly_core(
     return out  # [B, n, dv] float64
 
 
+# Use the compiled kernel (compute._native) for the statistics and for the float32 polynomial
+# path on the CPU when it builds; tests turn this off to exercise the PyTorch route, which
+# follows the same rounding model.
+NATIVE = True
+
+
+def _native_stats_ok(*ts: torch.Tensor) -> bool:
+    return NATIVE and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def _native_ok(dt: torch.dtype, dev: torch.device, d: int, e: int, c: int) -> bool:
+    return NATIVE and dt == torch.float32 and dev.type == "cpu" and d <= 64 and e >= 2 and c >= 16
+
+
+@lru_cache(maxsize=64)
+def _native_steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
+    """Every graded step (degree 1 included) as int32 ``[nsteps, 4]`` (dst, end, src, var),
+    the number of steps below the top degree and the first row of the top degree."""
+    tables = graded_monomials(d, g)
+    steps = tables.steps
+    top = tables.offsets[g] if g >= 1 else 1
+    nlow = sum(1 for dst, _, _, _ in steps if dst < top)
+    arr = torch.tensor(steps if steps else [[0, 0, 0, 0]], dtype=torch.int32)
+    return arr, nlow, top
+
+
+def _native_run_ok(
+    choice: _Choice, xt: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor
+) -> _native.TensorPoly | None:
+    """The compiled kernel when it can run the whole polynomial path of this call, else None."""
+    ok = _native_ok(choice.dtype, xt.device, xt.shape[0], v1.shape[-1] + 1, choice.chunk)
+    if not ok or not all(t.dtype == torch.float32 for t in (xt, v1, v2)):
+        return None
+    return _native.tensor_poly()
+
+
+def _run_native(
+    kern: _native.TensorPoly,
+    stats: _Stats,
+    shifts: list[int] | None,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    n: int,
+    n1: int,
+    choice: _Choice,
+    scale: float,
+    out_dtype: torch.dtype,
+    progress: Progress | None,
+) -> torch.Tensor:
+    """The polynomial path after planning in compiled code (``ta_poly_run``), slice by slice.
+
+    The same steps as the PyTorch route, with the same roundings: balancing ``xt`` by the
+    powers of two ``shifts`` (in place), normalising the value columns by ``2^-e``, the fused
+    core (every step of ``_poly_core``, with each block of features kept in cache instead of
+    the ``[r, n + n1 + n2]`` feature matrix; float32 dot products of depth at most ``chunk``,
+    float64 across them: see ``compute/_native/tensor_poly.c``) and the exact rescaling by
+    ``2^(e1 + e2)`` in float64, rounded once to a float32 output (other output dtypes are cast
+    from float64 by torch). ``tensor_rounding_bound`` covers both routes.
+    """
+    xt = stats.xt.contiguous()  # [d, B, N] float32, balanced in place below
+    d, B, N = xt.shape
+    v1, v2 = v1.contiguous(), v2.contiguous()  # [B, n1, dv], [B, n2, dv]
+    e1, e2 = stats.e1.contiguous(), stats.e2.contiguous()  # [B, 1, dv] int64
+    dv = v1.shape[-1]
+    tables = _graded(d, choice.approx.degree)
+    steps, nlow, top = _native_steps(d, tables.g)
+    w = _weights(choice.approx, tables, scale).contiguous()  # [r] float64
+    sh = None if shifts is None else np.asarray(shifts, dtype=np.int32)
+    f32 = out_dtype == torch.float32
+    out = torch.empty(B, n, dv, dtype=torch.float32 if f32 else torch.float64)
+    for b in range(B):
+        kern.run(
+            xt.data_ptr(),
+            B,
+            n,
+            n1,
+            N - n - n1,
+            d,
+            None if sh is None else sh.ctypes.data,
+            v1.data_ptr(),
+            v2.data_ptr(),
+            e1.data_ptr(),
+            e2.data_ptr(),
+            dv,
+            steps.data_ptr(),
+            len(tables.steps),
+            nlow,
+            top,
+            tables.r,
+            w.data_ptr(),
+            choice.chunk,
+            out.data_ptr() if f32 else None,
+            None if f32 else out.data_ptr(),
+            b,
+            b + 1,
+        )
+        if progress is not None:
+            progress(b + 1, B)
+    return out if f32 else out.to(out_dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Input preparation: balancing and value normalisation (exact scalings by powers of two)
 # --------------------------------------------------------------------------------------------
@@ -743,7 +875,10 @@ def _statistics(
     row's squared 2-norm (float64; squares of float32 entries are exact there) and largest
     magnitude are element-wise reductions over ``d`` rows, reduced per slice and tensor to
     ``[B, 2, 3]``; one ``aminmax`` per value tensor gives the column extremes ``[B, dv]``
-    (exact). These ``6 B + 4 B dv`` numbers cross to the host once; the rest is float64 numpy
+    (exact). For float32 inputs on the CPU the compiled ``ta_stats`` (``compute._native``)
+    computes the same ``xt`` and the same numbers in one pass (the float64 sums of squares in
+    another order: the radius may differ in the last bits, well inside its ``1 + 1e-12``
+    inflation). These ``6 B + 4 B dv`` numbers cross to the host once; the rest is float64 numpy
     on them: R3 exactly as ``tensor_radius`` (best Hölder splitting per slice, max over
     slices, times ``1 + 1e-12``; the largest 2-norm is the square root of the largest squared
     norm, square roots being monotone), the value statistics as ``_value_stats`` (corners of
@@ -756,23 +891,45 @@ def _statistics(
     for finite float64 inputs). Raises ``InvalidInputError`` naming the first non-finite
     tensor (q, k1, k2, v1, v2 order).
     """
-    B, n, _ = q.shape
+    B, n, d = q.shape
     n1, n2, dv = k1.shape[1], k2.shape[1], v1.shape[-1]
-    xt = torch.cat([q, k1, k2], dim=1).permute(2, 0, 1).contiguous()  # [d, B, n+n1+n2]
-    sq = xt.double().square().sum(dim=0)  # [B, n+n1+n2] squared row 2-norms
-    peaks = xt.abs().amax(dim=0).double()  # [B, n+n1+n2], exact
-    row = torch.stack([sq, peaks], dim=1)  # [B, 2, n+n1+n2]
-    if n == n1 == n2:
-        seg = row.view(B, 2, 3, n).amax(dim=-1)  # [B, 2, 3]: (|.|_2^2, |.|_inf) of (q, k1, k2)
+    kern = _native.tensor_poly() if _native_stats_ok(q, k1, k2, v1, v2) else None
+    if kern is not None:  # the same numbers from one pass of compiled code
+        ins = [x.contiguous() for x in (q, k1, k2, v1, v2)]
+        xt = torch.empty(d, B, n + n1 + n2, dtype=q.dtype)  # [d, B, n+n1+n2]
+        host = np.empty(6 * B + 4 * B * dv, dtype=np.float64)  # [seg [B, 2, 3] | ext [4, B, dv]]
+        kern.stats(
+            *(x.data_ptr() for x in ins),
+            B,
+            n,
+            n1,
+            n2,
+            d,
+            dv,
+            xt.data_ptr(),
+            host.ctypes.data,
+            host.ctypes.data + 6 * B * host.itemsize,
+        )
     else:
-        seg = torch.stack(
-            [row[..., :n].amax(-1), row[..., n : n + n1].amax(-1), row[..., n + n1 :].amax(-1)],
-            dim=-1,
-        )  # [B, 2, 3]
-    lo1, hi1 = torch.aminmax(v1, dim=1)  # [B, dv]
-    lo2, hi2 = torch.aminmax(v2, dim=1)  # [B, dv]
-    ext = torch.stack([hi1, lo1, hi2, lo2]).double()  # [4, B, dv], exact
-    host = torch.cat([seg.reshape(-1), ext.reshape(-1)]).cpu().numpy()  # the one host sync
+        xt = torch.cat([q, k1, k2], dim=1).permute(2, 0, 1).contiguous()  # [d, B, n+n1+n2]
+        sq = xt.double().square().sum(dim=0)  # [B, n+n1+n2] squared row 2-norms
+        peaks = xt.abs().amax(dim=0).double()  # [B, n+n1+n2], exact
+        row = torch.stack([sq, peaks], dim=1)  # [B, 2, n+n1+n2]
+        if n == n1 == n2:
+            seg = row.view(B, 2, 3, n).amax(dim=-1)  # [B, 2, 3]: (|.|_2^2, |.|_inf), q k1 k2
+        else:
+            seg = torch.stack(
+                [
+                    row[..., :n].amax(-1),
+                    row[..., n : n + n1].amax(-1),
+                    row[..., n + n1 :].amax(-1),
+                ],
+                dim=-1,
+            )  # [B, 2, 3]
+        lo1, hi1 = torch.aminmax(v1, dim=1)  # [B, dv]
+        lo2, hi2 = torch.aminmax(v2, dim=1)  # [B, dv]
+        ext = torch.stack([hi1, lo1, hi2, lo2]).double()  # [4, B, dv], exact
+        host = torch.cat([seg.reshape(-1), ext.reshape(-1)]).cpu().numpy()  # the one host sync
     sq_max, top_abs = host[: 6 * B].reshape(B, 2, 3).transpose(1, 0, 2)  # [B, 3] each
     h1, l1, h2, l2 = host[6 * B :].reshape(4, B, dv)  # [B, dv] each
     if not np.isfinite(host).all():
@@ -1225,6 +1382,11 @@ def tensor_attention(
     if choice is None:
         out = _exact_forward(fq, fa, fb, fv1, fv2, sc, progress).to(out_dtype)
         bound = None
+    elif (kern := _native_run_ok(choice, stats.xt, fv1, fv2)) is not None:
+        out = _run_native(
+            kern, stats, shifts, fv1, fv2, n, n1, choice, scale_b, out_dtype, progress
+        )
+        bound = choice.bound.total
     else:
         cd = choice.dtype
         xt = stats.xt.to(cd)  # [d, B, n+n1+n2]: [q | k1 | k2] transposed

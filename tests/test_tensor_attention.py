@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compute
+from compute import _native
 from compute._poly import (
     Approximation,
     certified_best,
@@ -25,6 +28,16 @@ from compute._radius import tensor_radius
 ta = importlib.import_module("compute.tensor_attention")  # the module (the name is the function)
 
 F64 = torch.float64
+HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both implementations of the float32 CPU path: the compiled kernel and PyTorch ops."""
+    if request.param == "native" and _native.tensor_poly() is None:
+        pytest.skip(f"compiled kernel unavailable: {_native.status()}")
+    monkeypatch.setattr(ta, "NATIVE", request.param == "native")
+    return str(request.param)
 
 
 def brute_force(
@@ -220,6 +233,7 @@ def test_polynomial_within_bound(
     radius: float,
     eps: float,
     dt: str,
+    route: str,
 ) -> None:
     dtype = F64 if dt == "fp64" else torch.float32
     q, k1, k2, v1, v2 = make_inputs(lead, n, n1, n2, d, dv, dtype=dtype, seed=7, radius=radius)
@@ -234,7 +248,7 @@ def test_polynomial_within_bound(
 
 
 @pytest.mark.parametrize("dt", ["fp32", "fp64"])
-def test_rounding_part_bounds_the_rounding(dt: str) -> None:
+def test_rounding_part_bounds_the_rounding(dt: str, route: str) -> None:
     """The float32/float64 forward vs the same polynomial in exact (float64) arithmetic."""
     dtype = F64 if dt == "fp64" else torch.float32
     q, k1, k2, v1, v2 = make_inputs((), 40, 33, 29, 4, 3, dtype=dtype, seed=11, radius=1.5)
@@ -289,6 +303,7 @@ def problems(draw: st.DrawFn) -> dict[str, object]:
         "keys": draw(st.sampled_from(["normal", "constant", "sparse", "wide"])),
         "scale": draw(st.sampled_from([None, 1.0, -0.7])),
         "seed": draw(st.integers(0, 2**31 - 1)),
+        "native": draw(st.booleans()),
     }
 
 
@@ -338,12 +353,15 @@ def test_measured_error_never_exceeds_bound(p: dict[str, object]) -> None:
     q, k1, k2, v1, v2 = (x.to(dtype) for x in (q, k1, k2, v1, v2))
     ref = brute_force(q, k1, k2, v1, v2, sc)
     vmax = float((v1.to(F64).abs().amax(-2) * v2.to(F64).abs().amax(-2)).max())
+    ta.NATIVE = bool(p["native"])  # the compiled kernel or the PyTorch route (float32 on CPU)
     try:
         res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=eps, scale=scale)
     except compute.CertificationError:
         auto = compute.tensor_attention(q, k1, k2, v1, v2, method="auto", eps=eps, scale=scale)
         assert auto.plan.method == "exact" and "certifies" in auto.plan.reason
         return
+    finally:
+        ta.NATIVE = True
     err = float((res.output.to(F64) - ref).abs().max())
     assert res.error_bound is not None
     assert err <= res.error_bound, (err, res.error_bound, res.plan.to_dict())
@@ -588,7 +606,8 @@ def test_chunked_products_match_plain_products(m: int) -> None:
 
 
 def test_float32_feature_blocks_within_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """float32 with several key and query feature blocks and chunked products."""
+    """float32 with several key and query feature blocks and chunked products (PyTorch route)."""
+    monkeypatch.setattr(ta, "NATIVE", False)
     monkeypatch.setattr(ta, "_FEATURE_BLOCK", 2000)
     q, k1, k2, v1, v2 = make_inputs((2,), 150, 140, 130, 2, 3, seed=14, radius=1.0)
     calls: list[tuple[int, int]] = []
@@ -635,13 +654,19 @@ def test_value_magnitudes_within_bound(dt: str, magnitude: float) -> None:
 @pytest.mark.parametrize("lengths", [(6, 6, 6), (4, 5, 7)], ids=["equal", "unequal"])
 @pytest.mark.parametrize("name", ["q", "k1", "k2", "v1", "v2"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
-def test_non_finite_entry_is_named(lengths: tuple[int, int, int], name: str, bad: float) -> None:
+@pytest.mark.parametrize("where", ["last", "first"])
+def test_non_finite_entry_is_named(
+    lengths: tuple[int, int, int], name: str, bad: float, where: str, route: str
+) -> None:
     """Finiteness comes from the statistics' reductions: any NaN/Inf anywhere is caught."""
     n, n1, n2 = lengths
     q, k1, k2, v1, v2 = make_inputs((2,), n, n1, n2, 3, 2, dtype=torch.float32, seed=21)
     args = {"q": q, "k1": k1, "k2": k2, "v1": v1, "v2": v2}
     t = args[name]
-    t[1, t.shape[1] - 1, t.shape[2] - 1] = bad  # last slice, last row, last column
+    if where == "last":
+        t[1, t.shape[1] - 1, t.shape[2] - 1] = bad  # last slice, last row, last column
+    else:
+        t[0, 0, 0] = bad  # first entry (the starting value of the column extremes)
     with pytest.raises(compute.InvalidInputError) as info:
         compute.tensor_attention(**args)  # type: ignore[arg-type]
     assert info.value.argument == name
@@ -649,7 +674,9 @@ def test_non_finite_entry_is_named(lengths: tuple[int, int, int], name: str, bad
 
 @pytest.mark.parametrize("lengths", [(9, 9, 9), (5, 8, 11)], ids=["equal", "unequal"])
 @pytest.mark.parametrize("dt", ["fp32", "fp64"])
-def test_statistics_match_the_separate_helpers(lengths: tuple[int, int, int], dt: str) -> None:
+def test_statistics_match_the_separate_helpers(
+    lengths: tuple[int, int, int], dt: str, route: str
+) -> None:
     """``_statistics`` gives what ``tensor_radius``, ``_value_stats``, ... give one by one."""
     dtype = F64 if dt == "fp64" else torch.float32
     n, n1, n2 = lengths
@@ -749,3 +776,126 @@ def test_planned_bound_is_the_rounding_bound() -> None:
     )
     assert res.error_bound == bound.total
     assert res.plan.extra["bound_parts"] == bound.to_dict()
+
+
+# ---------------------------------------------------------------------------- compiled kernel
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+def test_compiled_kernel_builds_where_a_compiler_exists() -> None:
+    """CI machines have a C compiler: the fast path must really be the compiled one there."""
+    assert _native.tensor_poly() is not None, _native.status()
+    assert _native.status().startswith("native ("), _native.status()
+
+
+def test_compiled_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPUTE_NATIVE", "0")
+    assert _native._build() == "disabled by COMPUTE_NATIVE=0"
+
+
+def test_failed_build_is_reported_and_not_cached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A compiler that fails leaves no library behind and says why; the call still works."""
+    monkeypatch.setenv("COMPUTE_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exits 1
+    got = _native._build()
+    assert isinstance(got, str) and "failed" in got
+    assert not list(tmp_path.glob("*.so"))
+    monkeypatch.setattr(_native, "tensor_poly", lambda: None)  # as on a machine without cc
+    q, k1, k2, v1, v2 = make_inputs((), 30, 20, 25, 3, 2, seed=30, radius=1.0)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial")
+    ref = brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(3))
+    assert res.error_bound is not None
+    assert float((res.output.to(F64) - ref).abs().max()) <= res.error_bound
+
+
+KERNEL_CASES = [
+    # lead, n, n1, n2, d, dv, radius, eps, chunk: many lanes/segments, column groups (dv + 1 > 9),
+    # partial query blocks, one key, d = 1, degree 0/1 (no lower-degree rows), unequal lengths
+    ((2,), 70, 1000, 517, 3, 10, 1.0, 1e-3, 16),
+    ((), 33, 300, 290, 8, 2, 1.0, 1e-3, 64),
+    ((3,), 5, 17, 40, 2, 1, 0.5, 1e-2, 512),
+    ((), 1, 1, 1, 4, 3, 0.5, 1e-3, 128),
+    ((), 40, 50, 60, 1, 4, 1.5, 1e-3, 32),
+    ((2,), 9, 20, 20, 5, 9, 0.01, 0.3, 16),
+]
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+@pytest.mark.parametrize(
+    ("lead", "n", "n1", "n2", "d", "dv", "radius", "eps", "chunk"),
+    KERNEL_CASES,
+    ids=[case_id(*c[:6], f"chunk{c[8]}") for c in KERNEL_CASES],
+)
+def test_compiled_kernel_matches_pytorch_route_within_bound(
+    monkeypatch: pytest.MonkeyPatch,
+    lead: tuple[int, ...],
+    n: int,
+    n1: int,
+    n2: int,
+    d: int,
+    dv: int,
+    radius: float,
+    eps: float,
+    chunk: int,
+) -> None:
+    """Same plan, same bound; both outputs within the rounding part of the exact polynomial."""
+    monkeypatch.setattr(ta, "CHUNKS_FLOAT32", (chunk,))  # the planner may only use this chunk
+    q, k1, k2, v1, v2 = make_inputs(lead, n, n1, n2, d, dv, seed=31, radius=radius)
+    v1, v2 = v1.abs() + 0.5, v2.abs() + 0.5  # one sign: rounding errors cannot cancel
+    res = {}
+    for native in (True, False):
+        monkeypatch.setattr(ta, "NATIVE", native)
+        res[native] = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=eps)
+    a, b = res[True], res[False]
+    assert a.plan.to_dict() == b.plan.to_dict() and a.error_bound == b.error_bound
+    assert a.plan.extra["chunk"] == chunk and a.plan.compute_dtype == "float32"
+    assert a.output.dtype == torch.float32 and a.output.shape == (*lead, n, dv)
+    sc = 1 / math.sqrt(d)
+    approx = certified_best(a.plan.radius, a.plan.degree)
+    exact_poly = brute_force(q, k1, k2, v1, v2, sc, poly=approx.coeffs)
+    exact = brute_force(q, k1, k2, v1, v2, sc)
+    rounding = a.plan.extra["bound_parts"]["rounding"]
+    for r in (a, b):
+        assert float((r.output.to(F64) - exact_poly).abs().max()) <= rounding
+        assert r.error_bound is not None
+        assert float((r.output.to(F64) - exact).abs().max()) <= r.error_bound
+    scale_out = float((v1.amax(-2) * v2.amax(-2)).max())
+    assert float((a.output - b.output).abs().max()) <= 1e-5 * scale_out
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+@pytest.mark.parametrize("lengths", [(9, 9, 9), (5, 300, 11)], ids=["equal", "unequal"])
+def test_compiled_statistics_equal_pytorch_statistics(
+    monkeypatch: pytest.MonkeyPatch, lengths: tuple[int, int, int]
+) -> None:
+    n, n1, n2 = lengths
+    q, k1, k2, v1, v2 = make_inputs((3,), n, n1, n2, 6, 4, seed=32)
+    v1[0] = -v1[0].abs() - 1  # all-negative columns: the maximum is below zero
+    stats = {}
+    for native in (True, False):
+        monkeypatch.setattr(ta, "NATIVE", native)
+        stats[native] = ta._statistics(q, k1, k2, v1, v2, -0.3)
+    a, b = stats[True], stats[False]
+    assert torch.equal(a.xt, b.xt) and a.maxima == b.maxima
+    assert abs(a.radius - b.radius) <= 1e-15 * b.radius
+    for name in ("value_range", "value_absmax", "value_scale"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.e1, b.e1) and torch.equal(a.e2, b.e2)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
+def test_compiled_path_half_precision_output_and_progress() -> None:
+    """float16 inputs: statistics by PyTorch, the compiled core, one rounding to float16."""
+    x = make_inputs((3,), 12, 10, 14, 4, 3, dtype=torch.float16, seed=33, radius=1.0)
+    q, k1, k2, v1, v2 = x
+    calls: list[tuple[int, int]] = []
+    res = compute.tensor_attention(
+        q, k1, k2, v1, v2, method="polynomial", eps=1e-2, progress=lambda a, b: calls.append((a, b))
+    )
+    assert res.plan.compute_dtype == "float32" and res.output.dtype == torch.float16
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # one block per slice
+    ref = brute_force(q, k1, k2, v1, v2, 0.5)
+    assert res.error_bound is not None
+    assert float((res.output.to(F64) - ref).abs().max()) <= res.error_bound
