@@ -84,8 +84,11 @@ def _cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg:
         return Path(xdg) / "attention-service"
-    home = Path.home()
-    if home.is_dir() and os.access(home, os.W_OK):
+    try:
+        home = Path.home()
+    except RuntimeError:  # no HOME and no passwd entry
+        home = None
+    if home is not None and home.is_dir() and os.access(home, os.W_OK):
         return home / ".cache" / "attention-service"
     return Path(tempfile.gettempdir()) / "attention-service"
 
@@ -103,6 +106,7 @@ def _build() -> TensorPoly | str:
     out_dir = _cache_dir()
     lib_path = out_dir / f"tensor_poly-{key}.so"
     if not lib_path.exists():
+        tmp: str | None = None
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
@@ -115,11 +119,14 @@ def _build() -> TensorPoly | str:
                 check=False,
             )
             if proc.returncode != 0:
-                os.unlink(tmp)
                 return f"compiling {_SOURCE.name} failed: {proc.stderr.strip()[:500]}"
-            os.replace(tmp, lib_path)
+            os.replace(tmp, lib_path)  # atomic: other processes see all of it or nothing
+            tmp = None
         except (OSError, subprocess.SubprocessError) as exc:
             return f"compiling {_SOURCE.name} failed: {exc}"
+        finally:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
     try:
         return TensorPoly(ctypes.CDLL(str(lib_path)), lib_path)
     except (OSError, AttributeError) as exc:

@@ -493,20 +493,26 @@ int ta_stats(const float *q, const float *k1, const float *k2, const float *v1, 
         for (int t = 0; t < 2; t++) {
             double *hi = ext + ((long)(2 * t) * B + b) * dv;
             double *lo = ext + ((long)(2 * t + 1) * B + b) * dv;
-            for (int c = 0; c < dv; c++) {
-                hi[c] = vs[t][c];
-                lo[c] = vs[t][c];
-            }
-            for (int j = 0; j < vrows[t]; j++) {
-                const float *x = vs[t] + (long)j * dv;
-                for (int c = 0; c < dv; c++) {
-                    const double v = x[c];
-                    if (v != v || hi[c] != hi[c]) {
-                        hi[c] = lo[c] = nan;
-                        continue;
+            for (int c0 = 0; c0 < dv; c0 += 64) { /* columns in groups that fit on the stack */
+                const int nc = dv - c0 < 64 ? dv - c0 : 64;
+                float h[64], m[64];
+                int bad[64];
+                for (int c = 0; c < nc; c++) {
+                    h[c] = m[c] = vs[t][c0 + c];
+                    bad[c] = 0;
+                }
+                for (int j = 0; j < vrows[t]; j++) {
+                    const float *x = vs[t] + (long)j * dv + c0;
+                    for (int c = 0; c < nc; c++) {
+                        const float v = x[c];
+                        bad[c] |= v != v;
+                        h[c] = v > h[c] ? v : h[c];
+                        m[c] = v < m[c] ? v : m[c];
                     }
-                    hi[c] = v > hi[c] ? v : hi[c];
-                    lo[c] = v < lo[c] ? v : lo[c];
+                }
+                for (int c = 0; c < nc; c++) {
+                    hi[c0 + c] = bad[c] ? nan : (double)h[c];
+                    lo[c0 + c] = bad[c] ? nan : (double)m[c];
                 }
             }
         }
