@@ -98,19 +98,19 @@ typedef struct {
     const int *src_of, *var_of; /* per top-degree row alpha >= top: its source row, variable */
 } Problem;
 
-/* Features of S items (S a multiple of VL) one item per lane: G[alpha][S] for alpha < top,
- * from X[l][S]. Row 0 is 1; each step is one float32 multiplication per entry (degree 1 is a
- * product with the constant 1, exact). */
-static void lane_features(const Problem *p, const float *X, int S, float *G) {
+/* Features of the first len (a multiple of VL) of S items, one item per lane:
+ * G[alpha][S] for alpha < top, from X[l][S]. Row 0 is 1; each step is one float32
+ * multiplication per entry (degree 1 is a product with the constant 1, exact). */
+static void lane_features(const Problem *p, const float *X, int S, int len, float *G) {
     const vf one = bcast(1.0f);
-    for (int t = 0; t < S; t += VL) store_a(G + t, one);
+    for (int t = 0; t < len; t += VL) store_a(G + t, one);
     for (int s = 0; s < p->nlow; s++) {
         const int *st = p->steps + 4 * s;
         const float *xv = X + (long)st[3] * S;
         for (int i = 0; i < st[1] - st[0]; i++) {
             const float *a = G + (long)(st[2] + i) * S;
             float *o = G + (long)(st[0] + i) * S;
-            for (int t = 0; t < S; t += VL) store_a(o + t, load_a(a + t) * load_a(xv + t));
+            for (int t = 0; t < len; t += VL) store_a(o + t, load_a(a + t) * load_a(xv + t));
         }
     }
 }
@@ -222,7 +222,7 @@ static void moments(const Problem *p, KeyWork *w, long col0, int m, const float 
                 for (int t = 0; t < L; t++) V[c * S + t] = ve[(long)(s + t) * e + c];
                 for (int t = L; t < len; t++) V[c * S + t] = 0.0f; /* padded keys add +-0 */
             }
-            lane_features(p, X, S, G);
+            lane_features(p, X, S, len, G);
             for (int a0 = 0; a0 < p->top; a0 += 3) {
                 const int na = p->top - a0 < 3 ? p->top - a0 : 3;
                 for (int c0 = 0; c0 < e; c0 += 9) {
@@ -326,7 +326,7 @@ static void readout(const Problem *p, QueryWork *w, const float *me, int i0, int
             for (int t = 0; t < nb; t++) w->X[l * QB + t] = src[t];
             for (int t = nb; t < QB; t++) w->X[l * QB + t] = 0.0f;
         }
-        lane_features(p, w->X, QB, w->G);
+        lane_features(p, w->X, QB, QB, w->G);
         memset(w->o, 0, sizeof(double) * (size_t)e * QB);
         for (int c0 = 0; c0 < e; c0 += 9) {
             const int nc = e - c0 < 9 ? e - c0 : 9;
