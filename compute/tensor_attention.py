@@ -34,6 +34,7 @@ relative-error minimax fit, whichever has the smallest ``t`` at each degree.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +68,8 @@ from .errors import CertificationError, InvalidInputError
 from .result import AttentionResult, Plan
 
 __all__ = ["plan_tensor_attention", "tensor_attention"]
+
+_log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
@@ -682,6 +685,52 @@ def _native_steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
     return arr, nlow, top
 
 
+_CHECKED: dict[str, bool] = {}
+
+
+def _kernel() -> _native.TensorPoly | None:
+    """The compiled kernel once it has passed its self-test in this process, else None."""
+    kern = _native.tensor_poly()
+    if kern is None:
+        return None
+    if "ok" not in _CHECKED:
+        _CHECKED["ok"] = _self_test(kern)
+        if not _CHECKED["ok"]:
+            _log.warning("compiled tensor-attention kernel failed its self-test: not used")
+    return kern if _CHECKED["ok"] else None
+
+
+def _self_test(kern: _native.TensorPoly) -> bool:
+    """The compiled statistics and polynomial path against the PyTorch route, once per process.
+
+    A small fixed problem (two slices, unequal lengths, chunk 16: several lane segments): the
+    transposed inputs must be identical, the reductions equal to 1e-12, and the outputs of the
+    same degree-3 polynomial equal to float32 rounding. Guards against a compiler or CPU that
+    builds the library but computes something else.
+    """
+    try:
+        gen = torch.Generator().manual_seed(20261128)
+        B, n, n1, n2, d, dv = 2, 37, 450, 200, 3, 2
+        q, k1, k2 = (0.5 * torch.randn(B, m, d, generator=gen) for m in (n, n1, n2))
+        v1, v2 = (torch.randn(B, m, dv, generator=gen) for m in (n1, n2))
+        xt_c, host_c = _reductions_native(kern, q, k1, k2, v1, v2)
+        xt_t, host_t = _reductions_torch(q, k1, k2, v1, v2)
+        if not torch.equal(xt_c, xt_t) or not np.allclose(host_c, host_t, rtol=1e-12, atol=0.0):
+            return False
+        approx = certified_best(1.0, 3)
+        ones = torch.ones(B, n1 + n2, 1)
+        ve = torch.cat([torch.cat([v1, v2], dim=1), ones], dim=2)  # [B, n1+n2, dv+1]
+        ref = _poly_core(xt_t, ve, n, n1, approx, 0.5, chunk=16)  # [B, n, dv] float64
+        zero = torch.zeros(B, 1, dv, dtype=torch.int64)  # exponents: no normalisation
+        none = np.zeros(B * dv)
+        stats = _Stats(1.0, [1.0, 1.0, 1.0], none, none, none, zero, zero, xt_c)
+        choice = _Choice(approx, torch.float32, feature_count(d, 3), 16, BoundParts(0, 0, 0), 0)
+        got = _run_native(kern, stats, None, v1, v2, n, n1, choice, 0.5, torch.float64, None)
+        return bool((got - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12)
+    except (ValueError, MemoryError, RuntimeError):
+        return False
+
+
 def _native_run_ok(
     choice: _Choice, xt: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor
 ) -> _native.TensorPoly | None:
@@ -689,7 +738,7 @@ def _native_run_ok(
     ok = _native_ok(choice.dtype, xt.device, xt.shape[0], v1.shape[-1] + 1, choice.chunk)
     if not ok or not all(t.dtype == torch.float32 for t in (xt, v1, v2)):
         return None
-    return _native.tensor_poly()
+    return _kernel()
 
 
 def _run_native(
@@ -859,6 +908,59 @@ class _Stats:
 _NAMES = ("q", "k1", "k2", "v1", "v2")
 
 
+def _reductions_torch(
+    q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``xt: [d, B, n+n1+n2]`` and the ``6 B + 4 B dv`` reductions of ``_statistics`` (torch)."""
+    B, n, _ = q.shape
+    n1, n2 = k1.shape[1], k2.shape[1]
+    xt = torch.cat([q, k1, k2], dim=1).permute(2, 0, 1).contiguous()  # [d, B, n+n1+n2]
+    sq = xt.double().square().sum(dim=0)  # [B, n+n1+n2] squared row 2-norms
+    peaks = xt.abs().amax(dim=0).double()  # [B, n+n1+n2], exact
+    row = torch.stack([sq, peaks], dim=1)  # [B, 2, n+n1+n2]
+    if n == n1 == n2:
+        seg = row.view(B, 2, 3, n).amax(dim=-1)  # [B, 2, 3]: (|.|_2^2, |.|_inf) of q, k1, k2
+    else:
+        seg = torch.stack(
+            [row[..., :n].amax(-1), row[..., n : n + n1].amax(-1), row[..., n + n1 :].amax(-1)],
+            dim=-1,
+        )  # [B, 2, 3]
+    lo1, hi1 = torch.aminmax(v1, dim=1)  # [B, dv]
+    lo2, hi2 = torch.aminmax(v2, dim=1)  # [B, dv]
+    ext = torch.stack([hi1, lo1, hi2, lo2]).double()  # [4, B, dv], exact
+    host = torch.cat([seg.reshape(-1), ext.reshape(-1)]).cpu().numpy()  # the one host sync
+    return xt, host
+
+
+def _reductions_native(
+    kern: _native.TensorPoly,
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The same as ``_reductions_torch`` in one pass of ``ta_stats`` (float32 on the CPU)."""
+    B, n, d = q.shape
+    n1, n2, dv = k1.shape[1], k2.shape[1], v1.shape[-1]
+    ins = [x.contiguous() for x in (q, k1, k2, v1, v2)]
+    xt = torch.empty(d, B, n + n1 + n2, dtype=q.dtype)  # [d, B, n+n1+n2]
+    host = np.empty(6 * B + 4 * B * dv, dtype=np.float64)  # [seg [B, 2, 3] | ext [4, B, dv]]
+    kern.stats(
+        *(x.data_ptr() for x in ins),
+        B,
+        n,
+        n1,
+        n2,
+        d,
+        dv,
+        xt.data_ptr(),
+        host.ctypes.data,
+        host.ctypes.data + 6 * B * host.itemsize,
+    )
+    return xt, host
+
+
 def _statistics(
     q: torch.Tensor,
     k1: torch.Tensor,
@@ -891,45 +993,12 @@ def _statistics(
     for finite float64 inputs). Raises ``InvalidInputError`` naming the first non-finite
     tensor (q, k1, k2, v1, v2 order).
     """
-    B, n, d = q.shape
-    n1, n2, dv = k1.shape[1], k2.shape[1], v1.shape[-1]
-    kern = _native.tensor_poly() if _native_stats_ok(q, k1, k2, v1, v2) else None
+    B, dv = q.shape[0], v1.shape[-1]
+    kern = _kernel() if _native_stats_ok(q, k1, k2, v1, v2) else None
     if kern is not None:  # the same numbers from one pass of compiled code
-        ins = [x.contiguous() for x in (q, k1, k2, v1, v2)]
-        xt = torch.empty(d, B, n + n1 + n2, dtype=q.dtype)  # [d, B, n+n1+n2]
-        host = np.empty(6 * B + 4 * B * dv, dtype=np.float64)  # [seg [B, 2, 3] | ext [4, B, dv]]
-        kern.stats(
-            *(x.data_ptr() for x in ins),
-            B,
-            n,
-            n1,
-            n2,
-            d,
-            dv,
-            xt.data_ptr(),
-            host.ctypes.data,
-            host.ctypes.data + 6 * B * host.itemsize,
-        )
+        xt, host = _reductions_native(kern, q, k1, k2, v1, v2)
     else:
-        xt = torch.cat([q, k1, k2], dim=1).permute(2, 0, 1).contiguous()  # [d, B, n+n1+n2]
-        sq = xt.double().square().sum(dim=0)  # [B, n+n1+n2] squared row 2-norms
-        peaks = xt.abs().amax(dim=0).double()  # [B, n+n1+n2], exact
-        row = torch.stack([sq, peaks], dim=1)  # [B, 2, n+n1+n2]
-        if n == n1 == n2:
-            seg = row.view(B, 2, 3, n).amax(dim=-1)  # [B, 2, 3]: (|.|_2^2, |.|_inf), q k1 k2
-        else:
-            seg = torch.stack(
-                [
-                    row[..., :n].amax(-1),
-                    row[..., n : n + n1].amax(-1),
-                    row[..., n + n1 :].amax(-1),
-                ],
-                dim=-1,
-            )  # [B, 2, 3]
-        lo1, hi1 = torch.aminmax(v1, dim=1)  # [B, dv]
-        lo2, hi2 = torch.aminmax(v2, dim=1)  # [B, dv]
-        ext = torch.stack([hi1, lo1, hi2, lo2]).double()  # [4, B, dv], exact
-        host = torch.cat([seg.reshape(-1), ext.reshape(-1)]).cpu().numpy()  # the one host sync
+        xt, host = _reductions_torch(q, k1, k2, v1, v2)
     sq_max, top_abs = host[: 6 * B].reshape(B, 2, 3).transpose(1, 0, 2)  # [B, 3] each
     h1, l1, h2, l2 = host[6 * B :].reshape(4, B, dv)  # [B, dv] each
     if not np.isfinite(host).all():

@@ -34,7 +34,7 @@ HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
 @pytest.fixture(params=["native", "pytorch"])
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both implementations of the float32 CPU path: the compiled kernel and PyTorch ops."""
-    if request.param == "native" and _native.tensor_poly() is None:
+    if request.param == "native" and ta._kernel() is None:
         pytest.skip(f"compiled kernel unavailable: {_native.status()}")
     monkeypatch.setattr(ta, "NATIVE", request.param == "native")
     return str(request.param)
@@ -786,6 +786,24 @@ def test_compiled_kernel_builds_where_a_compiler_exists() -> None:
     """CI machines have a C compiler: the fast path must really be the compiled one there."""
     assert _native.tensor_poly() is not None, _native.status()
     assert _native.status().startswith("native ("), _native.status()
+    kern = _native.tensor_poly()
+    assert kern is not None and ta._self_test(kern)  # and it computes what PyTorch computes
+    assert ta._kernel() is kern
+
+
+def test_kernel_that_fails_its_self_test_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ta, "_CHECKED", {})
+    monkeypatch.setattr(ta, "_self_test", lambda kern: False)
+    assert ta._kernel() is None
+    q, k1, k2, v1, v2 = make_inputs((2,), 20, 30, 25, 3, 2, seed=34, radius=1.0)
+    calls: list[tuple[int, int]] = []
+    res = compute.tensor_attention(
+        q, k1, k2, v1, v2, method="polynomial", progress=lambda a, b: calls.append((a, b))
+    )
+    assert len(calls) == 4  # the PyTorch route: moments and readout blocks per slice
+    ref = brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(3))
+    assert res.error_bound is not None
+    assert float((res.output.to(F64) - ref).abs().max()) <= res.error_bound
 
 
 def test_compiled_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
