@@ -1153,11 +1153,51 @@ def _first_certified(
             )
             bound = _bound_parts(approx.t, coef, p.value_range, vavs)  # = tensor_rounding_bound
             if bound.total <= p.target:
-                cost = predict_polynomial_attention(
-                    rates(p.device, dtype), batch=p.batch, n_q=p.n, n_k=p.n1 + p.n2, r=r, dv=p.dv
-                )
-                return _Choice(approx, dtype, r, chunk, bound, cost)
+                return _Choice(approx, dtype, r, chunk, bound, _poly_cost(p, dtype, r))
     return None
+
+
+def _poly_cost(p: _Problem, dtype: torch.dtype, r: int) -> float:
+    """Predicted seconds of the polynomial path: the compiled kernel's calibrated rate where it
+    will run (float32 on the CPU), else the PyTorch route's cost model (``compute._cost``)."""
+    if _native_ok(dtype, p.device, p.d, p.dv + 1, CHUNKS_FLOAT32[-1]):
+        rate = _native_rate()
+        if rate > 0.0:
+            return p.batch * (p.n + p.n1 + p.n2) * r * (p.dv + 1) / rate
+    return predict_polynomial_attention(
+        rates(p.device, dtype), batch=p.batch, n_q=p.n, n_k=p.n1 + p.n2, r=r, dv=p.dv
+    )
+
+
+@lru_cache(maxsize=1)
+def _native_rate() -> float:
+    """Multiply-adds per second of the compiled polynomial path, whole call included
+    (statistics, balancing, features, products, scaling): timed once per process on n = n1 =
+    n2 = 512, d = dv = 8, degree 3 (best of 5, about 1 ms); 0.0 without the kernel."""
+    kern = _kernel()
+    if kern is None:
+        return 0.0
+    gen = torch.Generator().manual_seed(7)
+    B, m, d, dv, g = 1, 512, 8, 8, 3
+    q, k1, k2 = (0.3 * torch.randn(B, m, d, generator=gen) for _ in range(3))
+    v1, v2 = (torch.randn(B, m, dv, generator=gen) for _ in range(2))
+    r = feature_count(d, g)
+    choice = _Choice(certified_best(1.0, g), torch.float32, r, 128, BoundParts(0, 0, 0), 0.0)
+    zero = torch.zeros(B, 1, dv, dtype=torch.int64)
+    none = np.zeros(B * dv)
+
+    def call() -> None:
+        xt, _ = _reductions_native(kern, q, k1, k2, v1, v2)
+        stats = _Stats(1.0, [1.0, 1.0, 1.0], none, none, none, zero, zero, xt)
+        _run_native(kern, stats, None, v1, v2, m, m, choice, 0.3, torch.float32, None)
+
+    call()
+    best = math.inf
+    for _ in range(5):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return 3 * m * r * (dv + 1) / max(best, 1e-9)
 
 
 def _choose(p: _Problem) -> _Choice | None:

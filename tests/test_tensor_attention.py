@@ -867,7 +867,14 @@ def test_compiled_kernel_matches_pytorch_route_within_bound(
         monkeypatch.setattr(ta, "NATIVE", native)
         res[native] = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=eps)
     a, b = res[True], res[False]
-    assert a.plan.to_dict() == b.plan.to_dict() and a.error_bound == b.error_bound
+    plan_a, plan_b = a.plan.to_dict(), b.plan.to_dict()
+    cost_a, cost_b = plan_a.pop("cost_polynomial"), plan_b.pop("cost_polynomial")
+    assert plan_a == plan_b and a.error_bound == b.error_bound
+    # each route's predicted time: the kernel's calibrated rate, or the PyTorch cost model
+    slices = math.prod(lead)
+    work = slices * (n + n1 + n2) * a.plan.features * (dv + 1)
+    assert cost_a == pytest.approx(work / ta._native_rate(), rel=1e-12)
+    assert cost_b != cost_a
     assert a.plan.extra["chunk"] == chunk and a.plan.compute_dtype == "float32"
     assert a.output.dtype == torch.float32 and a.output.shape == (*lead, n, dv)
     sc = 1 / math.sqrt(d)
