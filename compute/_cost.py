@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["Rates", "predict_exact_attention", "predict_polynomial_attention", "rates"]
+__all__ = ["Rates", "best_time", "predict_exact_attention", "predict_polynomial_attention", "rates"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class Rates:
     stream: float  # elements/s of one read-modify-write pass over a 4M-element block
 
 
-def _best_time(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
+def best_time(fn: Callable[[], object], device: torch.device, reps: int = 5) -> float:
+    """Seconds of the fastest of ``reps`` runs of ``fn`` after one warm-up (synchronised on
+    CUDA)."""
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -53,9 +55,9 @@ def _rates(device_str: str, dtype: torch.dtype) -> Rates:
     # every kernel writes into a preallocated buffer: timing fresh allocations would measure
     # page faults (large blocks are mmap-ed anew each call), not the arithmetic
     a, b, ab = rnd(big, 64), rnd(64, big), rnd(big, big)
-    t_gemm = _best_time(lambda: torch.matmul(a, b, out=ab), device)
+    t_gemm = best_time(lambda: torch.matmul(a, b, out=ab), device)
     f, v, fv = rnd(512, big), rnd(big, 16), rnd(512, 16)
-    t_skinny = _best_time(lambda: torch.matmul(f, v, out=fv), device)
+    t_skinny = best_time(lambda: torch.matmul(f, v, out=fv), device)
     idx = torch.randint(0, 512, (512,), generator=gen).to(device)
     x, g1, g2, g3 = rnd(512, big), rnd(512, big), rnd(512, big), rnd(512, big)
 
@@ -64,7 +66,7 @@ def _rates(device_str: str, dtype: torch.dtype) -> Rates:
         torch.index_select(x, 0, idx, out=g2)
         torch.mul(g1, g2, out=g3)
 
-    t_elem = _best_time(gather_mul, device)
+    t_elem = best_time(gather_mul, device)
     s, e, rowsum = rnd(big, big), rnd(big, big), rnd(big)
 
     def softmax_rows() -> None:
@@ -72,10 +74,10 @@ def _rates(device_str: str, dtype: torch.dtype) -> Rates:
         torch.exp(e, out=e)
         torch.sum(e, dim=-1, out=rowsum)
 
-    t_exp = _best_time(softmax_rows, device)
+    t_exp = best_time(softmax_rows, device)
     # a block of the size the exact LoRA path streams through ([slices, block, L] scores)
     blk, blk_out = rnd(1 << 22), rnd(1 << 22)
-    t_stream = _best_time(lambda: torch.mul(blk, 1.5, out=blk_out), device)
+    t_stream = best_time(lambda: torch.mul(blk, 1.5, out=blk_out), device)
     return Rates(
         gemm=2.0 * big * 64 * big / t_gemm,
         skinny=2.0 * 512 * big * 16 / t_skinny,

@@ -47,7 +47,7 @@ import torch
 
 from . import _native
 from ._bound import BoundParts, gamma, unit_roundoff
-from ._cost import predict_exact_attention, predict_polynomial_attention, rates
+from ._cost import best_time, predict_exact_attention, predict_polynomial_attention, rates
 from ._device import default_device
 from ._features import GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
@@ -669,8 +669,8 @@ def _native_stats_ok(*ts: torch.Tensor) -> bool:
     return NATIVE and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
 
 
-def _native_ok(dt: torch.dtype, dev: torch.device, d: int, e: int, c: int) -> bool:
-    return NATIVE and dt == torch.float32 and dev.type == "cpu" and d <= 64 and e >= 2 and c >= 16
+def _native_ok(dt: torch.dtype, dev: torch.device) -> bool:
+    return NATIVE and dt == torch.float32 and dev.type == "cpu"
 
 
 @lru_cache(maxsize=64)
@@ -700,6 +700,46 @@ def _kernel() -> _native.TensorPoly | None:
     return kern if _CHECKED["ok"] else None
 
 
+def kernel_status() -> str:
+    """One line for logs: whether float32 CPU calls run the compiled kernel, or why not.
+
+    Builds (or loads) the kernel, runs its self-test and calibrates its rate now, so that the
+    first call does not (the worker calls this at start-up).
+    """
+    if not NATIVE:
+        return "PyTorch route: the compiled kernel is turned off"
+    if _kernel() is None:
+        if _native.tensor_poly() is None:
+            return _native.status()
+        return "PyTorch route: the compiled kernel failed its self-test"
+    _native_rate()
+    return _native.status()
+
+
+def _probe(
+    kern: _native.TensorPoly, shape: tuple[int, int, int, int, int, int], g: int, chunk: int
+) -> tuple[tuple[torch.Tensor, ...], Callable[[torch.dtype], torch.Tensor]]:
+    """Fixed random float32 inputs of ``shape = (B, n, n1, n2, d, dv)`` and a function running
+    the whole compiled path on them (statistics and ``_run_native``, unit exponents, no
+    balancing, scale 0.5) with a degree-``g`` polynomial and float32 chunks of ``chunk``."""
+    B, n, n1, n2, d, dv = shape
+    gen = torch.Generator().manual_seed(20261128)
+    q, k1, k2 = (0.5 * torch.randn(B, m, d, generator=gen) for m in (n, n1, n2))
+    v1, v2 = (torch.randn(B, m, dv, generator=gen) for m in (n1, n2))
+    choice = _Choice(
+        certified_best(1.0, g), torch.float32, feature_count(d, g), chunk, BoundParts(0, 0, 0), 0
+    )
+    zero = torch.zeros(B, 1, dv, dtype=torch.int64)  # exponents: no normalisation
+    none = np.zeros(B * dv)
+
+    def run(out_dtype: torch.dtype) -> torch.Tensor:
+        xt, _ = _reductions_native(kern, q, k1, k2, v1, v2)
+        stats = _Stats(1.0, [1.0, 1.0, 1.0], none, none, none, zero, zero, xt)
+        return _run_native(kern, stats, None, v1, v2, n, n1, choice, 0.5, out_dtype, None)
+
+    return (q, k1, k2, v1, v2), run
+
+
 def _self_test(kern: _native.TensorPoly) -> bool:
     """The compiled statistics and polynomial path against the PyTorch route, once per process.
 
@@ -709,23 +749,17 @@ def _self_test(kern: _native.TensorPoly) -> bool:
     builds the library but computes something else.
     """
     try:
-        gen = torch.Generator().manual_seed(20261128)
-        B, n, n1, n2, d, dv = 2, 37, 450, 200, 3, 2
-        q, k1, k2 = (0.5 * torch.randn(B, m, d, generator=gen) for m in (n, n1, n2))
-        v1, v2 = (torch.randn(B, m, dv, generator=gen) for m in (n1, n2))
+        n, n1, chunk = 37, 450, 16
+        (q, k1, k2, v1, v2), run = _probe(kern, (2, n, n1, 200, 3, 2), 3, chunk)
         xt_c, host_c = _reductions_native(kern, q, k1, k2, v1, v2)
         xt_t, host_t = _reductions_torch(q, k1, k2, v1, v2)
         if not torch.equal(xt_c, xt_t) or not np.allclose(host_c, host_t, rtol=1e-12, atol=0.0):
             return False
-        approx = certified_best(1.0, 3)
-        ones = torch.ones(B, n1 + n2, 1)
+        ones = torch.ones(v1.shape[0], v1.shape[1] + v2.shape[1], 1)
         ve = torch.cat([torch.cat([v1, v2], dim=1), ones], dim=2)  # [B, n1+n2, dv+1]
-        ref = _poly_core(xt_t, ve, n, n1, approx, 0.5, chunk=16)  # [B, n, dv] float64
-        zero = torch.zeros(B, 1, dv, dtype=torch.int64)  # exponents: no normalisation
-        none = np.zeros(B * dv)
-        stats = _Stats(1.0, [1.0, 1.0, 1.0], none, none, none, zero, zero, xt_c)
-        choice = _Choice(approx, torch.float32, feature_count(d, 3), 16, BoundParts(0, 0, 0), 0)
-        got = _run_native(kern, stats, None, v1, v2, n, n1, choice, 0.5, torch.float64, None)
+        approx = certified_best(1.0, 3)
+        ref = _poly_core(xt_t, ve, n, n1, approx, 0.5, chunk=chunk)  # [B, n, dv] float64
+        got = run(torch.float64)
         return bool((got - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12)
     except (ValueError, MemoryError, RuntimeError):
         return False
@@ -735,7 +769,7 @@ def _native_run_ok(
     choice: _Choice, xt: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor
 ) -> _native.TensorPoly | None:
     """The compiled kernel when it can run the whole polynomial path of this call, else None."""
-    ok = _native_ok(choice.dtype, xt.device, xt.shape[0], v1.shape[-1] + 1, choice.chunk)
+    ok = _native_ok(choice.dtype, xt.device)
     if not ok or not all(t.dtype == torch.float32 for t in (xt, v1, v2)):
         return None
     return _kernel()
@@ -1160,7 +1194,7 @@ def _first_certified(
 def _poly_cost(p: _Problem, dtype: torch.dtype, r: int) -> float:
     """Predicted seconds of the polynomial path: the compiled kernel's calibrated rate where it
     will run (float32 on the CPU), else the PyTorch route's cost model (``compute._cost``)."""
-    if _native_ok(dtype, p.device, p.d, p.dv + 1, CHUNKS_FLOAT32[-1]):
+    if _native_ok(dtype, p.device):
         rate = _native_rate()
         if rate > 0.0:
             return p.batch * (p.n + p.n1 + p.n2) * r * (p.dv + 1) / rate
@@ -1177,27 +1211,10 @@ def _native_rate() -> float:
     kern = _kernel()
     if kern is None:
         return 0.0
-    gen = torch.Generator().manual_seed(7)
-    B, m, d, dv, g = 1, 512, 8, 8, 3
-    q, k1, k2 = (0.3 * torch.randn(B, m, d, generator=gen) for _ in range(3))
-    v1, v2 = (torch.randn(B, m, dv, generator=gen) for _ in range(2))
-    r = feature_count(d, g)
-    choice = _Choice(certified_best(1.0, g), torch.float32, r, 128, BoundParts(0, 0, 0), 0.0)
-    zero = torch.zeros(B, 1, dv, dtype=torch.int64)
-    none = np.zeros(B * dv)
-
-    def call() -> None:
-        xt, _ = _reductions_native(kern, q, k1, k2, v1, v2)
-        stats = _Stats(1.0, [1.0, 1.0, 1.0], none, none, none, zero, zero, xt)
-        _run_native(kern, stats, None, v1, v2, m, m, choice, 0.3, torch.float32, None)
-
-    call()
-    best = math.inf
-    for _ in range(5):
-        t0 = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - t0)
-    return 3 * m * r * (dv + 1) / max(best, 1e-9)
+    m, d, dv, g = 512, 8, 8, 3
+    _, run = _probe(kern, (1, m, m, m, d, dv), g, 128)
+    best = best_time(lambda: run(torch.float32), torch.device("cpu"))
+    return 3 * m * feature_count(d, g) * (dv + 1) / best
 
 
 def _choose(p: _Problem) -> _Choice | None:

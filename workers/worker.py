@@ -23,7 +23,7 @@ from app.errors import InvalidInput, JobNotFound, StaleAttempt
 from app.queue import Attempt, Queue, job_key
 from app.settings import Settings
 from app.tensors import RawTensor, from_array
-from compute._native import status as native_status
+from compute.tensor_attention import kernel_status
 
 __all__ = ["Worker", "resolve_device", "run_op"]
 
@@ -157,8 +157,8 @@ class Worker:
         self._lease_thread.start()
         log.info("worker %s on %s consuming %s", self.id, self.device, ",".join(self.ops))
         if "tensor-attention" in self.ops and self.device.type == "cpu":
-            # build (or load) the compiled kernel now, not inside the first job
-            log.info("tensor attention CPU kernel: %s", native_status())
+            # build (or load), self-test and calibrate the compiled kernel now, not in a job
+            log.info("tensor attention CPU kernel: %s", kernel_status())
         block_ms = int(min(1000.0, self.lease_period * 1000))
         next_reclaim = 0.0
         try:

@@ -53,18 +53,20 @@ class TensorPoly:
 
     def stats(self, *args: int) -> None:
         """``ta_stats`` on raw pointers and sizes, in its C argument order; raises on failure."""
-        rc = self._stats(*args)
-        if rc != 0:
-            raise ValueError(f"tensor_poly: arguments out of range (code {rc})")
+        _check(self._stats(*args))
 
     def run(self, *args: int | None) -> None:
         """``ta_poly_run`` on raw pointers and sizes, in its C argument order (None for a NULL
         pointer); raises ``MemoryError``/``ValueError`` on failure."""
-        rc = self._run(*args)
-        if rc == -1:
-            raise MemoryError("tensor_poly: out of memory for the feature buffers")
-        if rc != 0:
-            raise ValueError(f"tensor_poly: arguments out of range (code {rc})")
+        _check(self._run(*args))
+
+
+def _check(rc: int) -> None:
+    """The C functions' return codes: 0 success, -1 out of memory, -2 bad arguments."""
+    if rc == -1:
+        raise MemoryError("tensor_poly: out of memory for the feature buffers")
+    if rc != 0:
+        raise ValueError(f"tensor_poly: arguments out of range (code {rc})")
 
 
 def _cpu_flags() -> str:

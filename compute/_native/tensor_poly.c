@@ -352,7 +352,7 @@ static void readout(const Problem *p, QueryWork *w, const float *me, int i0, int
 static int poly_forward(const float *xt, long xs, int n, int n1, int n2, int d,
                         const float *ve, int e, const int *steps, int nsteps, int nlow, int top,
                         int r, const double *w, int chunk, double *out) {
-    if (d < 1 || d > 64 || e < 2 || chunk < 6 || r < 1 || top < 1 || top > r || nlow < 0 ||
+    if (d < 1 || e < 2 || chunk < 6 || r < 1 || top < 1 || top > r || nlow < 0 ||
         nlow > nsteps || n < 1 || n1 < 1 || n2 < 1)
         return -2;
     Problem p = {xt, xs, d, e, r, top, chunk, steps, nlow, nsteps, NULL, NULL};
