@@ -15,12 +15,15 @@ __all__ = [
     "ERROR_TABLE",
     "BadRequest",
     "Forbidden",
+    "IdempotencyConflict",
     "InvalidInput",
     "JobNotFinished",
     "JobNotFound",
     "NoResult",
     "NotAcceptable",
+    "OpenAccessRefused",
     "PayloadTooLarge",
+    "QueueFull",
     "QueueUnavailable",
     "ServiceError",
     "StaleAttempt",
@@ -66,7 +69,27 @@ class NotAcceptable(ServiceError):
 
 
 class Forbidden(ServiceError):
+    """No or a wrong API key (401 with ``WWW-Authenticate: Bearer``)."""
+
     code = "unauthorized"
+
+
+class OpenAccessRefused(ServiceError):
+    """No API key is set and the request came over a non-loopback address (ALLOW_OPEN unset)."""
+
+    code = "open_access_refused"
+
+
+class IdempotencyConflict(ServiceError):
+    """An Idempotency-Key reused with a different body."""
+
+    code = "idempotency_key_reused"
+
+
+class QueueFull(ServiceError):
+    """Backpressure: the submit budget (jobs, bytes, Redis memory or uploads) is spent."""
+
+    code = "queue_full"
 
 
 class JobNotFound(ServiceError):
@@ -97,6 +120,7 @@ class StaleAttempt(ServiceError):
 ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     BadRequest: (400, BadRequest.code),
     Forbidden: (401, Forbidden.code),
+    OpenAccessRefused: (403, OpenAccessRefused.code),
     JobNotFound: (404, JobNotFound.code),
     NotAcceptable: (406, NotAcceptable.code),
     JobNotFinished: (409, JobNotFinished.code),
@@ -104,6 +128,8 @@ ERROR_TABLE: dict[type[BaseException], tuple[int, str]] = {
     PayloadTooLarge: (413, PayloadTooLarge.code),
     UnsupportedMediaType: (415, UnsupportedMediaType.code),
     InvalidInput: (422, InvalidInput.code),
+    IdempotencyConflict: (422, IdempotencyConflict.code),
+    QueueFull: (429, QueueFull.code),
     compute.InvalidInputError: (422, "invalid_input"),
     compute.CertificationError: (422, "certification_failed"),
     compute.Cancelled: (409, "cancelled"),

@@ -1,20 +1,26 @@
-"""The HTTP API: ``uvicorn app.main:app``.
+"""The HTTP API: ``uvicorn app.main:app`` (or ``python -m app``).
 
 Submit (``POST /v1/{op}``, JSON or safetensors) -> 202 + ``Location: /v1/jobs/{id}``; poll the job;
 fetch the result (JSON or safetensors); cancel; ask the planner; health and metrics. With
 ``EMBEDDED=1`` the app also runs one worker thread on an in-process Redis (fakeredis).
+
+Every Redis call is made on the asyncio client under a deadline, so a down or hung Redis gives a
+503 within about two seconds and never blocks ``/health/live``; parsing and encoding of tensors
+run in the thread pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import ipaddress
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -31,17 +37,22 @@ from app.errors import (
     Forbidden,
     InvalidInput,
     JobNotFinished,
+    OpenAccessRefused,
     PayloadTooLarge,
+    QueueFull,
+    QueueUnavailable,
     ServiceError,
     UnsupportedMediaType,
     error_body,
     http_status,
 )
 from app.models import ErrorBody, HealthPublic, JobPublic, PlanPublic, ResultPublic
+from app.notify import Completions
 from app.ops import OPS, OpSpec, parse_binary, parse_json
-from app.queue import TERMINAL, Queue, retry_after
+from app.queue import OPS as QUEUE_OPS
+from app.queue import TERMINAL, AsyncQueue, body_digest, retry_after
 from app.settings import Settings, get_settings
-from app.tensors import decode_safetensors, encode_safetensors
+from app.tensors import RawTensor, decode_safetensors, encode_safetensors
 
 __all__ = ["app", "create_app"]
 
@@ -49,11 +60,12 @@ log = logging.getLogger("app")
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------- dependencies
-def get_queue(request: Request) -> Queue:
-    queue: Queue = request.app.state.queue
+def get_queue(request: Request) -> AsyncQueue:
+    queue: AsyncQueue = request.app.state.queue
     return queue
 
 
@@ -62,17 +74,32 @@ def get_app_settings(request: Request) -> Settings:
     return settings
 
 
-QueueDep = Annotated[Queue, Depends(get_queue)]
+QueueDep = Annotated[AsyncQueue, Depends(get_queue)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    if not settings.api_key:
-        return
-    given = request.headers.get("authorization", "")
-    expected = f"Bearer {settings.api_key}"
-    if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise Forbidden("missing or wrong API key (Authorization: Bearer <key>)")
+def owner_of(key: str) -> str:
+    """The owner id a key's jobs are stored under (a digest: the key itself is never stored)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def authorize(headers: MutableMapping[str, str] | Any, settings: Settings) -> str:
+    """The caller's owner id ('' when the service is open); Forbidden on a missing/wrong key."""
+    keys = settings.api_keys
+    if not keys:
+        return ""
+    given = headers.get("authorization", "")
+    for key in keys:
+        if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return owner_of(key)
+    raise Forbidden("missing or wrong API key (Authorization: Bearer <key>)")
+
+
+def caller(request: Request, settings: SettingsDep) -> str:
+    return authorize(request.headers, settings)
+
+
+CallerDep = Annotated[str, Depends(caller)]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -87,17 +114,50 @@ def job_public(job: dict[str, Any]) -> dict[str, Any]:
     return JobPublic.model_validate(view).model_dump(mode="json")
 
 
+def _redis_message(exc: redis.RedisError) -> str:
+    """A message for a Redis failure that never echoes Redis's own text (commands, keys)."""
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM"):
+        return "the job queue's storage is full; retry later"
+    return "the job queue (Redis) is unavailable; retry shortly"
+
+
 def _error_response(exc: BaseException) -> JSONResponse:
     status, code = http_status(exc)
-    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    if isinstance(exc, redis.RedisError):
+        metrics.REDIS_ERRORS.labels("api", type(exc).__name__).inc()
+        log.warning("Redis error: %s: %s", type(exc).__name__, exc)
+        message = _redis_message(exc)
+    else:
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     if status >= 500 and code == "internal_error":
         log.error("unhandled error", exc_info=exc)
         message = "internal error"
-    headers = {"Retry-After": "5"} if status == 503 else None
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+    headers: dict[str, str] = {}
+    if status in (429, 503):
+        headers["Retry-After"] = "5" if status == 503 else "2"
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="certified-attention"'
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers or None)
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
+async def within(seconds: float, work: Awaitable[T]) -> T:
+    """``await work`` under a deadline; a Redis that does not answer in time is a 503."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await work
+    except TimeoutError:
+        metrics.REDIS_ERRORS.labels("api", "deadline").inc()
+        raise QueueUnavailable(
+            f"the job queue (Redis) did not answer within {seconds:g} s; retry shortly"
+        ) from None
+
+
+def deadline(settings: Settings, nbytes: int = 0) -> float:
+    """The time one request's Redis work may take: 1.5x the socket timeout, plus transfer."""
+    return 1.5 * settings.redis_timeout_seconds + nbytes / 100e6
+
+
+async def read_body(request: Request, limit: int, setting: str) -> bytearray:
     """The body, refused with 413 as soon as it is known to exceed ``limit`` (never read whole)."""
     declared = request.headers.get("content-length")
     if declared is not None:
@@ -106,14 +166,12 @@ async def read_body(request: Request, limit: int) -> bytearray:
         except ValueError:
             raise InvalidInput("not an integer", field="Content-Length") from None
         if size > limit:
-            raise PayloadTooLarge(
-                f"body of {size} bytes exceeds the limit of {limit} (MAX_BODY_BYTES)"
-            )
+            raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {limit} ({setting})")
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
         if len(buf) > limit:
-            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes (MAX_BODY_BYTES)")
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes ({setting})")
     return buf
 
 
@@ -121,45 +179,111 @@ def _content_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+@asynccontextmanager
+async def upload_slot(sem: asyncio.Semaphore, wait: float) -> AsyncIterator[None]:
+    """One of MAX_CONCURRENT_UPLOADS slots for reading and parsing a body, or 429."""
+    try:
+        async with asyncio.timeout(wait):
+            await sem.acquire()
+    except TimeoutError:
+        metrics.REJECTED.labels("uploads").inc()
+        raise QueueFull(
+            "too many uploads in progress (MAX_CONCURRENT_UPLOADS); retry shortly"
+        ) from None
+    try:
+        yield
+    finally:
+        sem.release()
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InvalidInput("must be 1 to 255 printable characters", field="Idempotency-Key")
+    return key
+
+
+async def _check_memory(queue: AsyncQueue, settings: Settings, nbytes: int) -> None:
+    """Keep REDIS_MEMORY_RESERVE of maxmemory free of new inputs (for leases and results)."""
+    used, limit = await within(deadline(settings), queue.memory())
+    if limit and used + nbytes > (1.0 - settings.redis_memory_reserve) * limit:
+        metrics.REJECTED.labels("memory").inc()
+        raise QueueFull(
+            f"Redis memory is {100 * used / limit:.0f}% used; new inputs may use up to "
+            f"{100 * (1 - settings.redis_memory_reserve):.0f}% (REDIS_MEMORY_RESERVE); "
+            "retry after jobs finish"
+        )
+
+
 def _submit_route(spec: OpSpec) -> Any:
-    async def submit(request: Request, queue: QueueDep, settings: SettingsDep) -> Response:
+    async def submit(
+        request: Request, queue: QueueDep, settings: SettingsDep, owner: CallerDep
+    ) -> Response:
         ctype = _content_type(request)
         if ctype not in (JSON, BINARY):
             raise UnsupportedMediaType(
                 f"Content-Type {ctype or '(none)'!r}: use {JSON} or {BINARY} (safetensors)"
             )
-        body = await read_body(request, settings.max_body_bytes)
+        idem = _idempotency_key(request)
+        if ctype == JSON and settings.max_json_body_bytes < settings.max_body_bytes:
+            limit, setting = settings.max_json_body_bytes, "MAX_JSON_BODY_BYTES; send large "
+            setting += "tensors as application/octet-stream safetensors"
+        else:
+            limit, setting = settings.max_body_bytes, "MAX_BODY_BYTES"
+        async with upload_slot(request.app.state.uploads, settings.upload_wait_seconds):
+            body = await read_body(request, limit, setting)
 
-        def parse_and_enqueue() -> dict[str, Any]:
-            if ctype == JSON:
-                params, tensors = parse_json(spec, body, max_elements=settings.max_elements)
-            else:
-                raw, meta = decode_safetensors(body, max_elements=settings.max_elements)
-                params, tensors = parse_binary(spec, raw, meta)
-            job = queue.enqueue(spec.name, params, tensors)
+            def parse() -> tuple[dict[str, Any], dict[str, RawTensor], str]:
+                if ctype == JSON:
+                    params, tensors = parse_json(spec, body, max_elements=settings.max_elements)
+                else:
+                    raw, meta = decode_safetensors(body, max_elements=settings.max_elements)
+                    params, tensors = parse_binary(spec, raw, meta)
+                digest = body_digest(spec.name, ctype, bytes(body)) if idem else ""
+                return params, tensors, digest
+
+            params, tensors, digest = await run_in_threadpool(parse)
+            nbytes = sum(len(t.data) for t in tensors.values())
+            await _check_memory(queue, settings, nbytes)
+            try:
+                sub = await within(
+                    deadline(settings, nbytes),
+                    queue.submit(
+                        spec.name,
+                        params,
+                        tensors,
+                        idempotency_key=idem,
+                        digest=digest,
+                        owner=owner,
+                    ),
+                )
+            except QueueFull:
+                metrics.REJECTED.labels("budget").inc()
+                raise
+        job = sub.job
+        headers = {"Location": f"/v1/jobs/{job['id']}", "Retry-After": "1"}
+        if sub.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        else:
             metrics.JOBS_SUBMITTED.labels(spec.name, "json" if ctype == JSON else "binary").inc()
-            metrics.BYTES_STORED.labels("input").inc(sum(len(t.data) for t in tensors.values()))
-            return job
-
-        job = await run_in_threadpool(parse_and_enqueue)
-        return JSONResponse(
-            job_public(job),
-            status_code=202,
-            headers={"Location": f"/v1/jobs/{job['id']}", "Retry-After": "1"},
-        )
+            metrics.BYTES_STORED.labels("input").inc(nbytes)
+        return JSONResponse(job_public(job), status_code=202, headers=headers)
 
     submit.__name__ = f"submit_{spec.name.replace('-', '_')}"
     submit.__doc__ = (
         f"Queue a {spec.name} job. Body: JSON ({spec.request.__name__}) or, for large inputs, "
         "`application/octet-stream` safetensors with tensors named as the JSON fields "
         "(`adapters.q.a` for nested ones) and the scalar parameters in `__metadata__`. "
-        "Answers 202 with `Location: /v1/jobs/{id}` once the job and its inputs are in Redis."
+        "Answers 202 with `Location: /v1/jobs/{id}` once the job and its inputs are in Redis. "
+        "An `Idempotency-Key` header makes a retried submit return the same job."
     )
     return submit
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
 }
 
 
@@ -180,7 +304,7 @@ def _request_body_doc(spec: OpSpec) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- routes
 def _build_router() -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
+    router = APIRouter(prefix="/v1", dependencies=[Depends(caller)], responses=_ERRORS)
     for spec in OPS.values():
         router.add_api_route(
             f"/{spec.name}",
@@ -196,18 +320,26 @@ def _build_router() -> APIRouter:
     @router.get("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
     async def get_job(
         job_id: str,
+        request: Request,
         queue: QueueDep,
+        settings: SettingsDep,
+        owner: CallerDep,
         wait: Annotated[float, Query(ge=0, le=60, description="long-poll up to this many s")] = 0,
     ) -> Response:
         """The job record; with ``wait`` the answer is held until the job ends or time is up."""
-        job = queue.get_job(job_id)
+        completions: Completions = request.app.state.completions
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        pause = 0.001
-        while job["status"] not in TERMINAL and loop.time() < deadline:
-            await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
-            pause = min(pause * 1.5, 0.05)
-            job = queue.get_job(job_id)
+        end = loop.time() + wait
+        with completions.waiter(job_id) as ended:
+            job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
+            while job["status"] not in TERMINAL and (left := end - loop.time()) > 0:
+                ended.clear()
+                try:
+                    async with asyncio.timeout(left):
+                        await ended.wait()
+                except TimeoutError:
+                    pass
+                job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
         headers = {} if job["status"] in TERMINAL else {"Retry-After": str(retry_after(job))}
         return JSONResponse(job_public(job), headers=headers)
 
@@ -217,12 +349,16 @@ def _build_router() -> APIRouter:
         tags=["jobs"],
         responses={200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}},
     )
-    async def get_result(job_id: str, request: Request, queue: QueueDep) -> Response:
+    async def get_result(
+        job_id: str, request: Request, queue: QueueDep, settings: SettingsDep, owner: CallerDep
+    ) -> Response:
         """Outputs and summary; ``Accept: application/octet-stream`` gives safetensors."""
         try:
-            job, outputs = await run_in_threadpool(queue.get_outputs, job_id)
+            job, outputs = await within(
+                deadline(settings, 64 << 20), queue.get_outputs(job_id, owner=owner)
+            )
         except JobNotFinished as exc:
-            job = queue.get_job(job_id)
+            job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
             return JSONResponse(
                 error_body(exc.code, exc.message),
                 status_code=409,
@@ -234,17 +370,22 @@ def _build_router() -> APIRouter:
             meta = {"id": job_id, "op": job["op"], "summary": json.dumps(job["summary"])}
             body = await run_in_threadpool(encode_safetensors, outputs, meta)
             return Response(body, media_type=BINARY)
-        content = {
-            "id": job_id,
-            "outputs": {n: t.to_json() for n, t in outputs.items()},
-            "summary": job["summary"],
-        }
-        return JSONResponse(content)
+
+        def as_json() -> dict[str, Any]:
+            return {
+                "id": job_id,
+                "outputs": {n: t.to_json() for n, t in outputs.items()},
+                "summary": job["summary"],
+            }
+
+        return JSONResponse(await run_in_threadpool(as_json))
 
     @router.delete("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
-    async def cancel_job(job_id: str, queue: QueueDep) -> Response:
+    async def cancel_job(
+        job_id: str, queue: QueueDep, settings: SettingsDep, owner: CallerDep
+    ) -> Response:
         """Cancel: a queued job never runs (200); a running one stops at its next block (202)."""
-        job = queue.cancel(job_id)
+        job = await within(deadline(settings), queue.cancel(job_id, owner=owner))
         if job["status"] in ("succeeded", "failed"):
             return JSONResponse(
                 error_body("job_finished", f"job {job_id} already {job['status']}"), status_code=409
@@ -290,22 +431,104 @@ def _build_router() -> APIRouter:
     return router
 
 
-def create_app(settings: Settings | None = None, *, client: redis.Redis | None = None) -> FastAPI:
-    """The API; ``client`` overrides the Redis client (tests)."""
+# ---------------------------------------------------------------------------------- middleware
+_DOCS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+_HEALTH = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
+
+
+def _loopback(host: str | None) -> bool:
+    """Whether the local address a request arrived on is loopback (servers report IPs; a unix
+    socket or an in-process test transport has no IP and counts as local)."""
+    try:
+        return host is None or ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return True
+
+
+class Guard:
+    """Pure ASGI middleware: access rules outside the /v1 routes, and responses by status.
+
+    - No API key and no ALLOW_OPEN: requests that arrive on a non-loopback address are refused
+      (403), health checks excepted (``python -m app`` refuses to start in that configuration).
+    - With a key, PROTECT_METRICS / PROTECT_DOCS extend it to /metrics and the OpenAPI pages.
+    """
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        refusal = self._refusal(scope, path)
+        status_box = [500]
+
+        async def sending(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = int(message["status"])
+            await send(message)
+
+        try:
+            if refusal is not None:
+                await _error_response(refusal)(scope, receive, sending)
+            else:
+                await self.app(scope, receive, sending)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or ("other" if path not in _HEALTH else path)
+            metrics.HTTP_RESPONSES.labels(template, str(status_box[0])).inc()
+
+    def _refusal(self, scope: MutableMapping[str, Any], path: str) -> ServiceError | None:
+        s = self.settings
+        if path in _HEALTH:
+            return None
+        if not s.api_keys:
+            server = scope.get("server")
+            if not s.allow_open and not _loopback(server[0] if server else None):
+                return OpenAccessRefused(
+                    "this service has no API_KEY and refuses requests that arrive on a "
+                    "non-loopback address; set API_KEY (or ALLOW_OPEN=1 to serve openly)"
+                )
+            return None
+        protected = (path == "/metrics" and s.protect_metrics) or (path in _DOCS and s.protect_docs)
+        if protected:
+            headers = {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+            }
+            try:
+                authorize(headers, s)
+            except Forbidden as exc:
+                return exc
+        return None
+
+
+# ---------------------------------------------------------------------------------- the app
+def create_app(settings: Settings | None = None, *, client: Any = None) -> FastAPI:
+    """The API; ``client`` overrides the asyncio Redis client (tests)."""
     settings = settings or get_settings()
-    queue = Queue.from_settings(settings, client)
+    queue = AsyncQueue.from_settings(settings, client)
+    completions = Completions(queue.r)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.api_keys:
+            log.warning(
+                "API_KEY is empty: the API is open to anyone who can reach it%s",
+                "" if settings.allow_open else " (non-loopback requests are refused)",
+            )
         try:
-            queue.ensure_groups()
-        except redis.RedisError:
+            await within(deadline(settings), queue.ensure_groups())
+        except (redis.RedisError, ServiceError):
             log.warning("Redis not reachable at start; /health/ready will say so")
+        completions.start()
         worker = thread = None
         if settings.embedded:
+            from app.queue import Queue
             from workers.worker import Worker
 
-            worker = Worker(queue, settings, worker_id="embedded")
+            worker = Worker(Queue.from_settings(settings), settings, worker_id="embedded")
             thread = threading.Thread(target=worker.run, name="embedded-worker", daemon=True)
             thread.start()
         try:
@@ -313,7 +536,9 @@ def create_app(settings: Settings | None = None, *, client: redis.Redis | None =
         finally:
             if worker is not None and thread is not None:
                 worker.stop()
-                thread.join(timeout=10)
+                await run_in_threadpool(thread.join, 10)
+            await completions.stop()
+            await queue.r.aclose()
 
     app = FastAPI(
         title="certified-attention",
@@ -323,6 +548,8 @@ def create_app(settings: Settings | None = None, *, client: redis.Redis | None =
     )
     app.state.queue = queue
     app.state.settings = settings
+    app.state.completions = completions
+    app.state.uploads = asyncio.Semaphore(settings.max_concurrent_uploads)
 
     @app.exception_handler(ServiceError)
     @app.exception_handler(compute.ComputeError)
@@ -354,26 +581,35 @@ def create_app(settings: Settings | None = None, *, client: redis.Redis | None =
     @app.get("/health/live", response_model=HealthPublic, tags=["health"])
     @app.get("/v2/health/live", include_in_schema=False)
     async def live() -> dict[str, Any]:
-        """The process is up."""
+        """The process is up (never touches Redis)."""
         return {"status": "ok"}
 
     @app.get("/health/ready", response_model=HealthPublic, tags=["health"])
     @app.get("/v2/health/ready", include_in_schema=False)
     async def ready(queue: QueueDep) -> JSONResponse:
-        """Redis reachable and at least one worker with a current lease."""
-        ok = await run_in_threadpool(queue.ping)
-        workers = len(await run_in_threadpool(queue.live_workers)) if ok else 0
-        good = ok and workers > 0
-        body = {"status": "ok" if good else "unavailable", "redis": ok, "workers": workers}
+        """Redis reachable, every consumer group present and a worker with a current lease."""
+        try:
+            st = await within(deadline(settings), queue.status(QUEUE_OPS))
+        except (redis.RedisError, ServiceError):
+            body = {"status": "unavailable", "redis": False, "workers": 0, "groups": False}
+            return JSONResponse(body, status_code=503)
+        groups = all(st.groups.values())
+        good = groups and len(st.workers) > 0
+        body = {
+            "status": "ok" if good else "unavailable",
+            "redis": True,
+            "workers": len(st.workers),
+            "groups": groups,
+        }
         return JSONResponse(body, status_code=200 if good else 503)
 
     @app.get("/metrics", tags=["health"])
     async def prometheus(queue: QueueDep) -> Response:
         """Prometheus text format."""
         try:
-            await run_in_threadpool(metrics.refresh_from_redis, queue)
-        except redis.RedisError:
-            log.warning("metrics: Redis unreachable")
+            metrics.set_from_status(await within(deadline(settings), queue.status(QUEUE_OPS)))
+        except (redis.RedisError, ServiceError) as exc:
+            log.warning("metrics: Redis unreachable (%s)", type(exc).__name__)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
@@ -392,6 +628,7 @@ def create_app(settings: Settings | None = None, *, client: redis.Redis | None =
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(Guard, settings=settings)
     return app
 
 

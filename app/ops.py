@@ -7,6 +7,7 @@ before anything is queued, so bad input is a 422 and never a failed job.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from app.models import (
     TensorAttentionRequest,
     TensorJSON,
 )
-from app.tensors import RawTensor, from_json
+from app.tensors import RawTensor, check_shape, from_json
 
 __all__ = ["OPS", "OpSpec", "parse_binary", "parse_json", "validation_message"]
 
@@ -150,10 +151,34 @@ def validation_message(exc: ValidationError) -> str:
     return msg
 
 
+# `"name": {"shape": [..]` or a bare `"shape": [..]`: the declared shapes, found with a linear
+# scan before any list of numbers is built.
+_SHAPE = re.compile(rb'"shape"\s*:\s*\[([^\[\]{}"]{0,1000})\]')
+_OWNER = re.compile(rb'"([A-Za-z0-9_.]{1,64})"\s*:\s*\{\s*$')
+_INT = re.compile(rb"\s*(\d{1,30})\s*$")
+
+
+def prescan_shapes(body: bytes | bytearray, *, max_elements: int) -> None:
+    """Refuse a JSON body whose declared shapes exceed ``max_elements`` before it is parsed.
+
+    Parsing builds every ``data`` list as Python floats (several times the body's size); a shape
+    over the limit is known from a few bytes. Shapes this scan cannot read are left to the full
+    validation that follows, which checks every shape again.
+    """
+    for m in _SHAPE.finditer(body):
+        dims = [_INT.match(p) for p in m.group(1).split(b",")] if m.group(1).strip() else []
+        if not all(dims):
+            continue
+        owner = _OWNER.search(body, max(m.start() - 100, 0), m.start())
+        name = owner.group(1).decode() if owner else "tensor"
+        check_shape(name, [int(d.group(1)) for d in dims if d], max_elements)
+
+
 def parse_json(
     spec: OpSpec, body: bytes | bytearray, *, max_elements: int
 ) -> tuple[dict[str, Any], Tensors]:
     """Validate a JSON body (400 when it is not JSON, 422 when a field is wrong)."""
+    prescan_shapes(body, max_elements=max_elements)
     try:
         req = spec.request.model_validate_json(body)
     except ValidationError as exc:

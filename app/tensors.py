@@ -7,6 +7,7 @@ values are still checked to be finite, on the raw bits). No pickle anywhere.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -122,13 +123,30 @@ def check_finite(field: str, t: RawTensor) -> None:
         )
 
 
-def check_shape(field: str, shape: Sequence[Any], max_elements: int) -> tuple[int, ...]:
+def _name(field: str) -> str:
+    """A field name fit for a message (names come from the client: keep them short)."""
+    return field if len(field) <= 64 else field[:61] + "..."
+
+
+def check_shape(field: str, shape: Any, max_elements: int) -> tuple[int, ...]:
+    """A shape of at most 8 non-negative dimensions and at most ``max_elements`` elements.
+
+    Never formats a client's number it has not bounded (a dimension of 10**3000 is refused
+    without turning it into text).
+    """
+    field = _name(field)
     if not isinstance(shape, list | tuple) or not all(
         isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
     ):
         raise InvalidInput("must be a list of non-negative integers", field=f"{field}.shape")
     if len(shape) > 8:
         raise InvalidInput(f"rank {len(shape)} > 8", field=f"{field}.shape")
+    for i, s in enumerate(shape):
+        if s > max_elements:
+            raise InvalidInput(
+                f"dimension {i} alone exceeds the limit of {max_elements} elements (MAX_ELEMENTS)",
+                field=f"{field}.shape",
+            )
     n = math.prod(shape)
     if n > max_elements:
         raise InvalidInput(
@@ -187,7 +205,9 @@ def decode_safetensors(
     try:
         header = json.loads(bytes(view[8 : 8 + n]))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"safetensors header is not valid JSON: {exc}") from None
+        raise BadRequest(f"safetensors header is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise BadRequest("safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise BadRequest("safetensors header must be a JSON object")
     buf = view[8 + n :]
@@ -195,34 +215,45 @@ def decode_safetensors(
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BadRequest("safetensors __metadata__ must map strings to strings")
     tensors: dict[str, RawTensor] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise BadRequest(f"safetensors entry {name!r} lacks dtype/shape/data_offsets")
-        dt = _FROM_ST.get(info["dtype"])
+            raise BadRequest(f"safetensors entry {_name(name)!r} lacks dtype/shape/data_offsets")
+        dt = _FROM_ST.get(info["dtype"]) if isinstance(info["dtype"], str) else None
         if dt is None:
             raise InvalidInput(
-                f"unsupported safetensors dtype {info['dtype']!r}; expected F32, F64, F16 or BF16",
-                field=f"{name}.datatype",
+                f"unsupported safetensors dtype {str(info['dtype'])[:32]!r}; expected F32, F64, "
+                "F16 or BF16",
+                field=f"{_name(name)}.datatype",
             )
         dims = check_shape(name, info["shape"], max_elements)
         offsets = info["data_offsets"]
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= len(buf)
         ):
-            raise BadRequest(f"safetensors entry {name!r} has bad data_offsets {offsets!r}")
+            raise BadRequest(
+                f"safetensors entry {_name(name)!r} has data_offsets outside its "
+                f"{len(buf)}-byte buffer (expected [begin, end] byte offsets)"
+            )
         begin, end = offsets
         if end - begin != math.prod(dims) * dt.itemsize:
             raise InvalidInput(
                 f"{end - begin} bytes but shape {list(dims)} of {dt.name} needs "
                 f"{math.prod(dims) * dt.itemsize}",
-                field=f"{name}.data",
+                field=f"{_name(name)}.data",
             )
         raw = RawTensor(dt.name, dims, buf[begin:end])
         check_finite(name, raw)
         tensors[name] = raw
+        if begin < end:
+            spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, _, b) in itertools.pairwise(spans):
+        if begin_b < end_a:
+            raise BadRequest(f"safetensors entries {_name(a)!r} and {_name(b)!r} overlap")
     return tensors, {str(k): v for k, v in metadata.items()}
 
 

@@ -163,7 +163,8 @@ def start_worker(make_settings: Callable[..., Any]) -> Iterator[Callable[..., An
 
 @pytest.fixture
 def api(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
-    """``api(**settings)`` -> a TestClient of a fresh app on the test Redis."""
+    """``api(**settings)`` -> a TestClient of a fresh app on the test Redis; ``.queue`` is a
+    synchronous :class:`app.queue.Queue` on the same Redis (the app's own client is asyncio)."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -171,14 +172,19 @@ def api(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
     clients: list[Any] = []
 
     def make(**overrides: Any) -> Any:
-        c = TestClient(create_app(make_settings(**overrides)))
+        from app.queue import Queue
+
+        settings = make_settings(**overrides)
+        c = TestClient(create_app(settings))
         c.__enter__()
+        c.queue = Queue.from_settings(settings)  # type: ignore[attr-defined]  # sync view
         clients.append(c)
         return c
 
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+        c.queue.r.close()
 
 
 def _import_roots() -> str:

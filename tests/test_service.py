@@ -313,7 +313,7 @@ def test_bad_json_input_is_4xx_naming_the_field(
     err = r.json()["error"]
     assert err["code"] == code
     assert text in err["message"]
-    q: Queue = client.app.state.queue
+    q: Queue = client.queue
     assert q.r.xlen(stream_key(op)) == 0  # nothing was queued
 
 
@@ -361,7 +361,7 @@ def test_bad_binary_input_is_4xx(case: str, body: bytes, status: int, text: str,
     r = client.post("/v1/attention", content=body, headers={"content-type": BINARY})
     assert r.status_code == status, r.text
     assert text in r.json()["error"]["message"] or text == r.json()["error"]["code"]
-    assert client.app.state.queue.r.xlen(stream_key("attention")) == 0
+    assert client.queue.r.xlen(stream_key("attention")) == 0
 
 
 def test_wrong_content_type_is_415(api: Any) -> None:
@@ -422,7 +422,7 @@ def test_cancel_queued_job_never_runs(api: Any, start_worker: Any) -> None:
     r = client.delete(f"/v1/jobs/{job['id']}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     w = start_worker()
-    q: Queue = client.app.state.queue
+    q: Queue = client.queue
     wait_until(lambda: q.depth("attention") == (0, 0), timeout=30)
     final = client.get(f"/v1/jobs/{job['id']}").json()
     assert final["status"] == "cancelled" and final["attempts"] == 0
@@ -458,7 +458,7 @@ def test_results_expire_after_ttl(api: Any, start_worker: Any) -> None:
     client = api(result_ttl_seconds=1)
     job = client.post("/v1/attention", json=json_body(attention_inputs(), {})).json()
     assert wait_done(client, job["id"])["status"] == "succeeded"
-    q: Queue = client.app.state.queue
+    q: Queue = client.queue
     wait_until(lambda: not q.r.exists(f"attn:job:{job['id']}"), timeout=15, interval=0.1)
     assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
     assert client.get(f"/v1/jobs/{job['id']}/result").status_code == 404
@@ -466,24 +466,24 @@ def test_results_expire_after_ttl(api: Any, start_worker: Any) -> None:
 
 
 def test_stale_attempt_cannot_overwrite_newer_result(make_queue: Any) -> None:
+    from app.errors import StaleAttempt
+    from app.queue import Attempt
+
     q: Queue = make_queue()
     t = {n: from_array(a) for n, a in attention_inputs().items()}
     job = q.enqueue("attention", {}, t)
     got = q.read_next("w-old", ["attention"], 100)
     assert got is not None
     old = q.start_attempt("w-old", *got)
-    assert old is not None and old.attempt == 1
-    # w-old's lease is gone (never set): another worker reclaims and runs attempt 2
-    assert q.reclaim("w-new", ["attention"]) == 0  # too fresh to claim (min idle)
-    time.sleep(q.lease_seconds / 3 + 0.2)
-    assert q.reclaim("w-new", ["attention"]) == 1
+    assert isinstance(old, Attempt) and old.attempt == 1
+    q.renew_lease("w-other")
+    assert q.reclaim("w-other", ["attention"]) == {"worker_lost": 1}  # w-old never had a lease
     got2 = q.read_next("w-new", ["attention"], 100)
     assert got2 is not None
     new = q.start_attempt("w-new", *got2)
-    assert new is not None and new.attempt == 2 and new.token > old.token
+    assert isinstance(new, Attempt) and new.attempt == 2 and new.token > old.token
     out_new = {"output": from_array(np.full((2, 2), 2.0, np.float32))}
     out_old = {"output": from_array(np.full((2, 2), 1.0, np.float32))}
-    from app.errors import StaleAttempt
 
     q.finish_success(new, out_new, {"method": "exact"})
     with pytest.raises(StaleAttempt):
@@ -495,6 +495,38 @@ def test_stale_attempt_cannot_overwrite_newer_result(make_queue: Any) -> None:
     final, outputs = q.get_outputs(job["id"])
     assert final["status"] == "succeeded" and final["summary"] == {"method": "exact"}
     assert outputs["output"].to_numpy().tolist() == [[2.0, 2.0], [2.0, 2.0]]
+
+
+@pytest.mark.parametrize("write", ["succeed", "fail", "cancel", "hand_back", "progress"])
+def test_attempt_exactly_one_token_behind_is_stale(make_queue: Any, write: str) -> None:
+    """The fencing check is equality: an attempt one token behind a running one writes nothing."""
+    from app.errors import StaleAttempt
+    from app.queue import Attempt, job_key
+
+    q: Queue = make_queue()
+    job = q.enqueue("attention", {}, {n: from_array(a) for n, a in attention_inputs().items()})
+    got = q.read_next("w", ["attention"], 100)
+    assert got is not None
+    att = q.start_attempt("w", *got)
+    assert isinstance(att, Attempt)
+    q.r.hincrby(job_key(job["id"]), "token", 1)  # a newer attempt now holds token + 1
+    before = q.get_job(job["id"])
+    out = {"output": from_array(np.ones((2, 2), np.float32))}
+    writes = {
+        "succeed": lambda: q.finish_success(att, out, {"method": "exact"}),
+        "fail": lambda: q.finish_failure(att, "internal_error", "x", retry=False),
+        "cancel": lambda: q.finish_cancelled(att),
+        "hand_back": lambda: q.hand_back(att),
+        "progress": lambda: q.report_progress(att, 1, 2, force=True),
+    }
+    with pytest.raises(StaleAttempt):
+        writes[write]()
+    after = q.get_job(job["id"])
+    assert after == before and after["status"] == "running"
+    # the same write with the current token goes through
+    att.token += 1
+    writes[write]()
+    assert q.get_job(job["id"]) != before
 
 
 def test_deterministic_failure_fails_at_once(make_queue: Any, start_worker: Any) -> None:

@@ -1,17 +1,70 @@
-"""``python -m workers``: one worker process (one job at a time); SIGTERM stops it gracefully."""
+"""``python -m workers``: one worker process (one job at a time); SIGTERM stops it gracefully.
+
+The process also serves ``/metrics`` (Prometheus) and ``/health`` (the job loop's own state, for
+the container healthcheck) on ``METRICS_PORT``; a taken port falls back to a free one, logged.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import signal
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.queue import Queue
 from app.settings import get_settings
 from workers.worker import Worker
+
+log = logging.getLogger("workers")
+
+
+def serve_status(worker: Worker, port: int) -> ThreadingHTTPServer:
+    """``/metrics`` and ``/health`` on ``port`` (0, or a taken port: a free one), in a thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] == "/health":
+                ok, detail = worker.health()
+                body = json.dumps({"status": "ok" if ok else "unhealthy", **detail}).encode()
+                self._reply(200 if ok else 503, "application/json", body)
+            elif self.path.split("?")[0] == "/metrics":
+                self._reply(200, CONTENT_TYPE_LATEST, generate_latest())
+            else:
+                self._reply(404, "application/json", b'{"status": "not found"}')
+
+        def _reply(self, status: int, ctype: str, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+    try:
+        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE or port == 0:
+            raise
+        server = ThreadingHTTPServer(("0.0.0.0", 0), Handler)
+        log.warning(
+            "METRICS_PORT %d is taken (another worker on this host?); serving /metrics and "
+            "/health on port %d instead",
+            port,
+            server.server_address[1],
+        )
+    else:
+        log.info("serving /metrics and /health on port %d", server.server_address[1])
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="status-http", daemon=True).start()
+    return server
 
 
 def main() -> int:
@@ -22,15 +75,14 @@ def main() -> int:
         stream=sys.stderr,
     )
     queue = Queue.from_settings(settings)
-    worker = Worker(queue, settings)
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="0.0.0.0")
+    worker = Worker(queue, settings, exit_on_hang=True)
+    serve_status(worker, settings.metrics_port)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         if worker.stopping:
-            logging.getLogger("workers").warning("second signal: exiting now")
+            log.warning("second signal: exiting now")
             raise SystemExit(1)
-        logging.getLogger("workers").info("signal %d: stopping after handing back the job", signum)
+        log.info("signal %d: stopping after handing back the job", signum)
         worker.stop()
 
     signal.signal(signal.SIGTERM, on_signal)

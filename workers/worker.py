@@ -1,6 +1,10 @@
 """The worker: take a job, load its inputs, call ``compute``, store outputs and summary.
 
-Thin by design: the Redis layout, leases, fencing and reclaim live in ``app.queue``.
+Thin by design: the Redis layout, leases, fencing and reclaim live in ``app.queue``. What is here
+is what a process must do to never lose or strand a job: renew its lease from its own thread,
+retry a final write until it lands or the attempt is stale, put back its own leftover entries
+after losing Redis, create the consumer groups again when Redis lost them, and stop a job that
+passes its time limit (at a block boundary, or by the watchdog when the compute hangs).
 """
 
 from __future__ import annotations
@@ -15,17 +19,18 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import redis
 import torch
 
 import compute
 from app import metrics
-from app.errors import InvalidInput, JobNotFound, StaleAttempt
-from app.queue import Attempt, Queue, job_key
+from app.errors import InvalidInput, StaleAttempt
+from app.queue import Attempt, Queue
 from app.settings import Settings
 from app.tensors import RawTensor, from_array
 from compute.tensor_attention import kernel_status
 
-__all__ = ["Worker", "resolve_device", "run_op"]
+__all__ = ["JobTimeout", "Worker", "resolve_device", "run_op", "transient"]
 
 log = logging.getLogger("workers")
 
@@ -36,7 +41,6 @@ DETERMINISTIC: dict[type[BaseException], str] = {
     compute.CertificationError: "certification_failed",
     compute.InvalidInputError: "invalid_input",
     InvalidInput: "invalid_input",
-    JobNotFound: "inputs_expired",
     ValueError: "invalid_input",
     TypeError: "invalid_input",
 }
@@ -44,6 +48,21 @@ DETERMINISTIC: dict[type[BaseException], str] = {
 
 class _HandBack(Exception):  # noqa: N818 (a signal, not an error)
     """Raised from the progress callback when the worker is stopping (SIGTERM)."""
+
+
+class JobTimeout(Exception):  # noqa: N818 (the job's outcome, as compute.Cancelled)
+    """Raised at a block boundary once an attempt has run past its time limit."""
+
+
+# Redis answers that go away by themselves: retry. Anything else is a bug or a refusal.
+_TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "NOREPLICAS")
+
+
+def transient(exc: BaseException) -> bool:
+    """A Redis failure worth retrying (connection, timeout, memory full, loading, failover)."""
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | redis.BusyLoadingError):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -111,6 +130,16 @@ def run_op(
     return {k: from_array(v) for k, v in outputs.items()}, _finite(summary)
 
 
+class _Running:
+    """The attempt in progress, as the lease thread's watchdog sees it."""
+
+    def __init__(self, att: Attempt, limit: float) -> None:
+        self.att = att
+        self.limit = limit
+        self.deadline = time.monotonic() + limit
+        self.abandoned = False
+
+
 class Worker:
     """One job at a time; a lease renewed from its own thread; reclaims dead workers' jobs."""
 
@@ -121,6 +150,7 @@ class Worker:
         *,
         worker_id: str | None = None,
         ops: list[str] | None = None,
+        exit_on_hang: bool = False,
     ) -> None:
         self.queue = queue
         self.settings = settings
@@ -129,8 +159,12 @@ class Worker:
         self.device = resolve_device(settings.worker_device)
         self.delay = settings.worker_block_delay_ms / 1000.0
         self.lease_period = max(settings.lease_seconds / 3.0, 0.05)
+        self.block_ms = int(min(1000.0, self.lease_period * 1000))
+        self.exit_on_hang = exit_on_hang
         self._stop = threading.Event()
         self._lease_thread: threading.Thread | None = None
+        self._current: _Running | None = None
+        self._beat = time.monotonic()
         self.jobs_done = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -141,38 +175,131 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the job loop is alive: idle and turning, or busy within its time limit."""
+        now = time.monotonic()
+        cur = self._current
+        if cur is not None:
+            over = now - cur.deadline
+            ok = over < self._hang_grace(cur.limit)
+            return ok, {"state": "busy", "job": cur.att.job_id, "seconds_over_limit": max(over, 0)}
+        idle = now - self._beat
+        ok = idle < 10.0 + 3 * self.block_ms / 1000.0 and not self._stop.is_set()
+        return ok, {"state": "idle", "seconds_since_loop": round(idle, 3)}
+
+    @staticmethod
+    def _hang_grace(limit: float) -> float:
+        """How long past its limit a job may run without reaching a block before it is hung."""
+        return max(1.0, min(60.0, 0.25 * limit))
+
     def _keep_lease(self) -> None:
+        warned = False
         while not self._stop.wait(self.lease_period):
             try:
                 self.queue.renew_lease(self.id)
                 metrics.LEASE_RENEWALS.inc()
-            except Exception:  # Redis briefly away: keep trying; the lease may lapse
-                log.warning("lease renewal failed", exc_info=True)
+                if warned:
+                    log.info("lease renewed again")
+                warned = False
+            except redis.RedisError as exc:  # Redis briefly away: keep trying; the lease may lapse
+                metrics.REDIS_ERRORS.labels("worker", type(exc).__name__).inc()
+                if not warned:
+                    log.warning("lease renewal failed: %s", exc)
+                warned = True
+            self._watchdog()
+
+    def _watchdog(self) -> None:
+        """End an attempt whose compute hangs past its time limit (no block reached)."""
+        cur = self._current
+        if cur is None or cur.abandoned:
+            return
+        over = time.monotonic() - cur.deadline
+        if over < self._hang_grace(cur.limit):
+            return
+        att = cur.att
+        message = (
+            f"the compute ran past the {cur.limit:g} s time limit and stopped responding "
+            "(no block finished); the worker process is restarted"
+            if self.exit_on_hang
+            else f"the compute ran past the {cur.limit:g} s time limit and stopped responding"
+        )
+        try:
+            self.queue.finish_failure(att, "timeout", message, retry=False)
+            metrics.FAILURES.labels(att.op, "timeout").inc()
+        except StaleAttempt:
+            pass
+        except redis.RedisError as exc:
+            log.warning("watchdog could not record the timeout yet: %s", exc)
+            return
+        cur.abandoned = True
+        log.error("job %s attempt %d hung past its time limit", att.job_id, att.attempt)
+        if self.exit_on_hang:
+            logging.shutdown()
+            os._exit(70)  # the compute thread cannot be interrupted; the supervisor restarts us
+
+    def _until_redis(self, what: str, action: Callable[[], Any]) -> bool:
+        """Run ``action`` until Redis answers (True) or the worker is stopped (False)."""
+        pause = 0.1
+        while not self._stop.is_set():
+            try:
+                action()
+                return True
+            except redis.RedisError as exc:
+                metrics.REDIS_ERRORS.labels("worker", type(exc).__name__).inc()
+                log.warning("%s: Redis unreachable (%s); retrying", what, exc)
+                self._stop.wait(pause)
+                pause = min(pause * 2, 2.0)
+        return False
 
     def run(self) -> None:
         """Serve until :meth:`stop`; the current job is handed back at its next block."""
-        self.queue.ensure_groups(self.ops)
-        self.queue.renew_lease(self.id)
+
+        def setup() -> None:
+            self.queue.ensure_groups(self.ops)
+            self.queue.renew_lease(self.id)
+
+        if not self._until_redis("start", setup):
+            return
         self._lease_thread = threading.Thread(target=self._keep_lease, name="lease", daemon=True)
         self._lease_thread.start()
         log.info("worker %s on %s consuming %s", self.id, self.device, ",".join(self.ops))
         if "tensor-attention" in self.ops and self.device.type == "cpu":
             # build (or load), self-test and calibrate the compiled kernel now, not in a job
             log.info("tensor attention CPU kernel: %s", kernel_status())
-        block_ms = int(min(1000.0, self.lease_period * 1000))
         next_reclaim = 0.0
+        reclaims = 0
+        pause = 0.1
+        failing = False
         try:
             while not self._stop.is_set():
+                self._beat = time.monotonic()
                 try:
                     if time.monotonic() >= next_reclaim:
-                        moved = self.queue.reclaim(self.id, self.ops)
-                        if moved:
-                            metrics.RECLAIMED.inc(moved)
-                            log.warning("reclaimed %d job(s) from dead workers", moved)
+                        self._reclaim(prune=reclaims % 10 == 0)
+                        reclaims += 1
                         next_reclaim = time.monotonic() + self.lease_period
-                    got = self.queue.read_next(self.id, self.ops, block_ms)
+                    got = self.queue.read_next(self.id, self.ops, self.block_ms)
+                    if failing:
+                        log.info("Redis reachable again")
+                    failing, pause = False, 0.1
                     if got is not None:
                         self.process(*got)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    made = self.queue.ensure_groups(self.ops)
+                    metrics.GROUPS_RECREATED.labels("worker").inc(made)
+                    log.warning("consumer groups were missing (Redis lost data?): created %d", made)
+                except redis.RedisError as exc:
+                    if self._stop.is_set():
+                        break
+                    metrics.REDIS_ERRORS.labels("worker", type(exc).__name__).inc()
+                    if not failing:
+                        log.warning("Redis unreachable (%s); retrying", exc)
+                    failing = True
+                    next_reclaim = 0.0  # take back our own leftover entries once it answers
+                    self._stop.wait(pause)
+                    pause = min(pause * 2, 2.0)
                 except Exception:
                     if self._stop.is_set():
                         break
@@ -185,70 +312,89 @@ class Worker:
             try:
                 self.queue.drop_lease(self.id)
             except Exception:
-                log.warning("could not drop the lease", exc_info=True)
+                log.warning("could not drop the lease (it lapses by itself)", exc_info=True)
             log.info("worker %s stopped", self.id)
 
+    def _reclaim(self, *, prune: bool) -> None:
+        counts = self.queue.reclaim(self.id, self.ops)
+        for reason in ("worker_lost", "orphan"):
+            if counts.get(reason):
+                metrics.RECLAIMED.labels(reason).inc(counts[reason])
+                log.warning("reclaimed %d job(s): %s", counts[reason], reason)
+        if prune:
+            removed = self.queue.prune_consumers(self.id, self.ops)
+            if removed:
+                log.info("removed %d dead consumer(s) from the groups", removed)
+
     # ------------------------------------------------------------------ one job
+    def _check(self, att: Attempt, done: int, total: int, *, force: bool) -> None:
+        """At a block boundary: time limit, cancel request, stop request."""
+        cur = self._current
+        if cur is not None and time.monotonic() > cur.deadline:
+            raise JobTimeout(f"the job ran past its time limit of {cur.limit:g} s")
+        try:
+            if self.queue.report_progress(att, done, total, force=force):
+                raise compute.Cancelled("cancelled by request")
+        except redis.RedisError as exc:  # progress is advisory: keep computing
+            metrics.REDIS_ERRORS.labels("worker", type(exc).__name__).inc()
+        if self._stop.is_set():
+            raise _HandBack()
+
     def _progress(self, att: Attempt) -> Progress:
         def progress(done: int, total: int) -> None:
             last = total > 0 and done >= total
-            if self.queue.report_progress(att, done, total, force=last):
-                raise compute.Cancelled("cancelled by request")
-            if self._stop.is_set():
-                raise _HandBack()
+            self._check(att, done, total, force=last)
             if self.delay and not last:
-                self._sleep(att)
+                self._sleep(att, done, total)
 
         return progress
 
-    def _sleep(self, att: Attempt) -> None:
-        """The diagnostic per-block delay, checking for cancel and stop while it lasts."""
+    def _sleep(self, att: Attempt, done: int, total: int) -> None:
+        """The diagnostic per-block delay, checking limit, cancel and stop while it lasts."""
         end = time.monotonic() + self.delay
         while (left := end - time.monotonic()) > 0:
             time.sleep(min(left, 0.05))
-            if self._cancelled(att):
-                raise compute.Cancelled("cancelled by request")
-            if self._stop.is_set():
-                raise _HandBack()
-
-    def _cancelled(self, att: Attempt) -> bool:
-        token, cancel = self.queue.r.hmget(job_key(att.job_id), ["token", "cancel"])
-        if token is None or int(token) != att.token:
-            raise StaleAttempt(f"attempt {att.attempt} of job {att.job_id} was superseded")
-        return cancel in (b"1", "1")
+            self._check(att, done, total, force=True)
 
     def process(self, op: str, handle: str) -> str | None:
         """Run one queue entry; returns the job's new status (None when nothing ran)."""
-        att = self.queue.start_attempt(self.id, op, handle)
-        if att is None:
+        started = self.queue.start_attempt(self.id, op, handle)
+        if not isinstance(started, Attempt):
+            if started == "gone":
+                metrics.JOBS_VANISHED.labels(op).inc()
+                log.warning("entry %s: its job record is missing (Redis lost data)", handle)
+            elif started == "failed":
+                log.warning("entry %s: the job could not run and ended as failed", handle)
             return None
+        att = started
         log.info("job %s (%s) attempt %d", att.job_id, op, att.attempt)
-        started = time.perf_counter()
+        self._current = _Running(att, self.settings.job_timeout(op))
+        begin = time.perf_counter()
         status: str
         try:
-            inputs = self.queue.load_inputs(att)
             if self.delay:
-                self._sleep(att)
+                self._sleep(att, 0, 0)
             outputs, summary = run_op(
-                op, inputs, att.params, device=self.device, progress=self._progress(att)
+                op, att.tensors, att.params, device=self.device, progress=self._progress(att)
             )
-            stored = self.queue.finish_success(att, outputs, summary)
-            status = "succeeded"
-            method = str(summary.get("method", "unknown"))
-            metrics.BYTES_STORED.labels("output").inc(stored)
-            metrics.JOB_SECONDS.labels(op, method).observe(time.perf_counter() - started)
-            bound = summary.get("error_bound")
-            if isinstance(bound, float):
-                metrics.ERROR_BOUND.labels(op, method).observe(bound)
+            status = self._settle(lambda: self.queue.finish_success(att, outputs, summary))
+            if status != "superseded":
+                stored, status = int(status), "succeeded"
+                method = str(summary.get("method", "unknown"))
+                metrics.BYTES_STORED.labels("output").inc(stored)
+                metrics.JOB_SECONDS.labels(op, method).observe(time.perf_counter() - begin)
+                bound = summary.get("error_bound")
+                if isinstance(bound, float):
+                    metrics.ERROR_BOUND.labels(op, method).observe(bound)
         except StaleAttempt as exc:
             log.warning("%s; its result is discarded", exc)
             status = "superseded"
+        except JobTimeout as exc:
+            status = self._fail(att, "timeout", str(exc), retry=False)
         except compute.Cancelled:
-            self._settle(lambda: self.queue.finish_cancelled(att))
-            status = "cancelled"
+            status = self._settle(lambda: self.queue.finish_cancelled(att)) or "cancelled"
         except _HandBack:
-            self._settle(lambda: self.queue.hand_back(att))
-            status = "handed_back"
+            status = self._settle(lambda: self.queue.hand_back(att)) or "handed_back"
         except Exception as exc:
             code = next(
                 (c for k, c in DETERMINISTIC.items() if isinstance(exc, k)), "internal_error"
@@ -257,18 +403,50 @@ class Worker:
             if retry:
                 log.exception("job %s attempt %d failed", att.job_id, att.attempt)
             message = f"{type(exc).__name__}: {exc}" if retry else str(exc)
-            status = (
-                self._settle(lambda: self.queue.finish_failure(att, code, message, retry=retry))
-                or "failed"
-            )
+            status = self._fail(att, code, message, retry=retry)
+        finally:
+            self._current = None
         metrics.WORKER_JOBS.labels(op, status).inc()
         self.jobs_done += 1
         return status
 
-    @staticmethod
-    def _settle(write: Callable[[], Any]) -> Any:
-        try:
-            return write()
-        except StaleAttempt as exc:
-            log.warning("%s", exc)
-            return "superseded"
+    def _fail(self, att: Attempt, code: str, message: str, *, retry: bool) -> str:
+        status = str(
+            self._settle(lambda: self.queue.finish_failure(att, code, message, retry=retry))
+        )
+        if status == "failed":
+            metrics.FAILURES.labels(att.op, code).inc()
+        elif status == "queued":
+            metrics.RETRIES.labels(att.op, code).inc()
+        return status
+
+    def _settle(self, write: Callable[[], Any]) -> Any:
+        """Run a final write until it lands or the attempt is stale ('superseded').
+
+        A Redis outage delays the write, never drops it: transient errors are retried with
+        backoff for as long as the worker runs. Once the worker is stopping, it retries for
+        WORKER_STOP_GRACE_SECONDS more and then gives up ('abandoned'): the job stays with this
+        worker's lease, which lapses, and another worker reruns it.
+        """
+        pause = 0.05
+        give_up: float | None = None
+        while True:
+            try:
+                result = write()
+                return "done" if result is None else result
+            except StaleAttempt as exc:
+                log.warning("%s", exc)
+                return "superseded"
+            except redis.RedisError as exc:
+                if not transient(exc):
+                    raise
+                metrics.REDIS_ERRORS.labels("worker", type(exc).__name__).inc()
+                if self._stop.is_set():
+                    now = time.monotonic()
+                    give_up = give_up or now + self.settings.worker_stop_grace_seconds
+                    if now > give_up:
+                        log.error("could not record the job's end; its lease will lapse instead")
+                        return "abandoned"
+                log.warning("recording the job's end failed (%s); retrying", exc)
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
