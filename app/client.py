@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +112,13 @@ def _raise_for(resp: httpx.Response) -> None:
     raise cls(resp.status_code, code, message)
 
 
+def _retry_after(resp: httpx.Response, default: float) -> float:
+    try:
+        return max(float(resp.headers.get("retry-after", default)), 0.0)
+    except ValueError:
+        return default
+
+
 class Job:
     """A submitted job; :meth:`wait` polls until it ends and returns its :class:`Result`."""
 
@@ -202,10 +210,12 @@ class Client:
         api_key: str | None = None,
         timeout: float = 60.0,
         binary_threshold: int = 1 << 20,
+        retries: int = 5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
+        self.retries = retries
         self.binary_threshold = binary_threshold
         self.http = httpx.Client(
             base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
@@ -223,12 +233,31 @@ class Client:
     def _request(
         self, method: str, path: str, *, timeout_extra: float = 0.0, **kwargs: Any
     ) -> httpx.Response:
-        try:
-            resp = self.http.request(method, path, timeout=self.timeout + timeout_extra, **kwargs)
-        except httpx.TransportError as exc:
-            raise ClientError(f"cannot reach the service: {exc}") from exc
-        _raise_for(resp)
-        return resp
+        """One request, retried while the service says "later" (429, 503) or cannot be reached.
+
+        Safe to retry: reads are idempotent, and every submit carries an ``Idempotency-Key``, so a
+        submit whose answer was lost returns the job it created instead of a second one.
+        """
+        pause = 0.2
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                resp = self.http.request(
+                    method, path, timeout=self.timeout + timeout_extra, **kwargs
+                )
+            except httpx.TransportError as exc:
+                if last:
+                    raise ClientError(f"cannot reach the service: {exc}") from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if resp.status_code in (429, 503) and not last:
+                time.sleep(min(_retry_after(resp, pause), 30.0))
+                pause = min(pause * 2, 5.0)
+                continue
+            _raise_for(resp)
+            return resp
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ operations
     def attention(self, q: Any, k: Any, v: Any, **params: Any) -> Job:
@@ -269,6 +298,7 @@ class Client:
     ) -> Job:
         """Queue any operation; ``binary=None`` picks safetensors above ``binary_threshold``."""
         params = dict(params or {})
+        idem = {"idempotency-key": uuid.uuid4().hex}
         kind = "torch" if any(_is_torch(t) for t in tensors.values()) else "numpy"
         raw = {n: from_array(t) for n, t in tensors.items()}
         if binary is None:
@@ -279,7 +309,7 @@ class Client:
                 "POST",
                 f"/v1/{op}",
                 content=encode_safetensors(raw, meta),
-                headers={"content-type": BINARY},
+                headers={"content-type": BINARY, **idem},
             )
         else:
             body: dict[str, Any] = dict(params)
@@ -289,7 +319,7 @@ class Client:
                 for part in path:
                     node = node.setdefault(part, {})
                 node[leaf] = t.to_json()
-            resp = self._request("POST", f"/v1/{op}", json=body)
+            resp = self._request("POST", f"/v1/{op}", json=body, headers=idem)
         return Job(self, resp.json(), kind)
 
     def job(self, job_id: str) -> Job:

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator, Awaitable, MutableMapping
 from contextlib import asynccontextmanager
@@ -26,10 +27,11 @@ import redis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import compute
 from app import metrics
@@ -52,7 +54,7 @@ from app.ops import OPS, OpSpec, parse_binary, parse_json
 from app.queue import OPS as QUEUE_OPS
 from app.queue import TERMINAL, AsyncQueue, body_digest, retry_after
 from app.settings import Settings, get_settings
-from app.tensors import RawTensor, decode_safetensors, encode_safetensors
+from app.tensors import DATATYPES, RawTensor, decode_safetensors, encode_safetensors
 
 __all__ = ["app", "create_app"]
 
@@ -116,7 +118,7 @@ def job_public(job: dict[str, Any]) -> dict[str, Any]:
 
 def _redis_message(exc: redis.RedisError) -> str:
     """A message for a Redis failure that never echoes Redis's own text (commands, keys)."""
-    if isinstance(exc, redis.ResponseError) and str(exc).startswith("OOM"):
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
         return "the job queue's storage is full; retry later"
     return "the job queue (Redis) is unavailable; retry shortly"
 
@@ -353,12 +355,16 @@ def _build_router() -> APIRouter:
         job_id: str, request: Request, queue: QueueDep, settings: SettingsDep, owner: CallerDep
     ) -> Response:
         """Outputs and summary; ``Accept: application/octet-stream`` gives safetensors."""
+        job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
+        nbytes = sum(
+            math.prod(m["shape"]) * DATATYPES[m["datatype"]].itemsize
+            for m in job["outputs"].values()
+        )
         try:
             job, outputs = await within(
-                deadline(settings, 64 << 20), queue.get_outputs(job_id, owner=owner)
+                deadline(settings, nbytes), queue.get_outputs(job_id, owner=owner)
             )
         except JobNotFinished as exc:
-            job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
             return JSONResponse(
                 error_body(exc.code, exc.message),
                 status_code=409,
@@ -397,7 +403,7 @@ def _build_router() -> APIRouter:
         op: Literal["attention", "tensor-attention", "lora-gradient"],
         n: Annotated[int, Query(ge=1, le=1 << 31)],
         d: Annotated[int, Query(ge=1, le=1 << 16)],
-        radius: Annotated[float, Query(ge=0, allow_inf_nan=False)],
+        radius: Annotated[float, Query(ge=0, le=1e4, allow_inf_nan=False)],
         eps: Annotated[float, Query(gt=0, lt=1, allow_inf_nan=False)] = 1e-3,
         method: Literal["auto", "exact", "polynomial"] = "auto",
         causal: bool = False,
@@ -419,13 +425,19 @@ def _build_router() -> APIRouter:
         }
         if op == "attention":
             inputs = {**common, "causal": causal, "dv": dv}
-            p = await run_in_threadpool(lambda: compute.plan_attention(**inputs))
+            planner: Any = compute.plan_attention
         elif op == "tensor-attention":
             inputs = {**common, "dv": dv}
-            p = await run_in_threadpool(lambda: compute.plan_tensor_attention(**inputs))
+            planner = compute.plan_tensor_attention
         else:
             inputs = {**common, "rank": rank, "full": full}
-            p = await run_in_threadpool(lambda: compute.plan_lora_gradient(**inputs))
+            planner = compute.plan_lora_gradient
+        try:
+            p = await run_in_threadpool(lambda: planner(**inputs))
+        except compute.ComputeError:
+            raise
+        except (ValueError, ArithmeticError) as exc:  # values no plan can be made for
+            raise InvalidInput(f"no plan for these values: {exc}") from None
         return JSONResponse({"op": op, "inputs": inputs, "plan": p.to_dict()})
 
     return router
@@ -568,8 +580,15 @@ def create_app(settings: Settings | None = None, *, client: Any = None) -> FastA
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            allowed: set[str] = set()
+            for route in app.router.routes:
+                if route.matches(request.scope)[0] != Match.NONE:
+                    allowed |= set(getattr(route, "methods", None) or ()) - {"HEAD"}
+            headers["Allow"] = ", ".join(sorted(allowed))
         return JSONResponse(
-            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers
         )
 
     @app.exception_handler(Exception)
@@ -594,6 +613,14 @@ def create_app(settings: Settings | None = None, *, client: Any = None) -> FastA
             body = {"status": "unavailable", "redis": False, "workers": 0, "groups": False}
             return JSONResponse(body, status_code=503)
         groups = all(st.groups.values())
+        if not groups:  # Redis lost them (FLUSHALL, failover): create them again, say not ready
+            missing = [op for op, ok in st.groups.items() if not ok]
+            log.warning("consumer groups missing in Redis: %s; creating them", ",".join(missing))
+            try:
+                await within(deadline(settings), queue.ensure_groups(missing))
+                metrics.GROUPS_RECREATED.labels("api").inc(len(missing))
+            except (redis.RedisError, ServiceError):
+                pass
         good = groups and len(st.workers) > 0
         body = {
             "status": "ok" if good else "unavailable",
@@ -603,7 +630,12 @@ def create_app(settings: Settings | None = None, *, client: Any = None) -> FastA
         }
         return JSONResponse(body, status_code=200 if good else 503)
 
-    @app.get("/metrics", tags=["health"])
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     async def prometheus(queue: QueueDep) -> Response:
         """Prometheus text format."""
         try:

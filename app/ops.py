@@ -180,7 +180,7 @@ def parse_json(
     """Validate a JSON body (400 when it is not JSON, 422 when a field is wrong)."""
     prescan_shapes(body, max_elements=max_elements)
     try:
-        req = spec.request.model_validate_json(body)
+        req = spec.request.model_validate_json(body, strict=True)
     except ValidationError as exc:
         if any(e["type"] == "json_invalid" for e in exc.errors()):
             raise BadRequest(f"malformed JSON: {exc.errors()[0]['msg']}") from None

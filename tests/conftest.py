@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +26,29 @@ LOOPBACK = "127.0.0.1"
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A port for a server that cannot take a pre-bound socket (redis-server).
+
+    Drawn at random below the kernel's ephemeral range (32768+), where no outgoing connection is
+    ever given a local port, so only another explicit bind can take it between this check and the
+    server's own bind; the starters below retry with a new port when that happens.
+    """
+    rng = random.Random()
+    while True:
+        port = rng.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+
+
+def bound_socket() -> socket.socket:
+    """A listening-ready socket on a free loopback port, bound now (no port-reuse race)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((LOOPBACK, 0))
+    return s
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
@@ -43,57 +63,127 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
         time.sleep(interval)
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[str]:
-    """A private redis-server for the test session; yields its URL."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not os.path.exists(binary):
-        pytest.fail("redis-server is not installed: `make test` installs it (Debian redis-server)")
-    tmp = tempfile.mkdtemp(prefix="attn-redis-")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            LOOPBACK,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            tmp,
-            "--protected-mode",
-            "yes",
-            "--maxmemory-policy",
-            "noeviction",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
+class RedisProcess:
+    """A private ``redis-server`` the test controls: start, crash (kill -9), stop, hang
+    (SIGSTOP) and resume, restart on the same port and data directory (AOF optional)."""
 
-    client = redis.Redis(host=LOOPBACK, port=port)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
+    def __init__(self, directory: Path, *, aof: bool = False, extra: tuple[str, ...] = ()) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(binary):
+            pytest.fail("redis-server is not installed: `make test` installs it (Debian package)")
+        self.binary = binary
+        self.dir = directory
+        self.aof = aof
+        self.extra = extra
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def _argv(self) -> list[str]:
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.aof
+            else [
+                "--appendonly",
+                "no",
+            ]
+        )
+        return [
+            self.binary,
+            *("--port", str(self.port), "--bind", LOOPBACK, "--save", ""),
+            *persistence,
+            *("--dir", str(self.dir), "--protected-mode", "yes"),
+            *("--maxmemory-policy", "noeviction", "--logfile", str(self.dir / "redis.log")),
+            *self.extra,
+        ]
+
+    def start(self, *, same_port: bool = False) -> None:
+        import redis
+
+        for _ in range(20):
+            if not same_port or not self.port:
+                self.port = free_port()
+            self.proc = subprocess.Popen(
+                self._argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            client = redis.Redis(host=LOOPBACK, port=self.port, socket_connect_timeout=1)
             try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        yield f"redis://{LOOPBACK}:{port}/0"
+                deadline = time.monotonic() + 20
+                while self.proc.poll() is None:
+                    try:
+                        client.ping()
+                        return
+                    except redis.BusyLoadingError:
+                        time.sleep(0.05)
+                    except redis.ConnectionError:
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.05)
+            finally:
+                client.close()
+            self.kill()
+            if same_port:  # the port was taken meanwhile: say so rather than move
+                raise RuntimeError(f"redis-server could not restart on port {self.port}")
+        raise RuntimeError("redis-server did not start")
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(host=LOOPBACK, port=self.port)
+
+    def kill(self) -> None:
+        """Crash it (SIGKILL): what AOF everysec has not written is lost."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def pause(self) -> None:
+        """Hang it (SIGSTOP): connections stay open, nothing answers."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start(same_port=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server for the test session; yields its URL."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
     finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test alone, with AOF (appendfsync everysec), to break on purpose."""
+    server = RedisProcess(tmp_path / "redis", aof=True)
+    server.dir.mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -196,17 +286,25 @@ def _import_roots() -> str:
     return os.pathsep.join([*sorted(roots), os.environ.get("PYTHONPATH", "")])
 
 
+FAULT_WORKER = Path(__file__).with_name("fault_worker.py")
+
+
 @pytest.fixture
 def spawn_worker(
     redis_url: str, tmp_path: Path
 ) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """``spawn_worker(**env)`` starts ``python -m workers`` as a real subprocess."""
+    """``spawn_worker(**env)`` starts ``python -m workers`` as a real subprocess.
+
+    ``url=`` points it at another Redis than the session's; ``faults=True`` starts
+    ``tests/fault_worker.py`` instead: the same worker, whose compute crashes the process or hangs
+    for jobs marked with the eps values it names. ``proc.log`` is the path of its log.
+    """
     procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(**env: Any) -> subprocess.Popen[bytes]:
+    def spawn(*, url: str | None = None, faults: bool = False, **env: Any) -> Any:
         full = {
             **os.environ,
-            "REDIS_URL": redis_url,
+            "REDIS_URL": url or redis_url,
             "METRICS_PORT": "0",
             "LEASE_SECONDS": "1",
             "WORKER_DEVICE": "cpu",
@@ -214,14 +312,18 @@ def spawn_worker(
             "LOG_LEVEL": "INFO",
         }
         full.update({k.upper(): str(v) for k, v in env.items()})
-        log = open(tmp_path / f"worker-{len(procs)}.log", "wb")  # noqa: SIM115
-        p = subprocess.Popen([sys.executable, "-m", "workers"], env=full, stdout=log, stderr=log)
+        path = tmp_path / f"worker-{len(procs)}.log"
+        log = open(path, "wb")  # noqa: SIM115
+        argv = [sys.executable, str(FAULT_WORKER)] if faults else [sys.executable, "-m", "workers"]
+        p = subprocess.Popen(argv, env=full, stdout=log, stderr=log)
+        p.log = path  # type: ignore[attr-defined]
         procs.append(p)
         return p
 
     yield spawn
     for p in procs:
         if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
             p.send_signal(signal.SIGKILL)
         p.wait(timeout=10)
 
@@ -236,7 +338,8 @@ def live_server(make_settings: Callable[..., Any]) -> Iterator[Callable[..., str
     servers: list[tuple[Any, threading.Thread]] = []
 
     def start(**overrides: Any) -> str:
-        port = free_port()
+        sock = bound_socket()
+        port = sock.getsockname()[1]
         config = uvicorn.Config(
             create_app(make_settings(**overrides)),
             host=LOOPBACK,
@@ -245,7 +348,7 @@ def live_server(make_settings: Callable[..., Any]) -> Iterator[Callable[..., str
             lifespan="on",
         )
         server = uvicorn.Server(config)
-        t = threading.Thread(target=server.run, daemon=True)
+        t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         t.start()
         wait_until(lambda: server.started, timeout=20)
         servers.append((server, t))

@@ -60,7 +60,14 @@ _TRANSIENT_REPLIES = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAG
 
 def transient(exc: BaseException) -> bool:
     """A Redis failure worth retrying (connection, timeout, memory full, loading, failover)."""
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError | redis.BusyLoadingError):
+    if isinstance(
+        exc,
+        redis.ConnectionError
+        | redis.TimeoutError
+        | redis.BusyLoadingError
+        | redis.exceptions.OutOfMemoryError
+        | redis.exceptions.ReadOnlyError,
+    ):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
 
@@ -128,6 +135,12 @@ def run_op(
     summary = dict(summary)
     summary["seconds"] = time.perf_counter() - start
     return {k: from_array(v) for k, v in outputs.items()}, _finite(summary)
+
+
+def _lost_stream(exc: redis.RedisError) -> bool:
+    """Redis no longer has our stream or group (FLUSHALL, failover to an empty replica)."""
+    text = str(exc)
+    return isinstance(exc, redis.ResponseError) and ("NOGROUP" in text or "UNBLOCKED" in text)
 
 
 class _Running:
@@ -284,15 +297,12 @@ class Worker:
                     failing, pause = False, 0.1
                     if got is not None:
                         self.process(*got)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    made = self.queue.ensure_groups(self.ops)
-                    metrics.GROUPS_RECREATED.labels("worker").inc(made)
-                    log.warning("consumer groups were missing (Redis lost data?): created %d", made)
                 except redis.RedisError as exc:
                     if self._stop.is_set():
                         break
+                    if _lost_stream(exc):
+                        self._recreate_groups()
+                        continue
                     metrics.REDIS_ERRORS.labels("worker", type(exc).__name__).inc()
                     if not failing:
                         log.warning("Redis unreachable (%s); retrying", exc)
@@ -314,6 +324,15 @@ class Worker:
             except Exception:
                 log.warning("could not drop the lease (it lapses by itself)", exc_info=True)
             log.info("worker %s stopped", self.id)
+
+    def _recreate_groups(self) -> None:
+        try:
+            made = self.queue.ensure_groups(self.ops)
+        except redis.RedisError as exc:
+            log.warning("could not create the consumer groups yet: %s", exc)
+            return
+        metrics.GROUPS_RECREATED.labels("worker").inc(made)
+        log.warning("consumer groups were missing (Redis lost data?): created %d", made)
 
     def _reclaim(self, *, prune: bool) -> None:
         counts = self.queue.reclaim(self.id, self.ops)
