@@ -22,6 +22,7 @@ can never overwrite a newer one's result. ``Queue`` is the synchronous client (w
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -701,9 +702,10 @@ def _what(att: Attempt) -> str:
 class AsyncQueue(_Settings):
     """The API's client, on ``redis.asyncio``: never blocks the event loop."""
 
-    def __init__(self, client: Any, **kwargs: Any) -> None:
+    def __init__(self, client: Any, *, retry_for: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.r: Any = client
+        self.retry_for = retry_for
         self._scripts = {name: self.r.register_script(text) for name, text in _ALL_SCRIPTS.items()}
         self._memory: tuple[float, int, int] = (0.0, 0, 0)  # (read at, used, maxmemory)
 
@@ -711,11 +713,24 @@ class AsyncQueue(_Settings):
     def from_settings(cls, settings: Settings, client: Any = None) -> AsyncQueue:
         return cls(
             client if client is not None else connect_async(settings),
+            retry_for=settings.redis_timeout_seconds,
             **_Settings.kwargs(settings),
         )
 
     async def _run(self, call: _Call[T]) -> T:
-        return call.decode(await self._scripts[call.script](keys=[], args=call.args))
+        """Run a script; a refused connection or a loading Redis is retried for ``retry_for``
+        seconds (every script is safe to repeat: submit is idempotent by job id), so a Redis
+        restart shorter than that is not seen by clients."""
+        loop = asyncio.get_running_loop()
+        end, pause = loop.time() + self.retry_for, 0.02
+        while True:
+            try:
+                return call.decode(await self._scripts[call.script](keys=[], args=call.args))
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if loop.time() + pause > end:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 0.25)
 
     async def ping(self) -> bool:
         try:

@@ -71,6 +71,8 @@ end
 _SUBMIT = r"""
 local now, id, op = ARGV[1], ARGV[2], ARGV[3]
 local idem, digest = ARGV[10], ARGV[11]
+-- A retried call (its first reply was lost) finds its own job: submit is idempotent by id.
+if redis.call('EXISTS', jkey(id)) == 1 then return {'ok', id} end
 if idem ~= '' then
   local ex = redis.call('HMGET', idem, 'job', 'digest')
   if ex[1] then

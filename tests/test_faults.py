@@ -503,16 +503,18 @@ def test_dead_consumers_are_removed_from_the_group(
 ) -> None:
     q = queue_on(own_redis)
     dead = spawn_worker(url=own_redis.url, worker_ops="attention")
-    wait_until(lambda: len(q.live_workers()) == 1, timeout=60)
+    status(q, submit(q), "succeeded")  # a consumer exists once it has read an entry
     names = lambda: {  # noqa: E731
         c["name"].decode() for c in q.r.xinfo_consumers("attn:stream:attention", "workers")
     }
-    wait_until(lambda: len(names()) == 1, timeout=30)
-    dead_name = next(iter(names()))
+    (dead_name,) = names()
+    assert pid_of(dead_name) == dead.pid
     dead.send_signal(signal.SIGKILL)
     dead.wait(timeout=10)
-    spawn_worker(url=own_redis.url, worker_ops="attention")
-    wait_until(lambda: dead_name not in names() and len(names()) == 1, timeout=60)
+    alive = spawn_worker(url=own_redis.url, worker_ops="attention")
+    status(q, submit(q, seed=2), "succeeded")
+    wait_until(lambda: dead_name not in names(), timeout=60)
+    assert {pid_of(n) for n in names()} == {alive.pid}
 
 
 def test_worker_health_endpoint_reflects_its_loop(make_queue: Any, spawn_worker: Any) -> None:
