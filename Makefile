@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 STAMP := .make/installed
 
-.PHONY: install run test lint typecheck check bench bench-attention bench-tensor bench-lora bench-service compose-config gpu-bench clean
+.PHONY: install run test lint typecheck check bench bench-attention bench-tensor bench-lora bench-service bench-load compose-config gpu-bench clean
 
 $(STAMP): pyproject.toml
 	@mkdir -p .make
@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-bench: bench-attention bench-tensor bench-lora bench-service
+bench: bench-attention bench-tensor bench-lora bench-service bench-load
 
 bench-attention: $(STAMP)
 	$(PY) benchmarks/attention.py
@@ -45,6 +45,10 @@ bench-lora: $(STAMP)
 
 bench-service: $(STAMP)
 	$(PY) benchmarks/service.py
+
+## 1,000 jobs, 50 clients, a worker kill -9 and a Redis crash mid-run: lost/duplicated/5xx counts.
+bench-load: $(STAMP)
+	$(PY) benchmarks/load.py
 
 compose-config:
 	$(PY) -m pytest -q tests/test_deploy.py

@@ -74,8 +74,18 @@ class Stack:
         }
         self.start_redis()
         self.api = self._spawn(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", HOST]
-            + ["--port", str(self.api_port), "--log-level", "warning"],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                HOST,
+                "--port",
+                str(self.api_port),
+                "--log-level",
+                "warning",
+            ],
             "api",
         )
         self.workers = [self.spawn_worker() for _ in range(workers)]
@@ -250,8 +260,11 @@ def run(jobs: int, clients: int, out: Path) -> dict[str, Any]:
     accepted = [r for r in records if "id" in r]
     ends = Counter(r["end"].split(":")[0] for r in records)
     ids = [r["id"] for r in accepted]
-    terminal_in_redis = sum(stats.get(f"{op}:{s}", 0) for op in ("attention", "tensor-attention",
-                            "lora-gradient") for s in ("succeeded", "failed", "cancelled"))
+    terminal_in_redis = sum(
+        stats.get(f"{op}:{s}", 0)
+        for op in ("attention", "tensor-attention", "lora-gradient")
+        for s in ("succeeded", "failed", "cancelled")
+    )
     queued_in_redis = sum(v for k, v in stats.items() if k.endswith(":queued"))
     lost = [r for r in accepted if r["end"].startswith("lost")]
     latencies = sorted(r["t1"] - r["t0"] for r in accepted if r["end"] == "succeeded")
@@ -269,7 +282,8 @@ def run(jobs: int, clients: int, out: Path) -> dict[str, Any]:
         "failed": ends.get("failed", 0),
         "cancelled": ends.get("cancelled", 0),
         "lost": len(lost),
-        "duplicated": (len(ids) - len(set(ids))) + max(queued_in_redis - len(set(ids)), 0)
+        "duplicated": (len(ids) - len(set(ids)))
+        + max(queued_in_redis - len(set(ids)), 0)
         + max(terminal_in_redis - len(set(ids)), 0),
         "http_500": sum(v for k, v in statuses.items() if k >= 500 and k != 503),
         "http_503_retried": statuses.get(503, 0),
@@ -281,16 +295,22 @@ def run(jobs: int, clients: int, out: Path) -> dict[str, Any]:
         ["jobs submitted (clients)", f"{jobs} ({clients})"],
         ["accepted (202)", result["accepted"]],
         ["refused as bad input (4xx)", result["refused_4xx"]],
-        ["succeeded / failed / cancelled", f"{result['succeeded']} / {result['failed']} / "
-         f"{result['cancelled']}"],
+        [
+            "succeeded / failed / cancelled",
+            f"{result['succeeded']} / {result['failed']} / {result['cancelled']}",
+        ],
         ["lost", result["lost"]],
         ["duplicated", result["duplicated"]],
         ["HTTP 500", result["http_500"]],
-        ["HTTP 503 / 429 answered, retried by the client", f"{result['http_503_retried']} / "
-         f"{result['http_429_retried']}"],
+        [
+            "HTTP 503 / 429 answered, retried by the client",
+            f"{result['http_503_retried']} / {result['http_429_retried']}",
+        ],
         ["throughput (accepted jobs/s)", f"{result['throughput_jobs_per_s']:.1f}"],
-        ["latency submit -> result p50 / p99 (s)", f"{result['latency_p50_s']:.3f} / "
-         f"{result['latency_p99_s']:.3f}" if latencies else "-"],
+        [
+            "latency submit -> result p50 / p99 (s)",
+            f"{result['latency_p50_s']:.3f} / {result['latency_p99_s']:.3f}" if latencies else "-",
+        ],
         ["wall time (s)", f"{wall:.1f}"],
         *[[f"fault at {at:.1f} s", name] for name, at in events],
     ]

@@ -89,7 +89,7 @@ def test_redis_lost_mid_job_the_job_still_ends(
         own_redis.client().config_set("maxmemory", 0)
     done = status(q, job_id, "succeeded", "failed", timeout=30)
     assert done["status"] == "succeeded", done
-    assert done["attempts"] in (1, 2)
+    assert done["attempts"] == 1  # the first attempt's result landed (no rerun was needed)
     check_result(q, job_id)
     assert w.poll() is None, log_of(w)
     assert "retrying" in log_of(w)
