@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -403,12 +404,6 @@ def first_job_snippet() -> str:
     m = re.search(r"```bash\npython3 - <<'EOF'\n(.*?)\nEOF\n```", text, flags=re.S)
     assert m, "first-job example not found in docs/deploy.md"
     return m.group(1)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def local_argv(command: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from typing import Any
 
 import numpy as np
@@ -56,11 +57,15 @@ def test_killed_worker_job_is_reclaimed_and_finished(make_queue: Any, spawn_work
 def test_live_worker_long_job_is_never_taken(make_queue: Any, spawn_worker: Any) -> None:
     q: Queue = make_queue(lease_seconds=1)
     job_id, t = submit(q)
-    # runs ~6 s, six times the 1 s lease, renewing its lease from its own thread
-    spawn_worker(worker_block_delay_ms=6000)
+    # runs ~10 s, ten times the 1 s lease, renewing its lease from its own thread
+    spawn_worker(worker_block_delay_ms=10_000)
     rec = wait_until(lambda: (r := q.get_job(job_id))["status"] == "running" and r, timeout=90)
     other = spawn_worker()  # idle, reclaim loop every ~0.33 s
     wait_until(lambda: len(q.live_workers()) == 2, timeout=90)
+    # both alive while the job runs: the idle one had several reclaim passes at it
+    assert q.get_job(job_id)["status"] == "running", "the job ended before the workers overlapped"
+    time.sleep(2.0)
+    assert q.get_job(job_id)["status"] == "running" and len(q.live_workers()) == 2
     done = wait_until(lambda: (r := q.get_job(job_id))["status"] == "succeeded" and r, timeout=90)
     assert done["attempts"] == 1
     assert done["worker"] == rec["worker"]

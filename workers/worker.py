@@ -137,6 +137,25 @@ def run_op(
     return {k: from_array(v) for k, v in outputs.items()}, _finite(summary)
 
 
+def _largest_bound(summary: Mapping[str, Any]) -> float | None:
+    """The job's certified bound for the metric: ``error_bound``, or the largest of LoRA's
+    per-gradient ``error_bounds``; None when the job ran exact."""
+    bound = summary.get("error_bound")
+    if isinstance(bound, float):
+        return bound
+    found: list[float] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, float):
+            found.append(value)
+        elif isinstance(value, Mapping):
+            for v in value.values():
+                walk(v)
+
+    walk(summary.get("error_bounds"))
+    return max(found) if found else None
+
+
 def _lost_stream(exc: redis.RedisError) -> bool:
     """Redis no longer has our stream or group (FLUSHALL, failover to an empty replica)."""
     text = str(exc)
@@ -402,8 +421,8 @@ class Worker:
                 method = str(summary.get("method", "unknown"))
                 metrics.BYTES_STORED.labels("output").inc(stored)
                 metrics.JOB_SECONDS.labels(op, method).observe(time.perf_counter() - begin)
-                bound = summary.get("error_bound")
-                if isinstance(bound, float):
+                bound = _largest_bound(summary)
+                if bound is not None:
                     metrics.ERROR_BOUND.labels(op, method).observe(bound)
         except StaleAttempt as exc:
             log.warning("%s; its result is discarded", exc)
