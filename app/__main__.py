@@ -11,7 +11,7 @@ import sys
 
 import uvicorn
 
-from app.settings import get_settings
+from app.jobs.settings import get_settings
 
 
 def _loopback(host: str) -> bool:

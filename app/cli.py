@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from app.client import Client, ClientError, Job, Result
-from app.tensors import decode_safetensors, encode_safetensors, from_array
+from app.jobs.codec import decode_safetensors, encode_safetensors, from_array
 
 __all__ = ["main"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from app.tensors import RawTensor, decode_safetensors, encode_safetensors, from_array
+from app.jobs.codec import RawTensor, decode_safetensors, encode_safetensors, from_array
 
 __all__ = [
     "ApiError",

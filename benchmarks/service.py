@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(os.path.abspath(__file__)).parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.tensors import encode_safetensors, from_array  # noqa: E402
+from app.jobs.codec import encode_safetensors, from_array  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 HOST = "127.0.0.1"

@@ -198,7 +198,7 @@ def redis_url(redis_server: str) -> str:
 
 @pytest.fixture
 def make_settings(redis_url: str) -> Callable[..., Any]:
-    from app.settings import Settings
+    from app.jobs.settings import Settings
 
     def make(**overrides: Any) -> Settings:
         base: dict[str, Any] = {"redis_url": redis_url, "lease_seconds": 2.0, "metrics_port": 0}
@@ -210,7 +210,7 @@ def make_settings(redis_url: str) -> Callable[..., Any]:
 
 @pytest.fixture
 def make_queue(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
-    from app.queue import Queue
+    from app.jobs.queue import Queue
 
     made: list[Any] = []
 
@@ -229,7 +229,7 @@ def make_queue(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]
 @pytest.fixture
 def start_worker(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
     """Start an in-process worker thread against the test Redis; stopped at teardown."""
-    from app.queue import Queue
+    from app.jobs.queue import Queue
     from workers.worker import Worker
 
     started: list[tuple[Any, threading.Thread]] = []
@@ -254,15 +254,15 @@ def start_worker(make_settings: Callable[..., Any]) -> Iterator[Callable[..., An
 @pytest.fixture
 def api(make_settings: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
     """``api(**settings)`` -> a TestClient of a fresh app on the test Redis; ``.queue`` is a
-    synchronous :class:`app.queue.Queue` on the same Redis (the app's own client is asyncio)."""
+    synchronous :class:`app.jobs.queue.Queue` on the same Redis (the app's client is asyncio)."""
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from app.api import create_app
 
     clients: list[Any] = []
 
     def make(**overrides: Any) -> Any:
-        from app.queue import Queue
+        from app.jobs.queue import Queue
 
         settings = make_settings(**overrides)
         c = TestClient(create_app(settings))
@@ -333,7 +333,7 @@ def live_server(make_settings: Callable[..., Any]) -> Iterator[Callable[..., str
     """``live_server(**settings)`` -> base URL of a real uvicorn server on a free loopback port."""
     import uvicorn
 
-    from app.main import create_app
+    from app.api import create_app
 
     servers: list[tuple[Any, threading.Thread]] = []
 

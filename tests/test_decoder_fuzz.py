@@ -13,9 +13,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.errors import ServiceError, http_status
-from app.ops import OPS, parse_binary, parse_json
-from app.tensors import DATATYPES, decode_safetensors, encode_safetensors, from_array
+from app.api.requests import OPS, parse_binary, parse_json
+from app.jobs.codec import DATATYPES, decode_safetensors, encode_safetensors, from_array
+from app.jobs.errors import ServiceError, http_status
 
 MAX_ELEMENTS = 4096
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))

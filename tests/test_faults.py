@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import compute
-from app.queue import Attempt, Queue, job_key
-from app.tensors import from_array
+from app.jobs.codec import from_array
+from app.jobs.queue import Queue
+from app.jobs.records import Attempt, job_key
 from tests.conftest import RedisProcess, wait_until
 from tests.fault_worker import CRASH_EPS, HANG_EPS
 
@@ -484,7 +485,7 @@ def test_watchdog_in_process_and_the_late_result_is_discarded(
 
 
 def test_lease_is_renewed_while_a_job_runs(make_queue: Any, start_worker: Any) -> None:
-    from app.queue import lease_key
+    from app.jobs.records import lease_key
 
     q: Queue = make_queue()
     w = start_worker(lease_seconds=1.5, worker_block_delay_ms=3000)

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import compute
-from app.queue import Queue, stream_key
-from app.tensors import RawTensor, encode_safetensors, from_array
+from app.jobs.codec import RawTensor, encode_safetensors, from_array
+from app.jobs.queue import Queue
+from app.jobs.records import stream_key
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.redis
@@ -155,7 +156,7 @@ def test_json_submit_poll_result_equals_compute(op: str, api: Any, start_worker:
 def test_binary_submit_and_binary_result_equal_compute(
     op: str, api: Any, start_worker: Any
 ) -> None:
-    from app.tensors import decode_safetensors
+    from app.jobs.codec import decode_safetensors
 
     start_worker()
     client = api()
@@ -539,8 +540,8 @@ def test_results_expire_after_ttl(api: Any, start_worker: Any) -> None:
 
 
 def test_stale_attempt_cannot_overwrite_newer_result(make_queue: Any) -> None:
-    from app.errors import StaleAttempt
-    from app.queue import Attempt
+    from app.jobs.errors import StaleAttempt
+    from app.jobs.records import Attempt
 
     q: Queue = make_queue()
     t = {n: from_array(a) for n, a in attention_inputs().items()}
@@ -573,8 +574,8 @@ def test_stale_attempt_cannot_overwrite_newer_result(make_queue: Any) -> None:
 @pytest.mark.parametrize("write", ["succeed", "fail", "cancel", "hand_back", "progress"])
 def test_attempt_exactly_one_token_behind_is_stale(make_queue: Any, write: str) -> None:
     """The fencing check is equality: an attempt one token behind a running one writes nothing."""
-    from app.errors import StaleAttempt
-    from app.queue import Attempt, job_key
+    from app.jobs.errors import StaleAttempt
+    from app.jobs.records import Attempt, job_key
 
     q: Queue = make_queue()
     job = q.enqueue("attention", {}, {n: from_array(a) for n, a in attention_inputs().items()})
@@ -621,7 +622,7 @@ def test_deterministic_failure_fails_at_once(make_queue: Any, start_worker: Any)
 def test_cancel_is_seen_through_the_progress_callback(make_queue: Any, make_settings: Any) -> None:
     """The worker's progress callback (no diagnostic delay) stops a job whose cancel was asked,
     and lets an uncancelled one run on."""
-    from app.queue import Attempt
+    from app.jobs.records import Attempt
     from workers.worker import Worker
 
     q: Queue = make_queue()
@@ -676,8 +677,8 @@ def test_health_ready_needs_a_live_worker(api: Any, start_worker: Any) -> None:
 def test_ready_is_503_when_redis_is_unreachable() -> None:
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
-    from app.settings import Settings
+    from app.api import create_app
+    from app.jobs.settings import Settings
     from tests.conftest import free_port
 
     url = f"redis://127.0.0.1:{free_port()}/0"

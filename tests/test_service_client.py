@@ -146,7 +146,7 @@ def test_cli_submit_wait_status_result(service: str, tmp_path: Path, capsys: Any
     assert main([*args, "--param", "eps=0.001", "--wait", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["summary"]["method"] in ("exact", "polynomial")
-    from app.tensors import decode_safetensors
+    from app.jobs.codec import decode_safetensors
 
     raw, _ = decode_safetensors(out.read_bytes(), max_elements=1 << 30)
     want = compute.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)).output
@@ -178,8 +178,8 @@ def test_cli_submit_wait_status_result(service: str, tmp_path: Path, capsys: Any
 def test_embedded_mode_runs_jobs_without_redis() -> None:
     from fastapi.testclient import TestClient
 
-    from app.main import create_app
-    from app.settings import Settings
+    from app.api import create_app
+    from app.jobs.settings import Settings
 
     q, k, v = arrays()
     t = lambda a: {"shape": list(a.shape), "datatype": "FP32", "data": a.ravel().tolist()}  # noqa: E731

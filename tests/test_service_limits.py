@@ -20,8 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from app.queue import Queue, stream_key
-from app.tensors import encode_safetensors, from_array
+from app.jobs.codec import encode_safetensors, from_array
+from app.jobs.queue import Queue
+from app.jobs.records import stream_key
 from tests.conftest import RedisProcess, free_port, wait_until
 
 pytestmark = pytest.mark.redis
@@ -95,8 +96,8 @@ def test_json_has_its_own_smaller_limit_binary_does_not(api: Any) -> None:
 
 
 def test_declared_shape_over_the_limit_is_refused_before_the_lists_are_built() -> None:
-    from app.errors import InvalidInput
-    from app.ops import OPS, parse_json
+    from app.api.requests import OPS, parse_json
+    from app.jobs.errors import InvalidInput
 
     data = ",".join(["0.5"] * 400_000)
     raw = (
@@ -212,14 +213,14 @@ def test_redis_memory_reserve_keeps_room_for_results(
 def test_redis_messages_never_leak_internals() -> None:
     import redis
 
-    from app.main import _redis_message
+    from app.api.responses import redis_message
 
     for exc in (
         redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'"),
         redis.ConnectionError("Error 111 connecting to 10.1.2.3:6379. Connection refused."),
         redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
     ):
-        msg = _redis_message(exc)
+        msg = redis_message(exc)
         assert msg.startswith("the job queue") and "6379" not in msg and "key" not in msg
 
 
@@ -421,7 +422,7 @@ def test_no_key_refuses_requests_on_a_public_address(make_settings: Any) -> None
     ALLOW_OPEN is set; health checks stay open."""
     import asyncio
 
-    from app.main import create_app
+    from app.api import create_app
 
     async def call(app: Any, path: str, method: str = "GET") -> int:
         transport = httpx.ASGITransport(app=app)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import compute
-from app.queue import Queue
-from app.tensors import from_array
+from app.jobs.codec import from_array
+from app.jobs.queue import Queue
 from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

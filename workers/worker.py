@@ -1,6 +1,6 @@
-"""The worker: take a job, load its inputs, call ``compute``, store outputs and summary.
+"""The worker loop: take a job, run it (``workers.run``), store outputs and summary.
 
-Thin by design: the Redis layout, leases, fencing and reclaim live in ``app.queue``. What is here
+Thin by design: the Redis layout, leases, fencing and reclaim live in ``app.jobs``. What is here
 is what a process must do to never lose or strand a job: renew its lease from its own thread,
 retry a final write until it lands or the attempt is stale, put back its own leftover entries
 after losing Redis, create the consumer groups again when Redis lost them, and stop a job that
@@ -10,7 +10,6 @@ passes its time limit (at a block boundary, or by the watchdog when the compute 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import socket
 import threading
@@ -20,30 +19,19 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
-import torch
 
 import compute
-from app import metrics
-from app.errors import InvalidInput, StaleAttempt
-from app.queue import Attempt, Queue
-from app.settings import Settings
-from app.tensors import RawTensor, from_array
+from app.jobs import metrics
+from app.jobs.errors import StaleAttempt, job_error
+from app.jobs.queue import Queue
+from app.jobs.records import Attempt
+from app.jobs.settings import Settings
 from compute.tensor_attention import kernel_status
+from workers.run import Progress, resolve_device, run_op
 
-__all__ = ["JobTimeout", "Worker", "resolve_device", "run_op", "transient"]
+__all__ = ["JobTimeout", "Worker", "transient"]
 
 log = logging.getLogger("workers")
-
-Progress = Callable[[int, int], None]
-
-# Errors that will recur on every attempt: the job fails at once.
-DETERMINISTIC: dict[type[BaseException], str] = {
-    compute.CertificationError: "certification_failed",
-    compute.InvalidInputError: "invalid_input",
-    InvalidInput: "invalid_input",
-    ValueError: "invalid_input",
-    TypeError: "invalid_input",
-}
 
 
 class _HandBack(Exception):  # noqa: N818 (a signal, not an error)
@@ -70,71 +58,6 @@ def transient(exc: BaseException) -> bool:
     ):
         return True
     return isinstance(exc, redis.ResponseError) and str(exc).startswith(_TRANSIENT_REPLIES)
-
-
-def resolve_device(setting: str) -> torch.device:
-    return compute.default_device() if setting == "auto" else torch.device(setting)
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None, tuples become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def run_op(
-    op: str,
-    inputs: Mapping[str, RawTensor],
-    params: Mapping[str, Any],
-    *,
-    device: torch.device,
-    progress: Progress | None = None,
-) -> tuple[dict[str, RawTensor], dict[str, Any]]:
-    """Run one operation on decoded inputs; returns (outputs, JSON-safe summary)."""
-    t = {name: raw.to_torch().to(device) for name, raw in inputs.items()}
-    p = dict(params)
-    start = time.perf_counter()
-    outputs: dict[str, Any]
-    if op == "attention":
-        res = compute.attention(t["q"], t["k"], t["v"], progress=progress, **p)
-        outputs = {"output": res.output}
-        summary = res.summary()
-    elif op == "tensor-attention":
-        res = compute.tensor_attention(
-            t["q"], t["k1"], t["k2"], t["v1"], t["v2"], progress=progress, **p
-        )
-        outputs = {"output": res.output}
-        summary = res.summary()
-    elif op == "lora-gradient":
-        adapters = {
-            m: (t[f"adapters.{m}.a"], t[f"adapters.{m}.b"]) for m in "qkv" if f"adapters.{m}.a" in t
-        }
-        lres = compute.lora_gradient(
-            t["x"],
-            t["y"],
-            w_q=t["w_q"],
-            w_k=t["w_k"],
-            w_v=t["w_v"],
-            adapters=adapters,
-            progress=progress,
-            **p,
-        )
-        outputs = {"loss": torch.tensor(float(lres.loss), dtype=torch.float64)}
-        for m, (d_a, d_b) in lres.grads.items():
-            outputs[f"adapters.{m}.a"] = d_a
-            outputs[f"adapters.{m}.b"] = d_b
-        summary = lres.summary()
-        summary.setdefault("loss", float(lres.loss))
-    else:
-        raise InvalidInput(f"unknown operation {op!r}")
-    summary = dict(summary)
-    summary["seconds"] = time.perf_counter() - start
-    return {k: from_array(v) for k, v in outputs.items()}, _finite(summary)
 
 
 def _largest_bound(summary: Mapping[str, Any]) -> float | None:
@@ -434,10 +357,7 @@ class Worker:
         except _HandBack:
             status = self._settle(lambda: self.queue.hand_back(att)) or "handed_back"
         except Exception as exc:
-            code = next(
-                (c for k, c in DETERMINISTIC.items() if isinstance(exc, k)), "internal_error"
-            )
-            retry = code == "internal_error"
+            code, retry = job_error(exc)
             if retry:
                 log.exception("job %s attempt %d failed", att.job_id, att.attempt)
             message = f"{type(exc).__name__}: {exc}" if retry else str(exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from app.queue import OPS, QueueStatus
+from app.jobs.records import OPS, QueueStatus
 
 __all__ = [
     "BYTES_STORED",

@@ -13,12 +13,14 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from app.errors import BadRequest, InvalidInput
+from app.jobs.errors import BadRequest, InvalidInput
+
+if TYPE_CHECKING:  # torch is imported where a torch tensor is made: clients may pass numpy only
+    import torch
 
 __all__ = [
     "DATATYPES",
@@ -34,7 +36,7 @@ __all__ = [
 class _DType:
     name: str  # KServe name: FP32
     st: str  # safetensors name: F32
-    torch: torch.dtype
+    torch: str  # torch dtype name: float32
     itemsize: int
     # bit mask of the exponent field, on the unsigned integer view; all ones means Inf/NaN
     exp_mask: int
@@ -42,10 +44,10 @@ class _DType:
 
 
 DATATYPES: dict[str, _DType] = {
-    "FP32": _DType("FP32", "F32", torch.float32, 4, 0x7F80_0000, np.uint32),
-    "FP64": _DType("FP64", "F64", torch.float64, 8, 0x7FF0_0000_0000_0000, np.uint64),
-    "FP16": _DType("FP16", "F16", torch.float16, 2, 0x7C00, np.uint16),
-    "BF16": _DType("BF16", "BF16", torch.bfloat16, 2, 0x7F80, np.uint16),
+    "FP32": _DType("FP32", "F32", "float32", 4, 0x7F80_0000, np.uint32),
+    "FP64": _DType("FP64", "F64", "float64", 8, 0x7FF0_0000_0000_0000, np.uint64),
+    "FP16": _DType("FP16", "F16", "float16", 2, 0x7C00, np.uint16),
+    "BF16": _DType("BF16", "BF16", "bfloat16", 2, 0x7F80, np.uint16),
 }
 _FROM_ST = {d.st: d for d in DATATYPES.values()}
 _FROM_TORCH = {d.torch: d for d in DATATYPES.values()}
@@ -70,21 +72,24 @@ class RawTensor:
 
     def to_torch(self) -> torch.Tensor:
         """A CPU tensor owning a copy of the bytes."""
-        dt = DATATYPES[self.datatype]
+        import torch
+
+        dtype = getattr(torch, DATATYPES[self.datatype].torch)
         if self.numel == 0:
-            return torch.empty(self.shape, dtype=dt.torch)
+            return torch.empty(self.shape, dtype=dtype)
         buf = bytearray(self.data)
-        return torch.frombuffer(buf, dtype=dt.torch).reshape(self.shape)
+        return torch.frombuffer(buf, dtype=dtype).reshape(self.shape)
 
     def to_numpy(self) -> np.ndarray[Any, Any]:
-        """A numpy array (BF16 is widened to float32: numpy has no bfloat16)."""
+        """A numpy array (BF16 is widened to float32, exactly: numpy has no bfloat16)."""
         if self.datatype == "BF16":
-            return self.to_torch().float().numpy()
+            bits = np.frombuffer(self.data, dtype="<u2").astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(self.shape)
         return np.frombuffer(self.data, dtype=_NUMPY[self.datatype]).reshape(self.shape).copy()
 
     def to_json(self) -> dict[str, Any]:
         """KServe v2 JSON: ``{"shape", "datatype", "data": [flat, row-major]}``."""
-        values = self.to_torch().double().reshape(-1).tolist()
+        values = self.to_numpy().astype(np.float64).reshape(-1).tolist()
         return {"shape": list(self.shape), "datatype": self.datatype, "data": values}
 
     def meta(self) -> dict[str, Any]:
@@ -93,11 +98,14 @@ class RawTensor:
 
 def from_array(value: Any) -> RawTensor:
     """A RawTensor from a torch tensor or a numpy array (any float dtype the API supports)."""
-    if isinstance(value, torch.Tensor):
+    if type(value).__module__.startswith("torch"):
+        import torch
+
         t = value.detach().to("cpu").contiguous()
-        if t.dtype not in _FROM_TORCH:
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in _FROM_TORCH:
             raise InvalidInput(f"unsupported dtype {t.dtype}; use float16/bfloat16/32/64")
-        dt = _FROM_TORCH[t.dtype]
+        dt = _FROM_TORCH[name]
         data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return RawTensor(dt.name, tuple(t.shape), data)
     arr = np.asarray(value)
@@ -108,6 +116,15 @@ def from_array(value: Any) -> RawTensor:
     if arr.dtype.kind in "iub":
         return from_array(arr.astype(np.float64))
     raise InvalidInput(f"unsupported dtype {arr.dtype}; use float16/32/64")
+
+
+def _to_bfloat16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """float64 -> bfloat16 bit patterns, as torch rounds them: to float32, then to nearest even
+    on the top 16 bits (values past the range become Inf, which the finiteness check refuses)."""
+    with np.errstate(over="ignore"):
+        bits = values.astype(np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
 def check_finite(field: str, t: RawTensor) -> None:
@@ -176,8 +193,7 @@ def from_json(
         idx = int(np.flatnonzero(~np.isfinite(values))[0])
         raise InvalidInput(f"non-finite value at flat index {idx}", field=f"{field}.data")
     if datatype == "BF16":
-        t = torch.from_numpy(values).to(torch.bfloat16).reshape(dims)
-        raw = from_array(t)
+        raw = RawTensor("BF16", dims, _to_bfloat16_bits(values).astype("<u2").tobytes())
     else:
         with np.errstate(over="ignore"):
             le = np.dtype(_NUMPY[datatype]).newbyteorder("<")

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from app.queue import DONE_CHANNEL
+from app.jobs.records import DONE_CHANNEL
 
 __all__ = ["Completions"]
 

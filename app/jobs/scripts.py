@@ -2,9 +2,9 @@
 
 Every change of a job's state is one script, so a check and the write it guards can never be
 separated by another client (submit's budget and idempotency check, an attempt's fencing token,
-reclaim's liveness test), and each costs one round trip. The same text runs on a real Redis and on
-the embedded fakeredis (with ``lupa``); ``app.queue`` calls them from the synchronous worker client
-and from the API's asyncio client alike.
+reclaim's liveness test), and each costs one round trip. The same text runs on a real Redis and
+on the embedded fakeredis (with ``lupa``); ``app.jobs.queue`` calls them from the synchronous
+worker client and from the API's asyncio client alike.
 
 Keys are derived inside the scripts from the job id (``attn:job:{id}`` ...), which ties the queue
 to a single Redis node or a Sentinel-managed primary (not Redis Cluster).
@@ -275,6 +275,55 @@ add_entry(id, ARGV[3])
 return {'ok'}
 """
 
+_STATUS = r"""
+local now_ms = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV do
+  local stream = 'attn:stream:' .. ARGV[i]
+  local len = redis.call('XLEN', stream)
+  local ok, p = pcall(redis.call, 'XPENDING', stream, 'workers')
+  local held, group = 0, 0
+  if ok then held = p[1] ; group = 1 end
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  local age = 0
+  if #first > 0 then
+    local ms = tonumber(string.match(first[1][1], '^(%d+)'))
+    age = now_ms - ms
+  end
+  out[#out + 1] = {len, held, age, group}
+end
+local members = redis.call('SMEMBERS', 'attn:workers')
+local live = {}
+for _, w in ipairs(members) do
+  if redis.call('EXISTS', 'attn:lease:' .. w) == 1 then live[#live + 1] = w
+  else redis.call('SREM', 'attn:workers', w) end
+end
+return {redis.call('HGETALL', 'attn:stats'), out, live}
+"""
+
+_PRUNE = r"""
+local stream = 'attn:stream:' .. ARGV[1]
+local ok, cons = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, 'workers')
+if not ok then return 0 end
+local n = 0
+for _, c in ipairs(cons) do
+  local name, pending = nil, nil
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1] elseif c[i] == 'pending' then pending = c[i + 1] end
+  end
+  if name and name ~= ARGV[2] and tonumber(pending) == 0
+      and redis.call('EXISTS', 'attn:lease:' .. name) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', stream, 'workers', name)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+# Read-only and maintenance scripts: no prelude needed.
+_PLAIN = {"status": _STATUS, "prune": _PRUNE}
+
 SCRIPTS: dict[str, str] = {
     name: _PRELUDE + body
     for name, body in {
@@ -289,4 +338,4 @@ SCRIPTS: dict[str, str] = {
         "cancelled": _CANCELLED,
         "hand_back": _HAND_BACK,
     }.items()
-}
+} | _PLAIN

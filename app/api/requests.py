@@ -14,8 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from app.errors import BadRequest, InvalidInput
-from app.models import (
+from app.api.models import (
     AttentionParams,
     AttentionRequest,
     LoraGradientParams,
@@ -24,9 +23,16 @@ from app.models import (
     TensorAttentionRequest,
     TensorJSON,
 )
-from app.tensors import RawTensor, check_shape, from_json
+from app.jobs.codec import RawTensor, check_shape, from_json
+from app.jobs.errors import BadRequest, InvalidInput
 
-__all__ = ["OPS", "OpSpec", "parse_binary", "parse_json", "validation_message"]
+__all__ = [
+    "OPS",
+    "OpSpec",
+    "parse_binary",
+    "parse_json",
+    "validation_message",
+]
 
 Tensors = dict[str, RawTensor]
 

@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from app.settings import Settings
+from app.jobs.settings import Settings
 
 __all__ = ["connect", "connect_async"]
 

@@ -1,0 +1,321 @@
+"""The ``/v1`` routes: submit (JSON or safetensors), the job, its result, cancel, the planner."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+import compute
+from app.api.deps import CallerDep, QueueDep, SettingsDep, caller, deadline, within
+from app.api.models import ErrorBody, JobPublic, PlanPublic, ResultPublic
+from app.api.requests import OPS, OpSpec, parse_binary, parse_json
+from app.api.responses import job_public
+from app.jobs import metrics
+from app.jobs.codec import DATATYPES, RawTensor, decode_safetensors, encode_safetensors
+from app.jobs.errors import (
+    InvalidInput,
+    JobNotFinished,
+    PayloadTooLarge,
+    QueueFull,
+    UnsupportedMediaType,
+    error_body,
+)
+from app.jobs.notify import Completions
+from app.jobs.queue import AsyncQueue
+from app.jobs.records import TERMINAL, body_digest, retry_after
+from app.jobs.settings import Settings
+
+__all__ = ["BINARY", "JSON", "build_router"]
+
+JSON = "application/json"
+BINARY = "application/octet-stream"
+
+
+async def read_body(request: Request, limit: int, setting: str) -> bytearray:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` (never read whole)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidInput("not an integer", field="Content-Length") from None
+        if size > limit:
+            raise PayloadTooLarge(f"body of {size} bytes exceeds the limit of {limit} ({setting})")
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes ({setting})")
+    return buf
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+@asynccontextmanager
+async def upload_slot(sem: asyncio.Semaphore, wait: float) -> AsyncIterator[None]:
+    """One of MAX_CONCURRENT_UPLOADS slots for reading and parsing a body, or 429."""
+    try:
+        async with asyncio.timeout(wait):
+            await sem.acquire()
+    except TimeoutError:
+        metrics.REJECTED.labels("uploads").inc()
+        raise QueueFull(
+            "too many uploads in progress (MAX_CONCURRENT_UPLOADS); retry shortly"
+        ) from None
+    try:
+        yield
+    finally:
+        sem.release()
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise InvalidInput("must be 1 to 255 printable characters", field="Idempotency-Key")
+    return key
+
+
+async def _check_memory(queue: AsyncQueue, settings: Settings, nbytes: int) -> None:
+    """Keep REDIS_MEMORY_RESERVE of maxmemory free of new inputs (for leases and results)."""
+    used, limit = await within(deadline(settings), queue.memory())
+    if limit and used + nbytes > (1.0 - settings.redis_memory_reserve) * limit:
+        metrics.REJECTED.labels("memory").inc()
+        raise QueueFull(
+            f"Redis memory is {100 * used / limit:.0f}% used; new inputs may use up to "
+            f"{100 * (1 - settings.redis_memory_reserve):.0f}% (REDIS_MEMORY_RESERVE); "
+            "retry after jobs finish"
+        )
+
+
+def _submit_route(spec: OpSpec) -> Any:
+    async def submit(
+        request: Request, queue: QueueDep, settings: SettingsDep, owner: CallerDep
+    ) -> Response:
+        ctype = _content_type(request)
+        if ctype not in (JSON, BINARY):
+            raise UnsupportedMediaType(
+                f"Content-Type {ctype or '(none)'!r}: use {JSON} or {BINARY} (safetensors)"
+            )
+        idem = _idempotency_key(request)
+        if ctype == JSON and settings.max_json_body_bytes < settings.max_body_bytes:
+            limit, setting = settings.max_json_body_bytes, "MAX_JSON_BODY_BYTES; send large "
+            setting += "tensors as application/octet-stream safetensors"
+        else:
+            limit, setting = settings.max_body_bytes, "MAX_BODY_BYTES"
+        async with upload_slot(request.app.state.uploads, settings.upload_wait_seconds):
+            body = await read_body(request, limit, setting)
+
+            def parse() -> tuple[dict[str, Any], dict[str, RawTensor], str]:
+                if ctype == JSON:
+                    params, tensors = parse_json(spec, body, max_elements=settings.max_elements)
+                else:
+                    raw, meta = decode_safetensors(body, max_elements=settings.max_elements)
+                    params, tensors = parse_binary(spec, raw, meta)
+                digest = body_digest(spec.name, ctype, bytes(body)) if idem else ""
+                return params, tensors, digest
+
+            params, tensors, digest = await run_in_threadpool(parse)
+            nbytes = sum(len(t.data) for t in tensors.values())
+            await _check_memory(queue, settings, nbytes)
+            try:
+                sub = await within(
+                    deadline(settings, nbytes),
+                    queue.submit(
+                        spec.name,
+                        params,
+                        tensors,
+                        idempotency_key=idem,
+                        digest=digest,
+                        owner=owner,
+                    ),
+                )
+            except QueueFull:
+                metrics.REJECTED.labels("budget").inc()
+                raise
+        job = sub.job
+        headers = {"Location": f"/v1/jobs/{job['id']}", "Retry-After": "1"}
+        if sub.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        else:
+            metrics.JOBS_SUBMITTED.labels(spec.name, "json" if ctype == JSON else "binary").inc()
+            metrics.BYTES_STORED.labels("input").inc(nbytes)
+        return JSONResponse(job_public(job), status_code=202, headers=headers)
+
+    submit.__name__ = f"submit_{spec.name.replace('-', '_')}"
+    submit.__doc__ = (
+        f"Queue a {spec.name} job. Body: JSON ({spec.request.__name__}) or, for large inputs, "
+        "`application/octet-stream` safetensors with tensors named as the JSON fields "
+        "(`adapters.q.a` for nested ones) and the scalar parameters in `__metadata__`. "
+        "Answers 202 with `Location: /v1/jobs/{id}` once the job and its inputs are in Redis. "
+        "An `Idempotency-Key` header makes a retried submit return the same job."
+    )
+    return submit
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 429, 503)
+}
+
+
+def _request_body_doc(spec: OpSpec) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {"schema": {"$ref": f"#/components/schemas/{spec.request.__name__}"}},
+                BINARY: {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": "safetensors; scalar parameters in __metadata__ as strings",
+                },
+            },
+        }
+    }
+
+
+def build_router() -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(caller)], responses=_ERRORS)
+    for spec in OPS.values():
+        router.add_api_route(
+            f"/{spec.name}",
+            _submit_route(spec),
+            methods=["POST"],
+            status_code=202,
+            response_model=JobPublic,
+            openapi_extra=_request_body_doc(spec),
+            summary=f"Submit a {spec.name} job",
+            tags=["jobs"],
+        )
+
+    @router.get("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
+    async def get_job(
+        job_id: str,
+        request: Request,
+        queue: QueueDep,
+        settings: SettingsDep,
+        owner: CallerDep,
+        wait: Annotated[float, Query(ge=0, le=60, description="long-poll up to this many s")] = 0,
+    ) -> Response:
+        """The job record; with ``wait`` the answer is held until the job ends or time is up."""
+        completions: Completions = request.app.state.completions
+        loop = asyncio.get_running_loop()
+        end = loop.time() + wait
+        with completions.waiter(job_id) as ended:
+            job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
+            while job["status"] not in TERMINAL and (left := end - loop.time()) > 0:
+                ended.clear()
+                try:
+                    async with asyncio.timeout(left):
+                        await ended.wait()
+                except TimeoutError:
+                    pass
+                job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
+        headers = {} if job["status"] in TERMINAL else {"Retry-After": str(retry_after(job))}
+        return JSONResponse(job_public(job), headers=headers)
+
+    @router.get(
+        "/jobs/{job_id}/result",
+        response_model=ResultPublic,
+        tags=["jobs"],
+        responses={200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}},
+    )
+    async def get_result(
+        job_id: str, request: Request, queue: QueueDep, settings: SettingsDep, owner: CallerDep
+    ) -> Response:
+        """Outputs and summary; ``Accept: application/octet-stream`` gives safetensors."""
+        job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
+        nbytes = sum(
+            math.prod(m["shape"]) * DATATYPES[m["datatype"]].itemsize
+            for m in job["outputs"].values()
+        )
+        try:
+            job, outputs = await within(
+                deadline(settings, nbytes), queue.get_outputs(job_id, owner=owner)
+            )
+        except JobNotFinished as exc:
+            return JSONResponse(
+                error_body(exc.code, exc.message),
+                status_code=409,
+                headers={"Retry-After": str(retry_after(job))},
+            )
+        if BINARY in request.headers.get("accept", ""):
+            import json
+
+            meta = {"id": job_id, "op": job["op"], "summary": json.dumps(job["summary"])}
+            body = await run_in_threadpool(encode_safetensors, outputs, meta)
+            return Response(body, media_type=BINARY)
+
+        def as_json() -> dict[str, Any]:
+            return {
+                "id": job_id,
+                "outputs": {n: t.to_json() for n, t in outputs.items()},
+                "summary": job["summary"],
+            }
+
+        return JSONResponse(await run_in_threadpool(as_json))
+
+    @router.delete("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
+    async def cancel_job(
+        job_id: str, queue: QueueDep, settings: SettingsDep, owner: CallerDep
+    ) -> Response:
+        """Cancel: a queued job never runs (200); a running one stops at its next block (202)."""
+        job = await within(deadline(settings), queue.cancel(job_id, owner=owner))
+        if job["status"] in ("succeeded", "failed"):
+            return JSONResponse(
+                error_body("job_finished", f"job {job_id} already {job['status']}"), status_code=409
+            )
+        return JSONResponse(job_public(job), status_code=202 if job["status"] == "running" else 200)
+
+    @router.get("/plan", response_model=PlanPublic, tags=["plan"])
+    async def plan(
+        op: Literal["attention", "tensor-attention", "lora-gradient"],
+        n: Annotated[int, Query(ge=1, le=1 << 31)],
+        d: Annotated[int, Query(ge=1, le=1 << 16)],
+        radius: Annotated[float, Query(ge=0, le=1e4, allow_inf_nan=False)],
+        eps: Annotated[float, Query(gt=0, lt=1, allow_inf_nan=False)] = 1e-3,
+        method: Literal["auto", "exact", "polynomial"] = "auto",
+        causal: bool = False,
+        dv: Annotated[int | None, Query(ge=1, le=1 << 16)] = None,
+        rank: Annotated[int, Query(ge=1, le=4096)] = 4,
+        full: bool = False,
+        batch: Annotated[int, Query(ge=1, le=1 << 20)] = 1,
+        dtype: Literal["float16", "bfloat16", "float32", "float64"] = "float32",
+    ) -> Response:
+        """What the planner would do for these sizes, and why, without running anything."""
+        common: dict[str, Any] = {
+            "n": n,
+            "d": d,
+            "radius": radius,
+            "eps": eps,
+            "batch": batch,
+            "dtype": dtype,
+            "method": method,
+        }
+        if op == "attention":
+            inputs = {**common, "causal": causal, "dv": dv}
+            planner: Any = compute.plan_attention
+        elif op == "tensor-attention":
+            inputs = {**common, "dv": dv}
+            planner = compute.plan_tensor_attention
+        else:
+            inputs = {**common, "rank": rank, "full": full}
+            planner = compute.plan_lora_gradient
+        try:
+            p = await run_in_threadpool(lambda: planner(**inputs))
+        except compute.ComputeError:
+            raise
+        except (ValueError, ArithmeticError) as exc:  # values no plan can be made for
+            raise InvalidInput(f"no plan for these values: {exc}") from None
+        return JSONResponse({"op": op, "inputs": inputs, "plan": p.to_dict()})
+
+    return router
