@@ -3,7 +3,7 @@ PY ?= python3
 PIP ?= $(PY) -m pip
 STAMP := .make/installed
 
-.PHONY: install run test lint typecheck check bench bench-attention bench-tensor bench-lora bench-service bench-load compose-config gpu-bench clean
+.PHONY: install run test lint typecheck check mutate bench bench-attention bench-tensor bench-lora bench-service bench-load compose-config gpu-bench clean
 
 $(STAMP): pyproject.toml
 	@mkdir -p .make
@@ -31,6 +31,12 @@ typecheck: $(STAMP)
 	$(PY) -m mypy compute app workers
 
 check: lint typecheck test
+
+## Mutation testing, not in CI (minutes): each bug of tests/mutation/mutants.toml is planted in a
+## scratch copy and its tests must fail (docs/testing.md). Select with
+## MUTATE_ARGS="--area compute" or MUTATE_ARGS="--only ID ...".
+mutate: $(STAMP)
+	$(PY) tests/mutation/run.py $(MUTATE_ARGS)
 
 bench: bench-attention bench-tensor bench-lora bench-service bench-load
 

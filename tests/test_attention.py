@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -21,6 +22,7 @@ from compute.attention import (
 )
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
+attention_mod = importlib.import_module("compute.attention")  # compute.attention is the function
 
 
 def reference(
@@ -120,20 +122,15 @@ def test_polynomial_error_within_certified_bound(
     R: float,
     eps: float,
 ) -> None:
-    q, k, v = make(lead, n, n, d, dv, dtype, R, seed=int(100 * R) + n)
     plan = compute.plan_attention(n=n, d=d, radius=R, eps=eps, dv=dv, method="auto")
-    if plan.features is not None and plan.features > 20_000:
-        # too many features for a quick test: check the plan's arithmetic instead
-        assert plan.degree is not None and plan.features == math.comb(d + plan.degree, d)
-        assert f"{plan.features:.3g}" in plan.reason or str(plan.features) in plan.reason
-        return
-    try:
-        res = compute.attention(q, k, v, method="polynomial", eps=eps, causal=causal)
-    except compute.CertificationError as e:  # only when no degree <= 24 / feature cap works
-        assert "cannot certify" in str(e)
-        auto = compute.attention(q, k, v, method="auto", eps=eps, causal=causal)
-        assert auto.plan.method == "exact" and auto.plan.reason
-        return
+    assert plan.degree is not None and plan.features == math.comb(d + plan.degree, d)
+    if plan.features > attention_mod.MAX_FEATURES:  # d = 64 at (R, eps) = (1, 1e-3), (2, *)
+        pytest.skip(
+            f"r = {plan.features} features exceeds MAX_FEATURES: no polynomial result to check "
+            "(the refusal is test_polynomial_beyond_the_feature_cap_is_refused)"
+        )
+    q, k, v = make(lead, n, n, d, dv, dtype, R, seed=int(100 * R) + n)
+    res = compute.attention(q, k, v, method="polynomial", eps=eps, causal=causal)
     err = float((res.output.double() - reference(q, k, v, None, causal)).abs().max())
     vmax = float(v.abs().max())
     assert res.plan.method == "polynomial"
@@ -142,6 +139,17 @@ def test_polynomial_error_within_certified_bound(
     assert res.error_bound <= eps * vmax
     assert res.plan.radius == pytest.approx(R, rel=1e-6)  # inputs rounded to dtype
     assert res.plan.rho == pytest.approx(res.plan.radius / math.log(max(n, 2)))
+
+
+def test_polynomial_beyond_the_feature_cap_is_refused() -> None:
+    """d = 64, R = 1, eps = 1e-3 needs degree 5 (r = 8e5 > MAX_FEATURES): polynomial raises
+    and names the cap, auto runs exact and says why."""
+    q, k, v = make((), 256, 256, 64, 4, torch.float32, 1.0)
+    with pytest.raises(compute.CertificationError, match="above the cap"):
+        compute.attention(q, k, v, method="polynomial", eps=1e-3)
+    auto = compute.attention(q, k, v, method="auto", eps=1e-3)
+    assert auto.plan.method == "exact" and "above the cap" in auto.plan.reason
+    assert float((auto.output.double() - reference(q, k, v, None, False)).abs().max()) < 1e-5
 
 
 def test_non_square_and_scale() -> None:
