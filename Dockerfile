@@ -45,6 +45,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    OMP_WAIT_POLICY=PASSIVE \
     HEALTHCHECK_URL=http://127.0.0.1:8000/health/live
 
 # gcc builds the compiled CPU kernel of tensor attention on first use, for the CPU it runs on

@@ -17,7 +17,7 @@ install: $(STAMP)
 
 ## The service with an embedded default: API + one worker in one process, no Redis needed.
 run: $(STAMP)
-	EMBEDDED=1 $(PY) -m uvicorn app.main:app --host 127.0.0.1 --port $${PORT:-8000}
+	EMBEDDED=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m uvicorn app.main:app --host 127.0.0.1 --port $${PORT:-8000}
 
 ## Everything: compute, service against a real redis-server the tests start, deployment checks.
 test: $(STAMP)

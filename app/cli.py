@@ -88,8 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="attn", description=__doc__.split("\n\n")[0] if __doc__ else None
     )
-    parser.add_argument("--url", default=os.environ.get("ATTN_URL", "http://127.0.0.1:8000"))
-    parser.add_argument("--api-key", default=os.environ.get("API_KEY") or None)
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("ATTN_URL", "http://127.0.0.1:8000"),
+        help="the service (default: $ATTN_URL, else http://127.0.0.1:8000)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("API_KEY") or None,
+        help="sent as `Authorization: Bearer KEY` (default: $API_KEY)",
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("submit", help="queue a job from .npy / .safetensors files")
@@ -127,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
                 for kv in args.param:
                     key, _, value = kv.partition("=")
                     params[key] = _value(value)
-                if args.op == "lora-gradient":
-                    params.setdefault("alpha", 1.0)
-                job = client.submit(args.op, tensors, params, binary=True if args.binary else None)
+                # with --wait, a job that ends within a minute is answered in one round trip
+                hold = min(args.timeout or 60.0, 60.0) if args.wait else 0.0
+                job = client.submit(
+                    args.op, tensors, params, binary=True if args.binary else None, hold=hold
+                )
                 print(
                     job.id if not args.wait else f"job {job.id}",
                     file=sys.stdout if not args.wait else sys.stderr,

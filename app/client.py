@@ -122,11 +122,18 @@ def _retry_after(resp: httpx.Response, default: float) -> float:
 class Job:
     """A submitted job; :meth:`wait` polls until it ends and returns its :class:`Result`."""
 
-    def __init__(self, client: Client, record: Mapping[str, Any], kind: str = "numpy") -> None:
+    def __init__(
+        self,
+        client: Client,
+        record: Mapping[str, Any],
+        kind: str = "numpy",
+        result: Result | None = None,
+    ) -> None:
         self.client = client
         self.record = dict(record)
         self.id: str = str(record["id"])
         self.kind = kind
+        self._result = result  # came with the submit's answer (``hold``)
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, status={self.status!r})"
@@ -143,10 +150,8 @@ class Job:
         return self.record
 
     def cancel(self) -> dict[str, Any]:
-        resp = self.client.http.delete(f"/v1/jobs/{self.id}")
-        if resp.status_code != 409:
-            _raise_for(resp)
-            self.record = resp.json()
+        """Cancel the job; raises ApiError (409 ``job_finished``) when it already ended."""
+        self.record = self.client._request("DELETE", f"/v1/jobs/{self.id}").json()
         return self.record
 
     def wait(
@@ -159,6 +164,8 @@ class Job:
 
         Raises JobFailed / JobCancelled / JobTimeout.
         """
+        if self._result is not None:
+            return self._result
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = 0.05
         while True:
@@ -183,11 +190,17 @@ class Job:
         return self.result()
 
     def result(self) -> Result:
+        if self._result is not None:
+            return self._result
         resp = self.client._request("GET", f"/v1/jobs/{self.id}/result", headers={"accept": BINARY})
-        raw, meta = decode_safetensors(resp.content, max_elements=1 << 62)
-        summary = json.loads(meta.get("summary", "null")) or {}
-        outputs = {n: _to_kind(t, self.kind) for n, t in raw.items()}
-        return Result(self.id, outputs, summary, self.record)
+        return _result_of(resp.content, self.id, self.kind, self.record)
+
+
+def _result_of(body: bytes, job_id: str, kind: str, record: Mapping[str, Any]) -> Result:
+    raw, meta = decode_safetensors(body, max_elements=1 << 62)
+    summary = json.loads(meta.get("summary", "null")) or {}
+    outputs = {n: _to_kind(t, kind) for n, t in raw.items()}
+    return Result(job_id, outputs, summary, dict(record))
 
 
 def _to_kind(t: RawTensor, kind: str) -> Any:
@@ -211,11 +224,13 @@ class Client:
         timeout: float = 60.0,
         binary_threshold: int = 1 << 20,
         retries: int = 5,
+        hold: float = 0.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
         self.retries = retries
+        self.hold = hold
         self.binary_threshold = binary_threshold
         self.http = httpx.Client(
             base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
@@ -295,10 +310,19 @@ class Client:
         params: Mapping[str, Any] | None = None,
         *,
         binary: bool | None = None,
+        hold: float | None = None,
     ) -> Job:
-        """Queue any operation; ``binary=None`` picks safetensors above ``binary_threshold``."""
+        """Queue any operation; ``binary=None`` picks safetensors above ``binary_threshold``.
+
+        ``hold`` (seconds, at most 60; default the client's ``hold``) asks the server to answer
+        only once the job ended (``Prefer: wait``): a small job then costs one round trip, its
+        result comes with the answer and :meth:`Job.wait` returns it at once.
+        """
         params = dict(params or {})
+        hold = self.hold if hold is None else hold
         idem = {"idempotency-key": uuid.uuid4().hex}
+        if hold > 0:
+            idem.update({"prefer": f"wait={min(hold, 60.0):g}", "accept": BINARY})
         kind = "torch" if any(_is_torch(t) for t in tensors.values()) else "numpy"
         raw = {n: from_array(t) for n, t in tensors.items()}
         if binary is None:
@@ -310,6 +334,7 @@ class Client:
                 f"/v1/{op}",
                 content=encode_safetensors(raw, meta),
                 headers={"content-type": BINARY, **idem},
+                timeout_extra=hold,
             )
         else:
             body: dict[str, Any] = dict(params)
@@ -319,7 +344,11 @@ class Client:
                 for part in path:
                     node = node.setdefault(part, {})
                 node[leaf] = t.to_json()
-            resp = self._request("POST", f"/v1/{op}", json=body, headers=idem)
+            resp = self._request("POST", f"/v1/{op}", json=body, headers=idem, timeout_extra=hold)
+        if resp.headers.get("content-type", "").startswith(BINARY):  # ended, with its result
+            meta = decode_safetensors(resp.content, max_elements=1 << 62)[1]
+            record = json.loads(meta["job"])
+            return Job(self, record, kind, _result_of(resp.content, record["id"], kind, record))
         return Job(self, resp.json(), kind)
 
     def job(self, job_id: str) -> Job:

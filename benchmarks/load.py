@@ -217,7 +217,11 @@ def run(jobs: int, clients: int, out: Path) -> dict[str, Any]:
                     rec["id"] = job.id
                     try:
                         if kind == "cancel":
-                            job.cancel()
+                            try:
+                                job.cancel()
+                            except ApiError as exc:  # it ended first: 409 job_finished
+                                if exc.status != 409:
+                                    raise
                         job.wait(timeout=600)
                         rec["end"] = "succeeded"
                     except JobFailed as exc:

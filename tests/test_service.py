@@ -743,3 +743,34 @@ def test_unknown_route_and_method_are_json_errors(api: Any) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     r = client.put("/v1/attention")
     assert r.status_code == 405 and "error" in r.json()
+
+
+def test_an_end_announced_before_the_wait_is_not_missed(
+    make_queue: Any, make_settings: Any, start_worker: Any
+) -> None:
+    """The completion event may fire between submit and the wait (a fast job): the waiter must
+    take it, not clear it and sleep out its whole wait."""
+    import asyncio
+
+    from app.api.routes import await_end
+    from app.jobs.queue import AsyncQueue
+
+    q: Queue = make_queue()
+    start_worker()
+    job = q.enqueue("attention", {}, {n: from_array(a) for n, a in attention_inputs().items()})
+    wait_until(lambda: q.get_job(job["id"])["status"] == "succeeded")
+    settings = make_settings()
+
+    async def run() -> tuple[dict[str, Any], float]:
+        aq = AsyncQueue.from_settings(settings)
+        ended = asyncio.Event()
+        ended.set()  # announced while the (now stale) record below was being read
+        t0 = time.monotonic()
+        try:
+            rec = await await_end(None, aq, settings, job["id"], "", 20.0, ended, job=job)  # type: ignore[arg-type]
+        finally:
+            await aq.r.aclose()
+        return rec, time.monotonic() - t0
+
+    rec, took = asyncio.run(run())
+    assert rec["status"] == "succeeded" and took < 2.0, took

@@ -194,3 +194,95 @@ def test_embedded_mode_runs_jobs_without_redis() -> None:
     np.testing.assert_allclose(
         np.array(out["data"]).reshape(out["shape"]), want.numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+# ----------------------------------------------------------------------------- one round trip
+def test_prefer_wait_answers_with_the_result_in_one_round_trip(service: str) -> None:
+    import httpx
+
+    from app.jobs.codec import decode_safetensors
+
+    q, k, v = arrays()
+    t = lambda a: {"shape": list(a.shape), "datatype": "FP32", "data": a.ravel().tolist()}  # noqa: E731
+    body = {"q": t(q), "k": t(k), "v": t(v)}
+    want = compute.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)).output
+    r = httpx.post(f"{service}/v1/attention", json=body, headers={"prefer": "wait=30"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["preference-applied"] == "wait=30"
+    doc = r.json()
+    assert doc["status"] == "succeeded" and doc["summary"]["method"] in ("exact", "polynomial")
+    assert r.headers["location"] == f"/v1/jobs/{doc['id']}"
+    out = doc["outputs"]["output"]
+    np.testing.assert_allclose(
+        np.array(out["data"]).reshape(out["shape"]), want.numpy(), rtol=1e-5, atol=1e-6
+    )
+    r = httpx.post(
+        f"{service}/v1/attention",
+        json=body,
+        headers={"prefer": "respond-async, wait=30", "accept": "application/octet-stream"},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    raw, meta = decode_safetensors(r.content, max_elements=1 << 20)
+    assert json.loads(meta["job"])["status"] == "succeeded"
+    np.testing.assert_allclose(raw["output"].to_numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+    # a job that fails within the wait: 200 with the failed record and its reason
+    wide = {"q": t(q * 40), "k": t(k * 40), "v": t(v), "method": "polynomial", "eps": 1e-6}
+    r = httpx.post(f"{service}/v1/attention", json=wide, headers={"prefer": "wait=30"}, timeout=60)
+    assert r.status_code == 200 and r.json()["status"] == "failed"
+    assert r.json()["error"]["code"] == "certification_failed" and "outputs" not in r.json()
+
+
+def test_prefer_wait_that_runs_out_is_the_usual_202(live_server: Any, start_worker: Any) -> None:
+    import time
+
+    import httpx
+
+    start_worker(worker_block_delay_ms=5000)
+    url = live_server()
+    q, k, v = arrays()
+    t = lambda a: {"shape": list(a.shape), "datatype": "FP32", "data": a.ravel().tolist()}  # noqa: E731
+    t0 = time.monotonic()
+    r = httpx.post(
+        f"{url}/v1/attention",
+        json={"q": t(q), "k": t(k), "v": t(v)},
+        headers={"prefer": "wait=0.5"},
+        timeout=30,
+    )
+    took = time.monotonic() - t0
+    assert r.status_code == 202 and r.json()["status"] in ("queued", "running")
+    assert 0.5 <= took < 3.0 and r.headers["location"].endswith(r.json()["id"])
+
+
+def test_client_hold_returns_the_result_with_the_submit(service: str) -> None:
+    q, k, v = arrays()
+    with Client(service, hold=30) as c:
+        calls: list[str] = []
+        c.http.event_hooks["request"].append(lambda req: calls.append(req.method))
+        res = c.attention(q, k, v).wait(timeout=60)
+    assert calls == ["POST"]  # one round trip: no poll, no result fetch
+    want = compute.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v)).output
+    np.testing.assert_allclose(res.output, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_cancel_of_a_finished_job_fails_loudly(service: str, capsys: Any) -> None:
+    from app.cli import main
+
+    with Client(service) as c:
+        job = c.attention(*arrays())
+        job.wait(timeout=60)
+    assert main(["--url", service, "cancel", job.id]) == 1
+    err = capsys.readouterr().err
+    assert "409" in err and "job_finished" in err
+
+
+def test_cli_imports_neither_torch_nor_fastapi() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, app.cli, app.client; "
+        "print(sorted(m for m in ('torch', 'fastapi', 'redis', 'compute') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

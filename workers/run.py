@@ -44,8 +44,15 @@ def run_op(
     *,
     device: torch.device,
     progress: Progress | None = None,
+    stages: dict[str, float] | None = None,
 ) -> tuple[dict[str, RawTensor], dict[str, Any]]:
-    """Run one operation on decoded inputs; returns (outputs, JSON-safe summary)."""
+    """Run one operation on decoded inputs; returns (outputs, JSON-safe summary).
+
+    ``stages`` (when given) receives the seconds of ``decode`` (bytes to tensors on the device),
+    ``compute`` (the ``compute`` call, also ``summary["seconds"]``) and ``encode`` (tensors to
+    bytes and the JSON-safe summary).
+    """
+    t0 = time.perf_counter()
     t = {name: raw.to_torch().to(device) for name, raw in inputs.items()}
     p = dict(params)
     start = time.perf_counter()
@@ -82,6 +89,10 @@ def run_op(
         summary.setdefault("loss", float(lres.loss))
     else:
         raise InvalidInput(f"unknown operation {op!r}")
+    end = time.perf_counter()
     summary = dict(summary)
-    summary["seconds"] = time.perf_counter() - start
-    return {k: from_array(v) for k, v in outputs.items()}, _finite(summary)
+    summary["seconds"] = end - start
+    encoded = {k: from_array(v) for k, v in outputs.items()}, _finite(summary)
+    if stages is not None:
+        stages.update(decode=start - t0, compute=end - start, encode=time.perf_counter() - end)
+    return encoded

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
+import torch
 
 import compute
 from app.jobs import metrics
@@ -119,6 +120,7 @@ class Worker:
         self._stop = threading.Event()
         self._lease_thread: threading.Thread | None = None
         self._current: _Running | None = None
+        self._next: tuple[str, str] | None = None  # read together with the last result
         self._beat = time.monotonic()
         self.jobs_done = 0
 
@@ -221,7 +223,7 @@ class Worker:
         if "tensor-attention" in self.ops and self.device.type == "cpu":
             # build (or load), self-test and calibrate the compiled kernel now, not in a job
             log.info("tensor attention CPU kernel: %s", kernel_status())
-        next_reclaim = 0.0
+        next_reclaim = next_tune = 0.0
         reclaims = 0
         pause = 0.1
         failing = False
@@ -229,11 +231,16 @@ class Worker:
             while not self._stop.is_set():
                 self._beat = time.monotonic()
                 try:
+                    if time.monotonic() >= next_tune:
+                        self._tune_threads()
+                        next_tune = time.monotonic() + 10.0
                     if time.monotonic() >= next_reclaim:
                         self._reclaim(prune=reclaims % 10 == 0)
                         reclaims += 1
                         next_reclaim = time.monotonic() + self.lease_period
-                    got = self.queue.read_next(self.id, self.ops, self.block_ms)
+                    got, self._next = self._next, None
+                    if got is None:
+                        got = self.queue.read_next(self.id, self.ops, self.block_ms)
                     if failing:
                         log.info("Redis reachable again")
                     failing, pause = False, 0.1
@@ -276,8 +283,22 @@ class Worker:
         metrics.GROUPS_RECREATED.labels("worker").inc(made)
         log.warning("consumer groups were missing (Redis lost data?): created %d", made)
 
+    def _tune_threads(self) -> None:
+        """PyTorch threads: WORKER_THREADS, or the host's cores shared among its live workers
+        (several workers on one host each running all cores' threads fight, and spinning
+        OpenMP threads of one starve the others)."""
+        threads = self.settings.worker_threads
+        if threads == 0:
+            host = socket.gethostname() + "-"
+            peers = sum(w.startswith(host) for w in self.queue.live_workers()) or 1
+            threads = max(1, (os.cpu_count() or 1) // peers)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            log.info("PyTorch threads: %d", threads)
+
     def _reclaim(self, *, prune: bool) -> None:
-        counts = self.queue.reclaim(self.id, self.ops)
+        keep = {self._next[1].split("|", 1)[0]} if self._next is not None else set()
+        counts = self.queue.reclaim(self.id, self.ops, keep=keep)
         for reason in ("worker_lost", "orphan"):
             if counts.get(reason):
                 metrics.RECLAIMED.labels(reason).inc(counts[reason])
@@ -319,6 +340,7 @@ class Worker:
 
     def process(self, op: str, handle: str) -> str | None:
         """Run one queue entry; returns the job's new status (None when nothing ran)."""
+        t_start = time.perf_counter()
         started = self.queue.start_attempt(self.id, op, handle)
         if not isinstance(started, Attempt):
             if started == "gone":
@@ -328,25 +350,39 @@ class Worker:
                 log.warning("entry %s: the job could not run and ended as failed", handle)
             return None
         att = started
-        log.info("job %s (%s) attempt %d", att.job_id, op, att.attempt)
+        log.debug("job %s (%s) attempt %d", att.job_id, op, att.attempt)
         self._current = _Running(att, self.settings.job_timeout(op))
         begin = time.perf_counter()
+        stages = {"start": begin - t_start}
         status: str
         try:
             if self.delay:
                 self._sleep(att, 0, 0)
             outputs, summary = run_op(
-                op, att.tensors, att.params, device=self.device, progress=self._progress(att)
+                op,
+                att.tensors,
+                att.params,
+                device=self.device,
+                progress=self._progress(att),
+                stages=stages,
             )
-            status = self._settle(lambda: self.queue.finish_success(att, outputs, summary))
-            if status != "superseded":
-                stored, status = int(status), "succeeded"
+            t_write = time.perf_counter()
+            done = self._settle(
+                lambda: self.queue.finish_success_and_read(att, outputs, summary, self.ops)
+            )
+            stages["write"] = time.perf_counter() - t_write
+            if isinstance(done, tuple):
+                (stored, self._next), status = done, "succeeded"
                 method = str(summary.get("method", "unknown"))
                 metrics.BYTES_STORED.labels("output").inc(stored)
                 metrics.JOB_SECONDS.labels(op, method).observe(time.perf_counter() - begin)
                 bound = _largest_bound(summary)
                 if bound is not None:
                     metrics.ERROR_BOUND.labels(op, method).observe(bound)
+                for stage, seconds in stages.items():
+                    metrics.WORKER_STAGE.labels(op, stage).observe(seconds)
+            else:
+                status = str(done)
         except StaleAttempt as exc:
             log.warning("%s; its result is discarded", exc)
             status = "superseded"

@@ -34,12 +34,12 @@ __all__ = [
 T = TypeVar("T")
 
 
-def get_queue(request: Request) -> AsyncQueue:
+async def get_queue(request: Request) -> AsyncQueue:
     queue: AsyncQueue = request.app.state.queue
     return queue
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -65,7 +65,7 @@ def authorize(headers: MutableMapping[str, str] | Any, settings: Settings) -> st
     raise Forbidden("missing or wrong API key (Authorization: Bearer <key>)")
 
 
-def caller(request: Request, settings: SettingsDep) -> str:
+async def caller(request: Request, settings: SettingsDep) -> str:
     return authorize(request.headers, settings)
 
 

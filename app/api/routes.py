@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
@@ -29,13 +31,16 @@ from app.jobs.errors import (
 )
 from app.jobs.notify import Completions
 from app.jobs.queue import AsyncQueue
-from app.jobs.records import TERMINAL, body_digest, retry_after
+from app.jobs.records import TERMINAL, body_digest, outputs_of, retry_after
 from app.jobs.settings import Settings
 
 __all__ = ["BINARY", "JSON", "build_router"]
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
+# Bodies and results up to this size are parsed and encoded on the event loop (well under a
+# millisecond); larger ones in the thread pool, so that no request holds the loop for long.
+INLINE_BYTES = 64 << 10
 
 
 async def read_body(request: Request, limit: int, setting: str) -> bytearray:
@@ -98,6 +103,84 @@ async def _check_memory(queue: AsyncQueue, settings: Settings, nbytes: int) -> N
         )
 
 
+def prefer_wait(request: Request) -> float:
+    """Seconds from ``Prefer: wait=N`` (RFC 7240), at most 60; 0 when absent or malformed."""
+    for pref in request.headers.get("prefer", "").split(","):
+        name, _, value = pref.strip().partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                return 0.0
+            return min(max(seconds, 0.0), 60.0) if math.isfinite(seconds) else 0.0
+    return 0.0
+
+
+async def await_end(
+    request: Request,
+    queue: AsyncQueue,
+    settings: Settings,
+    job_id: str,
+    owner: str,
+    seconds: float,
+    ended: asyncio.Event,
+    job: dict[str, Any] | None = None,
+    outputs: bool = False,
+) -> dict[str, Any]:
+    """The job once it ended or ``seconds`` passed, woken by its completion event (no polling;
+    ``ended`` is the waiter registered before the job was read or created). With ``outputs``,
+    a re-read after the event brings a succeeded job's outputs in the same call."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    if job is None:
+        job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
+    while job["status"] not in TERMINAL and (left := end - loop.time()) > 0:
+        try:
+            async with asyncio.timeout(left):
+                await ended.wait()
+        except TimeoutError:
+            pass
+        # cleared before the re-read: an end announced after it is seen by the next wait, one
+        # announced before it is in what the re-read returns (clearing before the wait could
+        # drop an announcement that came while the job was being read or submitted)
+        ended.clear()
+        # outputs may be as large as an input (MAX_BODY_BYTES): time to move them
+        limit = deadline(settings, settings.max_body_bytes if outputs else 0)
+        job = await within(limit, queue.get_job(job_id, owner=owner, outputs=outputs))
+    return job
+
+
+async def result_response(
+    request: Request,
+    job: dict[str, Any],
+    outputs: dict[str, RawTensor],
+    *,
+    with_job: bool,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """Outputs and summary, as safetensors (``Accept: application/octet-stream``) or JSON; with
+    ``with_job`` the job record comes along (the one-round-trip answer of ``Prefer: wait``)."""
+    if BINARY in request.headers.get("accept", ""):
+        meta = {"id": job["id"], "op": job["op"], "summary": json.dumps(job["summary"])}
+        if with_job:
+            meta["job"] = json.dumps(job_public(job))
+        if sum(len(t.data) for t in outputs.values()) <= INLINE_BYTES:
+            body = encode_safetensors(outputs, meta)
+        else:
+            body = await run_in_threadpool(encode_safetensors, outputs, meta)
+        return Response(body, media_type=BINARY, headers=headers)
+
+    def as_json() -> dict[str, Any]:
+        content = job_public(job) if with_job else {"id": job["id"]}
+        content["outputs"] = {n: t.to_json() for n, t in outputs.items()}
+        content["summary"] = job["summary"]
+        return content
+
+    if sum(len(t.data) for t in outputs.values()) * 8 <= INLINE_BYTES:
+        return JSONResponse(as_json(), headers=headers)
+    return JSONResponse(await run_in_threadpool(as_json), headers=headers)
+
+
 def _submit_route(spec: OpSpec) -> Any:
     async def submit(
         request: Request, queue: QueueDep, settings: SettingsDep, owner: CallerDep
@@ -108,6 +191,7 @@ def _submit_route(spec: OpSpec) -> Any:
                 f"Content-Type {ctype or '(none)'!r}: use {JSON} or {BINARY} (safetensors)"
             )
         idem = _idempotency_key(request)
+        hold = prefer_wait(request)
         if ctype == JSON and settings.max_json_body_bytes < settings.max_body_bytes:
             limit, setting = settings.max_json_body_bytes, "MAX_JSON_BODY_BYTES; send large "
             setting += "tensors as application/octet-stream safetensors"
@@ -125,31 +209,57 @@ def _submit_route(spec: OpSpec) -> Any:
                 digest = body_digest(spec.name, ctype, bytes(body)) if idem else ""
                 return params, tensors, digest
 
-            params, tensors, digest = await run_in_threadpool(parse)
+            # a small body parses in well under a millisecond: a thread hop would cost more
+            if len(body) <= INLINE_BYTES:
+                params, tensors, digest = parse()
+            else:
+                params, tensors, digest = await run_in_threadpool(parse)
             nbytes = sum(len(t.data) for t in tensors.values())
             await _check_memory(queue, settings, nbytes)
-            try:
-                sub = await within(
-                    deadline(settings, nbytes),
-                    queue.submit(
-                        spec.name,
-                        params,
-                        tensors,
-                        idempotency_key=idem,
-                        digest=digest,
-                        owner=owner,
-                    ),
-                )
-            except QueueFull:
-                metrics.REJECTED.labels("budget").inc()
-                raise
-        job = sub.job
-        headers = {"Location": f"/v1/jobs/{job['id']}", "Retry-After": "1"}
+            job_id = uuid.uuid4().hex
+            completions: Completions = request.app.state.completions
+            with completions.waiter(job_id) as ended:  # before the job exists: no end is missed
+                try:
+                    sub = await within(
+                        deadline(settings, nbytes),
+                        queue.submit(
+                            spec.name,
+                            params,
+                            tensors,
+                            idempotency_key=idem,
+                            digest=digest,
+                            owner=owner,
+                            job_id=job_id,
+                        ),
+                    )
+                except QueueFull:
+                    metrics.REJECTED.labels("budget").inc()
+                    raise
+                job = sub.job
+                if hold and not sub.replayed:
+                    job = await await_end(
+                        request, queue, settings, job_id, owner, hold, ended, job=job, outputs=True
+                    )
+        headers = {"Location": f"/v1/jobs/{job['id']}"}
+        if hold:
+            headers["Preference-Applied"] = f"wait={hold:g}"
         if sub.replayed:
             headers["Idempotent-Replayed"] = "true"
         else:
             metrics.JOBS_SUBMITTED.labels(spec.name, "json" if ctype == JSON else "binary").inc()
             metrics.BYTES_STORED.labels("input").inc(nbytes)
+        if job["status"] == "succeeded":
+            if "_blobs" in job:  # read with the job once it ended: no second round trip
+                done, outputs = outputs_of(job)
+            else:
+                done, outputs = await within(
+                    deadline(settings, _output_bytes(job)),
+                    queue.get_outputs(job["id"], owner=owner),
+                )
+            return await result_response(request, done, outputs, with_job=True, headers=headers)
+        if job["status"] in TERMINAL:
+            return JSONResponse(job_public(job), status_code=200, headers=headers)
+        headers["Retry-After"] = "1"
         return JSONResponse(job_public(job), status_code=202, headers=headers)
 
     submit.__name__ = f"submit_{spec.name.replace('-', '_')}"
@@ -158,9 +268,18 @@ def _submit_route(spec: OpSpec) -> Any:
         "`application/octet-stream` safetensors with tensors named as the JSON fields "
         "(`adapters.q.a` for nested ones) and the scalar parameters in `__metadata__`. "
         "Answers 202 with `Location: /v1/jobs/{id}` once the job and its inputs are in Redis. "
+        "`Prefer: wait=N` (RFC 7240, N <= 60) holds the answer until the job ends: 200 with the "
+        "job record and, when it succeeded, its outputs and summary (safetensors with "
+        "`Accept: application/octet-stream`), or 202 as usual when N seconds pass first. "
         "An `Idempotency-Key` header makes a retried submit return the same job."
     )
     return submit
+
+
+def _output_bytes(job: dict[str, Any]) -> int:
+    return sum(
+        math.prod(m["shape"]) * DATATYPES[m["datatype"]].itemsize for m in job["outputs"].values()
+    )
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -208,18 +327,8 @@ def build_router() -> APIRouter:
     ) -> Response:
         """The job record; with ``wait`` the answer is held until the job ends or time is up."""
         completions: Completions = request.app.state.completions
-        loop = asyncio.get_running_loop()
-        end = loop.time() + wait
         with completions.waiter(job_id) as ended:
-            job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
-            while job["status"] not in TERMINAL and (left := end - loop.time()) > 0:
-                ended.clear()
-                try:
-                    async with asyncio.timeout(left):
-                        await ended.wait()
-                except TimeoutError:
-                    pass
-                job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
+            job = await await_end(request, queue, settings, job_id, owner, wait, ended)
         headers = {} if job["status"] in TERMINAL else {"Retry-After": str(retry_after(job))}
         return JSONResponse(job_public(job), headers=headers)
 
@@ -234,13 +343,9 @@ def build_router() -> APIRouter:
     ) -> Response:
         """Outputs and summary; ``Accept: application/octet-stream`` gives safetensors."""
         job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
-        nbytes = sum(
-            math.prod(m["shape"]) * DATATYPES[m["datatype"]].itemsize
-            for m in job["outputs"].values()
-        )
         try:
             job, outputs = await within(
-                deadline(settings, nbytes), queue.get_outputs(job_id, owner=owner)
+                deadline(settings, _output_bytes(job)), queue.get_outputs(job_id, owner=owner)
             )
         except JobNotFinished as exc:
             return JSONResponse(
@@ -248,21 +353,7 @@ def build_router() -> APIRouter:
                 status_code=409,
                 headers={"Retry-After": str(retry_after(job))},
             )
-        if BINARY in request.headers.get("accept", ""):
-            import json
-
-            meta = {"id": job_id, "op": job["op"], "summary": json.dumps(job["summary"])}
-            body = await run_in_threadpool(encode_safetensors, outputs, meta)
-            return Response(body, media_type=BINARY)
-
-        def as_json() -> dict[str, Any]:
-            return {
-                "id": job_id,
-                "outputs": {n: t.to_json() for n, t in outputs.items()},
-                "summary": job["summary"],
-            }
-
-        return JSONResponse(await run_in_threadpool(as_json))
+        return await result_response(request, job, outputs, with_job=False)
 
     @router.delete("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
     async def cancel_job(

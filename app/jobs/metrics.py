@@ -25,6 +25,7 @@ __all__ = [
     "REJECTED",
     "RETRIES",
     "WORKER_JOBS",
+    "WORKER_STAGE",
     "set_from_status",
 ]
 
@@ -74,6 +75,13 @@ JOB_SECONDS = Histogram(
     "Compute time per job",
     ["op", "method"],
     buckets=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000),
+)
+WORKER_STAGE = Histogram(
+    "attn_worker_stage_seconds",
+    "A worker's time per job by stage: start (attempt begun, inputs read), decode, compute, "
+    "encode, write (result stored, next entry read)",
+    ["op", "stage"],
+    buckets=(5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 100),
 )
 ERROR_BOUND = Histogram(
     "attn_error_bound",

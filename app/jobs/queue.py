@@ -98,6 +98,7 @@ class _Settings:
         idempotency_key: str | None,
         digest: str,
         owner: str,
+        job_id: str | None = None,
     ) -> Call[tuple[str, str, dict[str, Any]]]:
         return submit_call(
             op,
@@ -108,6 +109,7 @@ class _Settings:
             idempotency_key=idempotency_key,
             digest=digest,
             owner=owner,
+            job_id=job_id,
         )
 
 
@@ -178,12 +180,13 @@ class Queue(_Settings):
         idempotency_key: str | None = None,
         digest: str = "",
         owner: str = "",
+        job_id: str | None = None,
     ) -> Submitted:
-        outcome, job_id, fresh = self._run(
-            self.submit_call(op, params, tensors, idempotency_key, digest, owner)
+        outcome, created, fresh = self._run(
+            self.submit_call(op, params, tensors, idempotency_key, digest, owner, job_id)
         )
         if outcome == "replay":
-            return Submitted(self.get_job(job_id, owner=owner), replayed=True)
+            return Submitted(self.get_job(created, owner=owner), replayed=True)
         return Submitted(fresh)
 
     def enqueue(
@@ -223,6 +226,10 @@ class Queue(_Settings):
         """Block up to ``block_ms`` for one new entry; returns (op, handle)."""
         streams = {stream_key(op): ">" for op in ops}
         got = self.r.xreadgroup(GROUP, worker_id, streams, count=1, block=block_ms or None)
+        return self._one_entry(worker_id, got)
+
+    def _one_entry(self, worker_id: str, got: Any) -> tuple[str, str] | None:
+        """The first entry of an XREADGROUP reply, as (op, handle)."""
         entries: list[tuple[str, str]] = []
         for stream, items in got or []:
             op = (text(stream) or "").rsplit(":", 1)[-1]
@@ -235,11 +242,14 @@ class Queue(_Settings):
             self._script("reclaim", op, handle.split("|", 1)[0], worker_id, worker_id, 0, 0)
         return entries[0]
 
-    def reclaim(self, worker_id: str, ops: list[str]) -> dict[str, int]:
+    def reclaim(
+        self, worker_id: str, ops: list[str], *, keep: Iterable[str] = ()
+    ) -> dict[str, int]:
         """Look at every pending entry; put back the jobs of dead holders and orphaned entries.
 
         Called by a worker between jobs, so its own pending entries are leftovers of an
-        interrupted attempt (e.g. Redis went away mid-job) and go back too. Returns counts by
+        interrupted attempt (e.g. Redis went away mid-job) and go back too, but for those in
+        ``keep`` (read and about to start). Returns counts by
         outcome (``worker_lost``, ``orphan``, ``dropped``...).
         """
         counts: dict[str, int] = {}
@@ -251,7 +261,10 @@ class Queue(_Settings):
                 if "NOGROUP" in str(exc):
                     continue
                 raise
+            held = set(keep)
             for p in pending:
+                if text(p["message_id"]) in held and text(p["consumer"]) == worker_id:
+                    continue  # read by this worker and about to start: not a leftover
                 reply = self._script(
                     "reclaim",
                     op,
@@ -325,24 +338,55 @@ class Queue(_Settings):
         self, att: Attempt, outputs: Mapping[str, RawTensor], summary: Mapping[str, Any]
     ) -> int:
         """Store outputs and summary (fenced); returns the bytes stored."""
-        names = sorted(outputs)
-        checked(
-            self._script(
-                "succeed",
-                att.job_id,
-                att.token,
-                att.op,
-                att.entry_id,
-                repr(time.time()),
-                self.ttl,
-                json.dumps(dict(summary)),
-                json.dumps({n: outputs[n].meta() for n in names}),
-                " ".join(names),
-                *(outputs[n].data for n in names),
-            ),
-            _what(att),
-        )
+        checked(self._script("succeed", *self._succeed_args(att, outputs, summary)), _what(att))
         return sum(len(t.data) for t in outputs.values())
+
+    def finish_success_and_read(
+        self,
+        att: Attempt,
+        outputs: Mapping[str, RawTensor],
+        summary: Mapping[str, Any],
+        ops: list[str],
+    ) -> tuple[int, tuple[str, str] | None]:
+        """:meth:`finish_success` and a non-blocking read of the next entry in one round trip
+        (a pipeline): returns (bytes stored, the next entry or None)."""
+        script = self._scripts["succeed"]
+        pipe = self.r.pipeline(transaction=False)
+        pipe.evalsha(script.sha, 0, *self._succeed_args(att, outputs, summary))
+        pipe.xreadgroup(GROUP, att.worker_id, {stream_key(op): ">" for op in ops}, count=1)
+        reply, got = pipe.execute(raise_on_error=False)
+        if isinstance(got, redis.RedisError):
+            got = None  # read again by the loop
+        nxt = self._one_entry(att.worker_id, got)
+        try:
+            if isinstance(reply, redis.exceptions.NoScriptError):  # Redis restarted: load, retry
+                reply = self._script("succeed", *self._succeed_args(att, outputs, summary))
+            elif isinstance(reply, Exception):
+                raise reply
+            checked(reply, _what(att))
+        except Exception:
+            if nxt is not None:  # the caller retries this write first: the entry goes back now
+                op, handle = nxt
+                self._script("reclaim", op, handle.split("|", 1)[0], *[att.worker_id] * 2, 0, 0)
+            raise
+        return sum(len(t.data) for t in outputs.values()), nxt
+
+    def _succeed_args(
+        self, att: Attempt, outputs: Mapping[str, RawTensor], summary: Mapping[str, Any]
+    ) -> list[Any]:
+        names = sorted(outputs)
+        return [
+            att.job_id,
+            att.token,
+            att.op,
+            att.entry_id,
+            repr(time.time()),
+            self.ttl,
+            json.dumps(dict(summary)),
+            json.dumps({n: outputs[n].meta() for n in names}),
+            " ".join(names),
+            *(outputs[n].data for n in names),
+        ]
 
     def finish_failure(self, att: Attempt, code: str, message: str, *, retry: bool) -> str:
         """Fail the job, or put it back for another attempt when ``retry`` and attempts remain."""
@@ -461,16 +505,21 @@ class AsyncQueue(_Settings):
         idempotency_key: str | None = None,
         digest: str = "",
         owner: str = "",
+        job_id: str | None = None,
     ) -> Submitted:
-        outcome, job_id, fresh = await self._run(
-            self.submit_call(op, params, tensors, idempotency_key, digest, owner)
+        outcome, created, fresh = await self._run(
+            self.submit_call(op, params, tensors, idempotency_key, digest, owner, job_id)
         )
         if outcome == "replay":
-            return Submitted(await self.get_job(job_id, owner=owner), replayed=True)
+            return Submitted(await self.get_job(created, owner=owner), replayed=True)
         return Submitted(fresh)
 
-    async def get_job(self, job_id: str, *, owner: str = "") -> dict[str, Any]:
-        return await self._run(get_call(job_id, owner, outputs=False))
+    async def get_job(
+        self, job_id: str, *, owner: str = "", outputs: bool = False
+    ) -> dict[str, Any]:
+        """The job's public record; with ``outputs`` a succeeded job's output bytes come along
+        in the same call (read them with :func:`app.jobs.records.outputs_of`)."""
+        return await self._run(get_call(job_id, owner, outputs=outputs))
 
     async def get_outputs(
         self, job_id: str, *, owner: str = ""

@@ -203,8 +203,9 @@ def submit_call(
     idempotency_key: str | None,
     digest: str,
     owner: str,
+    job_id: str | None = None,
 ) -> Call[tuple[str, str, dict[str, Any]]]:
-    job_id = uuid.uuid4().hex
+    job_id = job_id or uuid.uuid4().hex
     names = sorted(tensors)
     size = sum(len(tensors[n].data) for n in names)
     now = repr(time.time())

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # On SIGTERM, how long a worker keeps retrying the hand-back while Redis is unreachable.
     worker_stop_grace_seconds: float = Field(default=30.0, ge=0)
     worker_device: str = "auto"
+    # PyTorch threads of a worker; 0 = the host's cores divided by the workers running on it
+    # (counted by host name in Redis, so set it under compose, where each container has its own).
+    worker_threads: int = Field(default=0, ge=0)
     worker_ops: str = "attention,tensor-attention,lora-gradient"
     # Worker's /metrics and /health port; 0 = a free port (logged).
     metrics_port: int = Field(default=9100, ge=0, le=65535)
