@@ -47,14 +47,14 @@ import numpy as np
 import torch
 
 from . import _validate
-from ._bound import BoundParts, certified_bound, unit_roundoff
+from ._bound import BoundParts, certified_bound, subnormal_spacing, unit_roundoff
 from ._cost import predict_exact_attention, predict_polynomial_attention, rates
-from ._device import default_device
+from ._device import default_device, float32_matmul_is_ieee
 from ._features import GradedBuilder, GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
 from ._radius import _INFLATE as _RADIUS_INFLATE
 from ._radius import centre
-from .errors import CertificationError, InvalidInputError
+from .errors import CertificationError, InvalidInputError, OutOfRangeError
 from .result import AttentionResult, Plan
 
 __all__ = ["attention", "plan_attention"]
@@ -177,6 +177,99 @@ def _exact_forward(
     return out
 
 
+def _exact_is_safe(stats: _Stats, scale: float, d: int, m: int, dtype: torch.dtype) -> bool:
+    """Whether ``_exact_forward`` on the raw inputs keeps every intermediate finite in ``dtype``.
+
+    The scores and their partial sums are at most ``|scale| d max|q| max|k|`` (also before the
+    scale is applied, whichever order a fused kernel uses), the scaled queries at most
+    ``|scale| max|q|``, and the weighted value sums (weights <= 1 after the running max) at most
+    ``m max|v|``; all of them far below the dtype's largest number is the usual case.
+    """
+    big = float(torch.finfo(dtype).max) / 64.0
+    with np.errstate(over="ignore"):
+        raw = (abs(scale) + 1.0) * (d * stats.q_peak * stats.k_peak + stats.q_peak + 1.0)
+    return raw < big and stats.k_peak < big and m * stats.value_absmax < big
+
+
+def _exact_wide(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool,
+    dtype: torch.dtype,
+    positions: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Exact attention for inputs whose raw scores or value sums would leave ``dtype``'s range.
+
+    ``q: [L, n, d]``, ``k: [L, m, d]`` (centred or not: softmax is shift invariant per row, also
+    under the causal mask), ``v: [L, m, dv]``, computed in ``dtype`` after the same exact
+    power-of-two transformations as the polynomial path: q and k balanced per coordinate with
+    the scale's whole power of two (``_balance``: entries <= ``2 sqrt(R)``, scores <= ``2 R``
+    for the radius R of these q, k), values centred and normalised per column
+    (``_normalise_values``). The result is scaled back in float64 and clamped per column to
+    ``[min v, max v]``, where the exact output lies (a convex combination of the values): the
+    clamp never increases the error and keeps the output finite in v's dtype. Returns
+    ``[L, n, dv]`` in ``dtype``.
+    """
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    qt, kt, s2 = _balance(q, k, scale)  # [L, d, n], [L, d, m]
+    v_hi = v.max(dim=1, keepdim=True).values  # [L, 1, dv]
+    v_lo = v.min(dim=1, keepdim=True).values
+    c = (v_hi + v_lo) / 2
+    vn, p2 = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo))
+    o = _exact_forward(
+        qt.transpose(1, 2).contiguous(),
+        kt.transpose(1, 2).contiguous(),
+        vn,
+        s2,
+        causal=causal,
+        positions=positions,
+        progress=progress,
+    )  # [L, n, dv]
+    out = o.double() * p2 + c.double()
+    return torch.minimum(torch.maximum(out, v_lo.double()), v_hi.double()).to(dtype)
+
+
+def _run_exact(
+    q3: torch.Tensor,
+    k3: torch.Tensor,
+    v3: torch.Tensor,
+    stats: _Stats,
+    scale: float,
+    *,
+    causal: bool,
+    progress: Progress | None,
+) -> torch.Tensor:
+    """The exact path of ``attention``: the plain kernel when its intermediates are safe, else
+    ``_exact_wide`` on the centred keys, in the compute dtype when the balanced scores fit it
+    (``<= 2 S``, S a bound on the centred scores), else in float64; raises
+    ``OutOfRangeError`` when even float64 cannot hold the scores."""
+    dtype = q3.dtype
+    d, m = q3.shape[-1], k3.shape[-2]
+    if _exact_is_safe(stats, scale, d, m, dtype):
+        return _exact_forward(q3, k3, v3, scale, causal=causal, progress=progress)
+    # S = d max_l |scale| max|q_l| max|kc_l| bounds the centred scores (like R, but in
+    # logarithms, so also where R itself overflows float64): balanced entries are at most
+    # 2 sqrt(S), the balanced scores at most 2 S (see _balance)
+    ex = stats.extremes
+    qa = ex.q_absmax if ex.q_absmax is not None else q3.abs().max(dim=1).values
+    both = (qa.double().log2() + ex.k_absmax.double().log2()).amax()  # -inf for zero columns
+    log2_s = float(both) + math.log2(d) + (math.log2(abs(scale)) if scale else -math.inf)
+    log2_need = max(log2_s + 3.0, 0.5 * log2_s + 3.0, math.log2(m) + 1.0)
+    for wide in (dtype, torch.float64):
+        if log2_need < math.log2(float(torch.finfo(wide).max) / 64.0):
+            out = _exact_wide(q3, stats.kc, v3, scale, causal=causal, dtype=wide, progress=progress)
+            return out.to(dtype)
+    raise OutOfRangeError(
+        "q",
+        f"the scores scale * <q, k> reach about 2^{log2_s:.0f} (after centring the keys), "
+        "beyond the range of float64; rescale q or k, or pass a smaller scale",
+    )
+
+
 # =================================================================================================
 # Polynomial path
 # =================================================================================================
@@ -199,10 +292,35 @@ class _Config:
 
 
 def _weights(approx: Approximation, plan: GradedMonomials, scale_mantissa: float) -> np.ndarray:
-    """``w_alpha = c_|alpha| * scale^|alpha| * |alpha|!/alpha!`` in float64, ``[r]``."""
+    """``w_alpha = c_|alpha| * scale^|alpha| * |alpha|!/alpha!`` in float64, ``[r]``.
+
+    ``attention`` passes the balanced scale' in [1/2, 1); any other scale (the differentiable
+    reference) may overflow to inf here but never raises.
+    """
     c = np.asarray(approx.coeffs, dtype=np.float64)  # [g + 1]
-    powers = np.array([scale_mantissa**m for m in range(len(c))], dtype=np.float64)
-    return (c * powers)[plan.degree] * plan.multinomial  # [r]
+    with np.errstate(over="ignore", invalid="ignore"):
+        powers = np.power(float(scale_mantissa), np.arange(len(c), dtype=np.float64))
+        return (c * powers)[plan.degree] * plan.multinomial  # [r]
+
+
+# powers of two that one multiplication may apply in each dtype (normal numbers, with margin)
+_POW2_STEP = {torch.float32: 120, torch.float64: 1000}
+
+
+def _pow2_factors(e: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``2^e`` (``e`` an integer-valued float64 tensor) as factors in ``dtype``, each a normal
+    power of two (so each multiplication by one is exact but for underflow); one factor in the
+    usual case. Product of the factors = ``2^e`` exactly."""
+    lim = _POW2_STEP.get(dtype, 120)
+    one = torch.ones((), dtype=torch.float64, device=e.device)
+    out = []
+    rest = e
+    while True:
+        step = rest.clamp(-lim, lim)
+        out.append(torch.ldexp(one, step).to(dtype))
+        rest = rest - step
+        if not bool((rest != 0).any()):
+            return out
 
 
 def _balance(
@@ -215,36 +333,63 @@ def _balance(
     """Exact power-of-two rescaling: ``scale <q, k> == s' <q', k'>`` with balanced q', k'.
 
     ``q: [L, n, d]``, ``kc: [L, m, d]``; returns ``q'`` and ``k'`` transposed, ``[L, d, n]`` and
-    ``[L, d, m]`` contiguous (the layout of a feature block's input), and ``s'``. Per slice
-    and coordinate l, q is multiplied by ``2^(e_l + a)`` and k by ``2^(-e_l + b)`` where
-    ``e_l`` equalises their largest magnitudes
-    and ``2^(a + b)`` is the power of two of ``|scale|``; ``s' = sign(scale) * mantissa`` with
-    mantissa in [0.5, 1). Multiplying by powers of two is exact (no overflow or underflow at
-    the clamped exponents for inputs that certify), so the scores are unchanged bit for bit.
+    ``[L, d, m]`` contiguous (the layout of a feature block's input), and ``s'``. With
+    ``|scale| = mant 2^E`` (mant in [1/2, 1)), per slice and coordinate l, q is multiplied by
+    ``2^a_l`` and k by ``2^(E - a_l)``, ``a_l = round((log2 max|k_l| - log2 max|q_l| + E) / 2)``,
+    and ``s' = sign(scale) mant``: the whole power of two of the scale goes into the inputs, and
+    the largest entries of ``q'_l`` and ``k'_l`` meet at ``sqrt(2^E max|q_l| max|k_l|)``, within
+    a factor sqrt(2). Since ``|scale| max|q_l| max|k_l| <= R`` (both radii dominate every single
+    coordinate's product), every balanced entry is at most ``2 sqrt(R)``: monomials neither
+    overflow nor, for the coordinates that matter, underflow, whatever the scale's exponent.
+    Multiplying by powers of two is exact but for underflow (entries far below the others may be
+    flushed, by at most twice the subnormal spacing: ``_bound`` step 7); factors outside a
+    dtype's normal range are applied in several exact steps. A coordinate that is zero on one
+    side contributes nothing to the scores and is zeroed on both (so the other side cannot
+    overflow), as is everything when ``scale == 0``.
     ``q_absmax, k_absmax: [L, d]``: ``max |q|`` and ``max |kc|`` per slice and column when
     already known (``_statistics``; any floating dtype, the values are exact); else reduced here.
     """
-    mant, expo = math.frexp(abs(scale)) if scale != 0.0 else (0.0, 0)
-    if abs(expo) > 120:  # extreme scale: keep it in the weights (R, hence g, is tiny or huge)
-        mant, expo = abs(scale), 0
-    ea = expo // 2
-    eb = expo - ea
+    mant, expo = math.frexp(abs(scale))
     qa = (q.abs().max(dim=1).values if q_absmax is None else q_absmax).double()  # [L, d]
     ka = (kc.abs().max(dim=1).values if k_absmax is None else k_absmax).double()  # [L, d]
-    ok = (qa > 0) & (ka > 0)
-    lq = torch.where(ok, torch.log2(qa.clamp_min(1e-300)), torch.zeros_like(qa))
-    lk = torch.where(ok, torch.log2(ka.clamp_min(1e-300)), torch.zeros_like(ka))
-    e = torch.round((lk - lq) / 2).clamp(-60, 60)  # [L, d]; |e + ea|, |eb - e| <= 120
-    one = torch.ones((), dtype=torch.float64, device=q.device)
-    fq = torch.ldexp(one, e + ea).to(q.dtype)  # [L, d] exact powers of two (normal in fp32)
-    fk = torch.ldexp(one, eb - e).to(q.dtype)  # [L, d]
+    ok = (qa > 0) & (ka > 0) & (scale != 0.0)
+    lq = torch.log2(torch.where(ok, qa, torch.ones_like(qa)))
+    lk = torch.log2(torch.where(ok, ka, torch.ones_like(ka)))
+    a = torch.round((lk - lq + expo) / 2)  # [L, d]
+    b = expo - a  # [L, d]
+    fq = _pow2_factors(a, q.dtype)  # each [L, d]
+    fk = _pow2_factors(b, q.dtype)
+    zero = ~ok
+    if bool(zero.any()):
+        fq[0] = fq[0].masked_fill(zero, 0.0)
+        fk[0] = fk[0].masked_fill(zero, 0.0)
     signed = math.copysign(mant, scale) if scale != 0.0 else 0.0
     # written straight into the transposed layout the feature blocks load: [L, d, n], [L, d, m]
     qt = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=q.dtype, device=q.device)
     kt = torch.empty((kc.shape[0], kc.shape[2], kc.shape[1]), dtype=kc.dtype, device=kc.device)
-    torch.mul(q.transpose(1, 2), fq.unsqueeze(2), out=qt)  # [L, d, n]
-    torch.mul(kc.transpose(1, 2), fk.unsqueeze(2), out=kt)  # [L, d, m]
+    torch.mul(q.transpose(1, 2), fq[0].unsqueeze(2), out=qt)  # [L, d, n]
+    torch.mul(kc.transpose(1, 2), fk[0].unsqueeze(2), out=kt)  # [L, d, m]
+    for f in fq[1:]:
+        qt.mul_(f.unsqueeze(2))
+    for f in fk[1:]:
+        kt.mul_(f.unsqueeze(2))
     return qt, kt, signed
+
+
+def _normalise_values(vc: torch.Tensor, vmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vc * 2^-e`` per slice and column with ``max |vc| = vmax in [2^(e-1), 2^e)`` (in place
+    when one exact factor suffices) and ``2^e`` in float64 to scale results back.
+
+    ``vc: [L, m, dv]`` centred values, ``vmax: [L, 1, dv]`` their largest magnitude (0 for a
+    constant column: factor 1). Exact but for underflow of entries far below their column's
+    largest (``_bound`` step 8): value products then never underflow for the entries that matter.
+    """
+    _, e = torch.frexp(vmax.double())  # [L, 1, dv]
+    e = e.double()
+    factors = _pow2_factors(-e, vc.dtype)
+    for f in factors:
+        vc.mul_(f)
+    return vc, torch.ldexp(torch.ones_like(e), e)
 
 
 @dataclass(frozen=True)
@@ -266,6 +411,8 @@ class _Stats:
     value_range: float  # max over slices and columns of max v - min v (float64, exact)
     value_absmax: float  # max |v| (exact)
     extremes: _Extremes
+    q_peak: float = 0.0  # max |q| (exact)
+    k_peak: float = 0.0  # max |k| of the uncentred keys (exact)
 
 
 _INPUT_NAMES = ("q", "k", "v")
@@ -330,6 +477,8 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
         value_range=float((hi - lo).max()),
         value_absmax=float(np.maximum(np.abs(hi), np.abs(lo)).max()),
         extremes=_Extremes(q_absmax=qa, k_absmax=ka, v_hi=v_hi, v_lo=v_lo),
+        q_peak=float(host[0]),
+        k_peak=float(host[1]),
     )
 
 
@@ -407,7 +556,9 @@ def _polynomial_forward(
         v_lo = extremes.v_lo.to(dtype).unsqueeze(1)  # [L, 1, dv]
         qa, ka = extremes.q_absmax, extremes.k_absmax
     c = (v_hi + v_lo) / 2  # [L, 1, dv]
-    vc = v - c  # [L, m, dv]
+    # values normalised per column by a power of two (undone in float64 on the output), so that
+    # no product with a value underflows however small the values are (_bound step 8)
+    vc, p2 = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo))  # [L, m, dv]
     qb, kb, s_mant = _balance(q, kc, scale, qa, ka)
     w64 = torch.from_numpy(_weights(approx, plan, s_mant)).to(dev)  # [r] float64
 
@@ -423,7 +574,7 @@ def _polynomial_forward(
         xbuf = torch.zeros((lg, d, B), dtype=dtype, device=dev)  # [lg, d, B]
         ubuf = torch.zeros((lg, rp, B), dtype=dtype, device=dev)  # [lg, rp, B]; rows >= r stay 0
         vbuf = torch.zeros((lg, B, dv + 1), dtype=dtype, device=dev)  # [lg, B, dv + 1]
-        args = (qb[g0:g1], kb[g0:g1], vc[g0:g1], c[g0:g1], w64, plan, xbuf, ubuf, vbuf)
+        args = (qb[g0:g1], kb[g0:g1], vc[g0:g1], c[g0:g1], p2[g0:g1], w64, plan, xbuf, ubuf, vbuf)
         if causal:
             assert ck is None or cr is not None
             for s, o in _causal_blocks(*args, unit=unit, cr=cr):
@@ -496,6 +647,7 @@ def _noncausal_blocks(
     kb: torch.Tensor,
     vc: torch.Tensor,
     c: torch.Tensor,
+    p2: torch.Tensor,
     w64: torch.Tensor,
     plan: GradedMonomials,
     xbuf: torch.Tensor,
@@ -505,7 +657,11 @@ def _noncausal_blocks(
     ck: int | None,
     cr: int | None,
 ) -> Any:
-    """Yield ``(start, out_block or None)`` per key block (None) then per query block."""
+    """Yield ``(start, out_block or None)`` per key block (None) then per query block.
+
+    ``vc``: normalised centred values, ``c [lg, 1, dv]`` the centre, ``p2 [lg, 1, dv]`` (float64)
+    the normalisation: ``out = (num / den) p2 + c``.
+    """
     lg, rp, B = ubuf.shape
     n, m, dv = qb.shape[2], kb.shape[2], vc.shape[2]  # qb: [lg, d, n], kb: [lg, d, m]
     r = plan.r
@@ -543,7 +699,7 @@ def _noncausal_blocks(
             nr = rp // cr
             part = torch.matmul(MwT, u1.view(lg, nr, cr, B))  # [lg, nr, dv+1, B]
             nd = part.sum(dim=1, dtype=torch.float64)  # [lg, dv+1, B]
-        o = (nd[:, :dv, :cnt] / nd[:, dv:, :cnt]).transpose(1, 2) + c  # [lg, cnt, dv]
+        o = (nd[:, :dv, :cnt] / nd[:, dv:, :cnt]).transpose(1, 2) * p2 + c  # [lg, cnt, dv]
         yield s, o
 
 
@@ -552,6 +708,7 @@ def _causal_blocks(
     kb: torch.Tensor,
     vc: torch.Tensor,
     c: torch.Tensor,
+    p2: torch.Tensor,
     w64: torch.Tensor,
     plan: GradedMonomials,
     xbuf: torch.Tensor,
@@ -610,7 +767,7 @@ def _causal_blocks(
         pair = pair.to(f64).masked_fill_(~visible, 0.0)  # [lg, T, b, b]
         diag = torch.matmul(pair, vt.to(f64))  # [lg, T, b, dv+1]
         nd = (off.to(f64).transpose(2, 3) + diag).reshape(lg, B, dv + 1)[:, : min(B, n - s)]
-        yield s, nd[..., :dv] / nd[..., dv:] + c  # [lg, cnt, dv]
+        yield s, nd[..., :dv] / nd[..., dv:] * p2 + c  # [lg, cnt, dv]
 
 
 def _polynomial_reference(
@@ -699,6 +856,21 @@ def _select(
                 key_inner = unit if causal else (ck or B)  # inner lengths of the products
                 feature_inner = cr or r
                 f64_terms = _float64_terms(n_k, r, key_inner, feature_inner, causal)
+                if causal and n_q > n_k:
+                    # rows >= n_k see every key and run the non-causal kernel with its own
+                    # geometry (_run_polynomial): certify the longer of the two inner lengths
+                    B2, ck2, cr2, _, _ = _geometry(
+                        rr,
+                        max(n_q - n_k, n_k),
+                        fp32=fp32,
+                        key_chunk=ck_max,
+                        feature_chunk=cr_max,
+                        causal=False,
+                        block=B,
+                    )
+                    key_inner = max(key_inner, ck2 or B2)
+                    feature_inner = max(feature_inner, cr2 or r)
+                    f64_terms = max(f64_terms, _float64_terms(n_k, r, ck2 or B2, cr2 or r, False))
                 bound = certified_bound(
                     approx,
                     features=feature_inner,
@@ -709,6 +881,7 @@ def _select(
                     value_absmax=value_absmax,
                     float64_terms=f64_terms,
                     centring_dtype=centring_dtype,
+                    dimension=d,
                 )
                 if bound.total > target:
                     continue
@@ -868,7 +1041,9 @@ def _plan(
         )
         return plan, None
     target = eps * value_absmax
-    dtypes = (torch.float64,) if compute_dtype == torch.float64 else (torch.float32, torch.float64)
+    # float32 products are certified only when they are IEEE float32 (no TF32/bf16 inside)
+    f32 = compute_dtype != torch.float64 and float32_matmul_is_ieee()
+    dtypes = (torch.float32, torch.float64) if f32 else (torch.float64,)
     sel = _select(
         R=R,
         d=d,
@@ -988,12 +1163,13 @@ def _sample_error(
     worst = 0.0
     for sl in torch.unique(flat // n).tolist():
         idx = (flat[flat // n == sl] % n).to(q.device)  # [s]
-        exact = _exact_forward(
+        exact = _exact_wide(
             q[sl : sl + 1, idx].double(),
-            k[sl : sl + 1].double(),
+            centre(k[sl : sl + 1].double()),  # shift invariance: scores that fit float64
             v[sl : sl + 1].double(),
             scale,
             causal=causal,
+            dtype=torch.float64,
             positions=idx,
         )  # [1, s, dv]
         diff = (out[sl : sl + 1, idx].double() - exact).abs().max()
@@ -1080,8 +1256,9 @@ def attention(
     R = stats.radius  # matrix_radius(q3, centre(k3), s)
     value_range = stats.value_range  # exact in float64
     value_absmax = stats.value_absmax
-    # the computed midrange c may miss the true one by u |c|: widen the range accordingly
-    value_range += 4.0 * unit_roundoff(cd) * value_absmax
+    # the computed midrange c may miss the true one by u |c| (plus half the subnormal spacing
+    # when (hi + lo) / 2 underflows): widen the range accordingly
+    value_range += 4.0 * unit_roundoff(cd) * value_absmax + 2.0 * subnormal_spacing(cd)
     plan, cfg = _plan(
         method=method,
         R=R,
@@ -1119,8 +1296,15 @@ def attention(
                 reason=plan.reason.rstrip(".") + "; an intermediate overflowed, so exact was run.",
                 predicted_bound=None,
             )
+        elif value_absmax + bound > float(torch.finfo(out_dtype).max) / 2.0:
+            # near the top of the output dtype: clamp to the column's value range, where the
+            # exact output lies (never increases the error; keeps the rounded output finite)
+            ex = stats.extremes
+            lo = ex.v_lo.to(out3.dtype).unsqueeze(1)  # [L, 1, dv]
+            hi = ex.v_hi.to(out3.dtype).unsqueeze(1)
+            out3 = torch.minimum(torch.maximum(out3, lo), hi)
     if cfg is None:
-        out3 = _exact_forward(q3, k3, v3, s, causal=causal, progress=progress)
+        out3 = _run_exact(q3, k3, v3, stats, s, causal=causal, progress=progress)
     measured = None
     if sample_rows > 0:
         measured = _sample_error(out3.to(out_dtype), q3, k3, v3, s, causal, sample_rows)

@@ -56,7 +56,7 @@ from ._validate import (
     check_tensor,
     compute_dtype_of,
 )
-from .errors import CertificationError, InvalidInputError
+from .errors import CertificationError, InvalidInputError, OutOfRangeError
 from .result import LoraResult, Plan
 
 __all__ = ["ADAPTER_NAMES", "lora_gradient", "plan_lora_gradient"]
@@ -320,6 +320,14 @@ def _adapter_grads(
         da = s * (b.to(g.dtype).T @ g)  # [r, dh]
         db = s * (g @ a.to(g.dtype).T)  # [dm, r]
         grads[mu] = (da.to(a.dtype), db.to(b.dtype))
+        for i, t in enumerate(grads[mu]):
+            if not bool(torch.isfinite(t).all()):
+                name = f"adapters[{mu!r}][{i}]"
+                raise OutOfRangeError(
+                    name,
+                    f"the gradient d{'AB'[i]}_{mu} does not fit {t.dtype} (it overflows or is "
+                    f"not finite in float64); pass float64 adapters, or rescale x, y or scale",
+                )
     return grads
 
 
@@ -373,8 +381,15 @@ def _exact_qkv_grads(
     return float(loss), dq, dk, dv
 
 
-def _exact(inp: _Inputs, progress: Progress | None) -> tuple[float, dict[str, torch.Tensor]]:
-    dt = inp.dtype
+def _exact_in(
+    inp: _Inputs, dt: torch.dtype, progress: Progress | None
+) -> tuple[float, dict[str, torch.Tensor]] | None:
+    """The blocked closed form in ``dt``; None when anything it computes is not finite there.
+
+    An overflow anywhere (projections, scores, their running max, gradient terms) shows as an
+    inf or a NaN in the loss or the gradients (``inf - inf`` in the softmax shift), so one
+    finiteness check of the results decides; an ``exp`` that underflows is exact to ``dt``.
+    """
     w = _effective_weights(inp, dt)
     x = inp.x.to(dt)  # [nb, L, dm]
     q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]  # [nb, L, dh] each
@@ -386,7 +401,22 @@ def _exact(inp: _Inputs, progress: Progress | None) -> tuple[float, dict[str, to
     dw = {"q": xf.T @ dq.reshape(-1, dh), "v": xf.T @ dv.reshape(-1, dh)}  # [dm, dh]
     if dk is not None:
         dw["k"] = xf.T @ dk.reshape(-1, dh)
-    return loss, dw
+    ok = math.isfinite(loss) and all(bool(torch.isfinite(t).all()) for t in dw.values())
+    return (loss, dw) if ok else None
+
+
+def _exact(inp: _Inputs, progress: Progress | None) -> tuple[float, dict[str, torch.Tensor]]:
+    """The blocked closed form in the compute dtype, or in float64 when something leaves the
+    compute dtype's range; raises ``OutOfRangeError`` when float64 cannot hold it either."""
+    for dt in (inp.dtype, torch.float64) if inp.dtype != torch.float64 else (torch.float64,):
+        got = _exact_in(inp, dt, progress)
+        if got is not None:
+            return got
+    raise OutOfRangeError(
+        "x",
+        "the projections x @ W, the scores scale * Q K^T, the loss or the gradients leave "
+        "the range of float64 for these inputs; rescale x, y, the weights or scale",
+    )
 
 
 # --------------------------------------------------------------------------------------------
