@@ -171,6 +171,8 @@ def certified_bound(
     the balanced entries of q and k (default ``2 sqrt(R)``, what ``attention``'s balancing
     guarantees); both enter only the underflow terms of steps 7 and 8.
     """
+    if not (math.isfinite(value_range) and math.isfinite(value_absmax)):
+        return BoundParts(math.inf, math.inf, math.inf)  # values beyond float64's range
     u_c = unit_roundoff(compute_dtype)
     u_out = 0.0 if out_dtype == compute_dtype else unit_roundoff(out_dtype)
     sigma_out = 0.0 if out_dtype == compute_dtype else subnormal_spacing(out_dtype)

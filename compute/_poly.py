@@ -3,9 +3,9 @@
 Every approximation carries ``dmin, dmax`` with ``P(s) = e^s (1 + delta(s))`` and
 ``delta(s) in [dmin, dmax]`` for all ``|s| <= R``, where ``P`` is the polynomial with the float64
 coefficients actually used. The range is computed on a dense grid and made rigorous by a
-Lipschitz guard (``|delta'| <= e^R max|P' - P|``), then intersected with the closed-form
-truncation bound of the *exact* series plus the distance of the float64 coefficients from it
-(``_coefficient_error``: exact rational arithmetic), so it is both tight and safe.
+guard (first or second order in the grid spacing, ``relative_error_range``), then intersected
+with the closed-form truncation bound of the *exact* series plus the distance of the float64
+coefficients from it (``_coefficient_error``: exact rational arithmetic): tight and safe.
 """
 
 from __future__ import annotations
@@ -205,6 +205,12 @@ def _analytic_bound(family: str, g: int, R: float, coeffs: np.ndarray | None = N
 def relative_error_range(coeffs: np.ndarray, R: float) -> tuple[float, float]:
     """Certified ``[dmin, dmax]`` of ``P(s) e^{-s} - 1`` over ``|s| <= R`` (grid + guard).
 
+    Every ``|s| <= R`` is within ``h/2`` of a grid point ``s_i``; two rigorous guards, the
+    better one kept: first order, ``max |delta'| h/2`` with ``|delta'| <= e^R sum |c'_m - c_m|
+    R^m``; second order, ``|delta'(s_i)| h/2 + max |delta''| h^2/8`` (``delta'`` on the grid,
+    ``|delta''| <= e^R sum |c''_m - 2 c'_m + c_m| R^m``), which is tight at the extremes where
+    ``delta'`` vanishes. Both add the float64 evaluation slack.
+
     ``(-inf, inf)`` (not certified) beyond ``MAX_RADIUS``, where ``e^R`` leaves float64 soon.
     """
     if R == 0.0:
@@ -213,18 +219,34 @@ def relative_error_range(coeffs: np.ndarray, R: float) -> tuple[float, float]:
     if not 0.0 < R <= MAX_RADIUS:
         return -math.inf, math.inf
     s = np.linspace(-R, R, GRID_POINTS)
-    p = np.polynomial.polynomial.polyval(s, coeffs)
-    delta = p * np.exp(-s) - 1.0
-    h = 2.0 * R / (GRID_POINTS - 1)
+    ex = np.exp(-s)
+    delta = np.polynomial.polynomial.polyval(s, coeffs) * ex - 1.0
+    half = R / (GRID_POINTS - 1) * (1.0 + 1e-9)  # every |s| <= R is this close to a grid point
     dp = derivative(coeffs)
-    diff = np.zeros(max(len(dp), len(coeffs)))
+    diff = np.zeros(max(len(dp), len(coeffs)))  # P' - P: delta' = (P' - P) e^-s
     diff[: len(dp)] += dp
     diff[: len(coeffs)] -= coeffs
-    powers = R ** np.arange(len(diff), dtype=np.float64)
-    lipschitz = exp_up(R) * float(np.sum(np.abs(diff) * powers))
-    kappa = exp_up(R) * float(np.sum(np.abs(coeffs) * R ** np.arange(len(coeffs))))
-    guard = lipschitz * h / 2.0 + _EVAL_SLACK * (kappa + 1.0)
-    return float(delta.min()) - guard, float(delta.max()) + guard
+    dd = derivative(diff)  # delta'' = (P'' - 2P' + P) e^-s
+    diff2 = np.zeros(max(len(dd), len(diff)))
+    diff2[: len(dd)] += dd
+    diff2[: len(diff)] -= diff
+
+    def bound(c: np.ndarray) -> float:  # e^R sum |c_m| R^m >= max |(sum c_m s^m) e^-s|
+        return exp_up(R) * float(np.sum(np.abs(c) * R ** np.arange(len(c), dtype=np.float64)))
+
+    kappa, lipschitz, curvature = bound(coeffs), bound(diff), bound(diff2)
+    slack = _EVAL_SLACK * (kappa + 1.0)
+    # first order: |delta(s) - delta(s_i)| <= max |delta'| h / 2
+    lo1 = float(delta.min()) - lipschitz * half - slack
+    hi1 = float(delta.max()) + lipschitz * half + slack
+    # second order (tight near the extremes, where delta' vanishes): |delta(s) - delta(s_i)|
+    # <= |delta'(s_i)| h / 2 + max |delta''| h^2 / 8, with delta'(s_i) evaluated like delta
+    slope = np.abs(np.polynomial.polynomial.polyval(s, diff) * ex)
+    spread = slope * half + curvature * half * half / 2.0
+    slack2 = slack + _EVAL_SLACK * (lipschitz + 1.0) * half
+    lo2 = float((delta - spread).min()) - slack2
+    hi2 = float((delta + spread).max()) + slack2
+    return max(lo1, lo2), min(hi1, hi2)
 
 
 def tv_factor(dmin: float, dmax: float) -> float:

@@ -52,8 +52,7 @@ from ._cost import predict_exact_attention, predict_polynomial_attention, rates
 from ._device import default_device, float32_matmul_is_ieee
 from ._features import GradedBuilder, GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
-from ._radius import _INFLATE as _RADIUS_INFLATE
-from ._radius import centre
+from ._radius import centre, midrange, radius_from
 from .errors import CertificationError, InvalidInputError, OutOfRangeError
 from .result import AttentionResult, Plan
 
@@ -218,8 +217,8 @@ def _exact_wide(
     qt, kt, s2 = _balance(q, k, scale)  # [L, d, n], [L, d, m]
     v_hi = v.max(dim=1, keepdim=True).values  # [L, 1, dv]
     v_lo = v.min(dim=1, keepdim=True).values
-    c = (v_hi + v_lo) / 2
-    vn, p2 = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo))
+    c = midrange(v_hi, v_lo)
+    vn, ev = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo))
     o = _exact_forward(
         qt.transpose(1, 2).contiguous(),
         kt.transpose(1, 2).contiguous(),
@@ -229,7 +228,7 @@ def _exact_wide(
         positions=positions,
         progress=progress,
     )  # [L, n, dv]
-    out = o.double() * p2 + c.double()
+    out = _scale_back(o.double(), ev) + c.double()
     return torch.minimum(torch.maximum(out, v_lo.double()), v_hi.double()).to(dtype)
 
 
@@ -323,6 +322,14 @@ def _pow2_factors(e: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
             return out
 
 
+def _scale_back(o: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``o * 2^e`` in float64 (``o`` float64, ``e`` from ``_normalise_values``), in two normal
+    factors: ``2^e`` itself is 2^1024 (inf) for float64 values near the largest finite."""
+    half = torch.floor(e / 2)
+    one = torch.ones_like(e)
+    return o * torch.ldexp(one, half) * torch.ldexp(one, e - half)
+
+
 def _balance(
     q: torch.Tensor,
     kc: torch.Tensor,
@@ -377,8 +384,8 @@ def _balance(
 
 
 def _normalise_values(vc: torch.Tensor, vmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``vc * 2^-e`` per slice and column with ``max |vc| = vmax in [2^(e-1), 2^e)`` (in place
-    when one exact factor suffices) and ``2^e`` in float64 to scale results back.
+    """``vc * 2^-e`` per slice and column with ``max |vc| = vmax in [2^(e-1), 2^e)`` (in place)
+    and ``e`` (float64, ``[L, 1, dv]``) to scale results back (``_scale_back``).
 
     ``vc: [L, m, dv]`` centred values, ``vmax: [L, 1, dv]`` their largest magnitude (0 for a
     constant column: factor 1). Exact but for underflow of entries far below their column's
@@ -389,7 +396,7 @@ def _normalise_values(vc: torch.Tensor, vmax: torch.Tensor) -> tuple[torch.Tenso
     factors = _pow2_factors(-e, vc.dtype)
     for f in factors:
         vc.mul_(f)
-    return vc, torch.ldexp(torch.ones_like(e), e)
+    return vc, e
 
 
 @dataclass(frozen=True)
@@ -423,7 +430,7 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
     ``q: [L, n, d]``, ``k: [L, m, d]``, ``v: [L, m, dv]``, all in the compute dtype. On the
     device: the column extremes of q, k and v (``[L, d]``, ``[L, dv]``; exact), the centred
-    keys ``kc = k - (hi + lo) / 2`` exactly as :func:`compute._radius.centre`, and the three
+    keys ``kc = k - midrange(hi, lo)`` exactly as :func:`compute._radius.centre`, and the three
     per-slice factors of :func:`compute._radius.matrix_radius` (largest row 2-norm of q and
     of kc, accumulated in float64 without a float64 copy; largest Hölder sum
     ``sum_l |q_il| max_j |kc_jl|`` in float64). ``max_j |kc_jl|`` needs no pass over kc:
@@ -441,7 +448,7 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     q_hi, q_lo = q.max(dim=1).values, q.min(dim=1).values  # [L, d] (max/min: see centre)
     k_hi, k_lo = k.max(dim=1).values, k.min(dim=1).values  # [L, d]
     v_hi, v_lo = v.max(dim=1).values, v.min(dim=1).values  # [L, dv]
-    mid = (k_hi + k_lo) / 2  # [L, d], as centre()
+    mid = midrange(k_hi, k_lo)  # [L, d], as centre()
     kc = k - mid.unsqueeze(1)  # [L, m, d]
     qa = torch.maximum(q_hi.abs(), q_lo.abs())  # [L, d] max |q|
     ka = torch.maximum((k_hi - mid).abs(), (k_lo - mid).abs())  # [L, d] max |kc|, exact
@@ -456,9 +463,18 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
             torch.maximum(v_hi.abs(), v_lo.abs()).amax(),
         ]
     ).double()  # [3]: NaN or Inf exactly when the tensor has one
+    tops = [qa.amax(dim=-1).double(), ka.amax(dim=-1).double()]  # [L] each: max |q|, max |kc|
     host = (
         torch.cat(
-            [peaks, q_two, k_two, holder, v_hi.double().reshape(-1), v_lo.double().reshape(-1)]
+            [
+                peaks,
+                q_two,
+                k_two,
+                holder,
+                *tops,
+                v_hi.double().reshape(-1),
+                v_lo.double().reshape(-1),
+            ]
         )
         .cpu()
         .numpy()
@@ -466,15 +482,17 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     for name, peak in zip(_INPUT_NAMES, host[:3], strict=True):
         if not math.isfinite(float(peak)):
             raise InvalidInputError(name, "contains NaN or Inf")
-    qn, kn, hs = host[3 : 3 + L], host[3 + L : 3 + 2 * L], host[3 + 2 * L : 3 + 3 * L]
-    hi = host[3 + 3 * L : 3 + 3 * L + L * dv]  # [L dv] float64, exact
-    lo = host[3 + 3 * L + L * dv :]  # [L dv]
-    with np.errstate(over="ignore", invalid="ignore"):  # float64 inputs may overflow: R = inf
-        r = np.minimum(qn * kn, hs) * abs(scale)  # [L], as matrix_radius
+    qn, kn, hs, qt, kt = (host[3 + i * L : 3 + (i + 1) * L] for i in range(5))
+    hi = host[3 + 5 * L : 3 + 5 * L + L * dv]  # [L dv] float64, exact
+    lo = host[3 + 5 * L + L * dv :]  # [L dv]
+    # as matrix_radius (also float64 inputs whose squares or products under- or overflow)
+    radius = radius_from(qn, kn, hs, qt, kt, q.shape[-1], scale)
+    with np.errstate(over="ignore"):  # float64 values near the top: range inf, path exact
+        value_range = float((hi - lo).max())
     return _Stats(
         kc=kc,
-        radius=float(r.max()) * _RADIUS_INFLATE,
-        value_range=float((hi - lo).max()),
+        radius=radius,
+        value_range=value_range,
         value_absmax=float(np.maximum(np.abs(hi), np.abs(lo)).max()),
         extremes=_Extremes(q_absmax=qa, k_absmax=ka, v_hi=v_hi, v_lo=v_lo),
         q_peak=float(host[0]),
@@ -555,10 +573,12 @@ def _polynomial_forward(
         v_hi = extremes.v_hi.to(dtype).unsqueeze(1)  # [L, 1, dv]
         v_lo = extremes.v_lo.to(dtype).unsqueeze(1)  # [L, 1, dv]
         qa, ka = extremes.q_absmax, extremes.k_absmax
-    c = (v_hi + v_lo) / 2  # [L, 1, dv]
+    c = midrange(v_hi, v_lo)  # [L, 1, dv]
     # values normalised per column by a power of two (undone in float64 on the output), so that
     # no product with a value underflows however small the values are (_bound step 8)
-    vc, p2 = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo))  # [L, m, dv]
+    vc, ev = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo))  # [L, m, dv]
+    # 2^ev: finite here (a finite value range keeps |v - c| below 2^1023)
+    p2 = torch.ldexp(torch.ones_like(ev), ev)  # [L, 1, dv] float64
     qb, kb, s_mant = _balance(q, kc, scale, qa, ka)
     w64 = torch.from_numpy(_weights(approx, plan, s_mant)).to(dev)  # [r] float64
 
@@ -883,7 +903,7 @@ def _select(
                     centring_dtype=centring_dtype,
                     dimension=d,
                 )
-                if bound.total > target:
+                if not bound.total <= target:  # (NaN-safe)
                     continue
                 if r > MAX_FEATURES or r * (dv + 1) * 8 > MAX_STATE_BYTES:
                     return _Selection(

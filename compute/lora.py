@@ -45,7 +45,7 @@ from ._cost import Rates, rates
 from ._features import feature_count
 from ._poly import Approximation, tv_factor
 from ._poly import _make as _make_approx
-from ._radius import matrix_radius
+from ._radius import matrix_radius, midrange
 from ._validate import (
     check_count,
     check_dtype_name,
@@ -409,6 +409,8 @@ def _exact(inp: _Inputs, progress: Progress | None) -> tuple[float, dict[str, to
     """The blocked closed form in the compute dtype, or in float64 when something leaves the
     compute dtype's range; raises ``OutOfRangeError`` when float64 cannot hold it either."""
     for dt in (inp.dtype, torch.float64) if inp.dtype != torch.float64 else (torch.float64,):
+        if abs(inp.scale) >= float(torch.finfo(dt).max):
+            continue  # the scale itself is beyond dt: its scores would overflow at once
         got = _exact_in(inp, dt, progress)
         if got is not None:
             return got
@@ -683,8 +685,8 @@ def _prepare(inp: _Inputs) -> _Prepared:
         proj[mu] = x @ w  # [nb, L, dh]
         errs[mu] = coef * float((ax @ wabs).amax()) * _BOUND_INFLATE
     q, k, v = proj["q"], proj["k"], proj["v"]
-    ck = (k.amax(dim=1, keepdim=True) + k.amin(dim=1, keepdim=True)) / 2  # [nb, 1, dh]
-    cv = (v.amax(dim=1, keepdim=True) + v.amin(dim=1, keepdim=True)) / 2
+    ck = midrange(k.amax(dim=1, keepdim=True), k.amin(dim=1, keepdim=True))  # [nb, 1, dh]
+    cv = midrange(v.amax(dim=1, keepdim=True), v.amin(dim=1, keepdim=True))
     kc, vc = k - ck, v - cv
     yc = inp.y.to(f64) - cv
     e_q = errs["q"]
@@ -1253,5 +1255,5 @@ def _radius_only(inp: _Inputs) -> float:
     w = _effective_weights(inp, torch.float64)
     x = inp.x.to(torch.float64)
     q, k = x @ w["q"], x @ w["k"]
-    kc = k - (k.amax(dim=1, keepdim=True) + k.amin(dim=1, keepdim=True)) / 2
+    kc = k - midrange(k.amax(dim=1, keepdim=True), k.amin(dim=1, keepdim=True))
     return matrix_radius(q, kc, inp.scale)

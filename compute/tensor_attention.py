@@ -52,6 +52,7 @@ from ._device import default_device, float32_matmul_is_ieee
 from ._features import GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
 from ._radius import _INFLATE as _RADIUS_INFLATE
+from ._radius import guard_norms, mul_up
 from ._validate import (
     check_count,
     check_dtype_name,
@@ -496,6 +497,11 @@ def _exact_wide(
     return _times_pow2(out.double(), e1 + e2)
 
 
+def _pow2_up(e: int) -> float:
+    """``2^e`` as a float: inf beyond float64 (2^1024 bounds values near the largest finite)."""
+    return math.ldexp(1.0, e) if e < 1024 else math.inf
+
+
 def _run_exact(
     q: torch.Tensor,
     k1: torch.Tensor,
@@ -512,7 +518,7 @@ def _run_exact(
     ``OutOfRangeError`` when R3 is beyond float64 too. Returns the compute dtype or float64."""
     dtype = q.dtype
     d, n1, n2 = q.shape[-1], k1.shape[1], k2.shape[1]
-    vmax = (math.ldexp(1.0, int(stats.e1.max())), math.ldexp(1.0, int(stats.e2.max())))
+    vmax = (_pow2_up(int(stats.e1.max())), _pow2_up(int(stats.e2.max())))  # >= max |v1|, |v2|
     if _exact_is_safe(stats.maxima, vmax, scale, d, n1, n2, dtype):
         return _exact_forward(q, k1, k2, v1, v2, scale, progress)
     # P = |scale| max|q| max|k1| max|k2| (in logarithms: it may exceed float64): balanced
@@ -1208,17 +1214,21 @@ def _statistics(
         for name, ok in zip(_NAMES, finite, strict=True):
             if not ok:
                 raise InvalidInputError(name, "contains NaN or Inf")
-    two = np.sqrt(sq_max)  # [B, 3]: largest row 2-norm of q, k1, k2
-    # the three Hölder splittings of tensor_radius: the inf-norm on one factor, 2-norms on two
+    d = q.shape[-1]
+    # [B, 3]: largest row 2-norm of q, k1, k2 (guarded where float64 squares underflow)
+    two = guard_norms(np.sqrt(sq_max), top_abs, d)
+    # the three Hölder splittings of tensor_radius: the inf-norm on one factor, 2-norms on two,
+    # multiplied as tensor_radius does (no intermediate under- or overflow)
+    sc = np.full(B, abs(scale))
+    options = np.stack(
+        [
+            mul_up(two[:, 0], two[:, 1], top_abs[:, 2], sc),
+            mul_up(two[:, 0], top_abs[:, 1], two[:, 2], sc),
+            mul_up(top_abs[:, 0], two[:, 1], two[:, 2], sc),
+        ]
+    )  # [3, B]
+    radius = float(options.min(axis=0).max()) * _RADIUS_INFLATE
     with np.errstate(over="ignore", invalid="ignore"):
-        options = np.stack(
-            [
-                two[:, 0] * two[:, 1] * top_abs[:, 2],
-                two[:, 0] * top_abs[:, 1] * two[:, 2],
-                top_abs[:, 0] * two[:, 1] * two[:, 2],
-            ]
-        )  # [3, B]
-        radius = float(options.min(axis=0).max()) * abs(scale) * _RADIUS_INFLATE
         corners = np.stack([h1 * h2, h1 * l2, l1 * h2, l1 * l2])  # [4, B, dv]
     top, bottom = corners.max(axis=0), corners.min(axis=0)
     infl = 4.0 * _U64
