@@ -203,5 +203,10 @@ def certified_bound(
         + subnormal_spacing(torch.float64)
         + (sigma_c + sigma_out) / 2.0
     )
+    # (1 + 1e-9) covers the bound's own float64 roundings; where the bound is itself near
+    # float64's subnormal range (values near the underflow threshold) each of its few
+    # operations may instead err by half a subnormal spacing: four spacings cover them
     total = (poly + rounding) * (1.0 + 1e-9)
+    if total < 2.0**-1000:
+        total += 4.0 * subnormal_spacing(torch.float64)
     return BoundParts(poly, rounding, total)

@@ -87,6 +87,7 @@ CHUNK_FLOAT64 = 4096
 _EXACT_BLOCK = 1 << 20  # elements of one exact score block [B, bq, b1, n2] (4 MiB fp32)
 _FEATURE_BLOCK = 1 << 23  # entries of one feature block [r, columns] (32 MiB fp32)
 _U64 = 2.0**-53
+_F64 = torch.float64
 # log2 of the smallest subnormal: bounds the absolute error one multiplication (or down-cast)
 # may add on underflow (half of it, with round-to-nearest). Kept as a log: 2^-1074 is the last
 # representable float64 and a product with it would underflow.
@@ -296,6 +297,8 @@ def _bound_parts(
         return BoundParts(float(poly_k.max()), math.inf, math.inf)
     rounding_k = coef[0] * vavs[0] + coef[1] * vavs[1] + coef[2]
     total = float((poly_k + rounding_k).max()) * (1.0 + 1e-9)
+    if total < 2.0**-1000:  # the bound's own roundings where it is near float64's subnormals
+        total += 4.0 * subnormal_spacing(_F64)
     return BoundParts(float(poly_k.max()), float(rounding_k.max()), total)
 
 

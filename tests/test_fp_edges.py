@@ -444,30 +444,76 @@ def test_attention_polynomial_certifies_at_any_exponent(case: AttentionCase) -> 
 
 @pytest.mark.parametrize("dtype", [F16, BF16, F32, F64])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("n", [8, 64])
-def test_attention_subnormal_values_are_covered(dtype: torch.dtype, causal: bool, n: int) -> None:
-    """Values that are small integers times the smallest subnormal: the output's own rounding
-    is absolute there (half a subnormal spacing), and the bound says so (once err/bound 4-1080)."""
+@pytest.mark.parametrize(("n", "radius", "eps"), [(8, 0.0, 0.5), (64, 0.0, 0.5), (64, 2.0, 0.25)])
+def test_attention_subnormal_values_are_covered(
+    dtype: torch.dtype, causal: bool, n: int, radius: float, eps: float
+) -> None:
+    """Values that are small integers times the smallest subnormal (once err/bound 4-1080).
+
+    At R = 0 (uniform weights) the output is a mean of subnormals: its rounding is absolute,
+    half a subnormal spacing, and only the bound's absolute term covers it. At R = 2 every
+    product of a monomial with a value would underflow: the values are normalised by a power
+    of two first, and the bound certifies eps well above the subnormal spacing."""
     lo, _ = EXPONENTS[dtype]
     gen = torch.Generator().manual_seed(n)
-    q = torch.randn(2, n, 2, generator=gen).to(dtype)
-    k = torch.randn(2, n, 2, generator=gen).to(dtype)
+    q = torch.randn(2, n, 2, generator=gen, dtype=F64)
+    k = torch.randn(2, n, 2, generator=gen, dtype=F64)
     v = build(gen, (2, n, 3), dtype, Entries("ints", lo))
-    ref, _ = ref_attention(q, k, v, 0.7, causal)
-    for method in ("auto", "exact", "polynomial"):
+    scale = 1e-30
+    if radius > 0:  # scale so that the certified radius of the centred keys is about R
+        kc = k - (k.amax(dim=1, keepdim=True) + k.amin(dim=1, keepdim=True)) / 2
+        scale = radius / float((q.abs() @ kc.abs().transpose(1, 2)).max())
+    q, k = q.to(dtype), k.to(dtype)
+    ref, _ = ref_attention(q, k, v, scale, causal)
+    for method in ("polynomial", "auto", "exact"):
         try:
-            res = compute.attention(q, k, v, method=method, eps=0.5, scale=0.7, causal=causal)
-        except compute.CertificationError as exc:  # only where the output dtype cannot
-            assert method == "polynomial" and "rounding the output" in str(exc)
+            res = compute.attention(q, k, v, method=method, eps=eps, scale=scale, causal=causal)
+        except compute.CertificationError:
+            # float64 values of a few subnormal spacings: the output's own rounding and the
+            # bound's (a few spacings) exceed eps max|v|; every other dtype certifies
+            assert method == "polynomial" and dtype == F64
             continue
-        err = float(np.abs(res.output.double().numpy().astype(LD) - ref).max())
+        err = err_vs(res.output, ref)
         check_output(res.output, dtype, (2, n, 3))
+        if method == "polynomial":
+            assert res.error_bound is not None
         if res.error_bound is not None:
             assert err <= res.error_bound
         else:
-            assert err <= subnormal_spacing(dtype) * 4 + unit_roundoff(dtype) * 16 * float(
-                v.double().abs().max()
-            )
+            tiny = subnormal_spacing(dtype) + subnormal_spacing(F32)
+            assert err <= 2 * tiny + unit_roundoff(dtype) * 16 * float(v.double().abs().max())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_float64_subnormal_values_certify(causal: bool) -> None:
+    """float64 values deep in the subnormal range (2^-1060 units): certified, and covered."""
+    gen = torch.Generator().manual_seed(12)
+    q, k = (torch.randn(2, 64, 2, generator=gen, dtype=F64) * 0.4 for _ in range(2))
+    v = build(gen, (2, 64, 3), F64, Entries("ints", -1060))
+    ref, _ = ref_attention(q, k, v, 0.5, causal)
+    res = compute.attention(q, k, v, method="polynomial", eps=0.05, scale=0.5, causal=causal)
+    assert res.error_bound is not None and err_vs(res.output, ref) <= res.error_bound
+
+
+@pytest.mark.parametrize(("dtype", "shift"), [(F32, -100), (F64, -1000), (F64, 1000)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_values_scale_exactly_by_powers_of_two(
+    dtype: torch.dtype, shift: int, causal: bool
+) -> None:
+    """Values are normalised by a power of two before any product: values times 2^shift give
+    the output times 2^shift bit for bit, also where the products of monomials with the raw
+    values would be subnormal (they would then lose digits outside the rounding model)."""
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 200, 3, generator=gen, dtype=F64) * 0.3
+    k = torch.randn(1, 200, 3, generator=gen, dtype=F64) * 0.3
+    v = 1.0 + torch.rand(1, 200, 2, generator=gen, dtype=F64)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    a = compute.attention(q, k, v, method="polynomial", eps=1e-4, causal=causal)
+    b = compute.attention(
+        q, k, torch.ldexp(v, torch.tensor(shift)), method="polynomial", eps=1e-4, causal=causal
+    )
+    assert a.plan.degree == b.plan.degree and a.plan.degree is not None and a.plan.degree >= 3
+    assert torch.equal(b.output, torch.ldexp(a.output, torch.tensor(shift)))
 
 
 def err_vs(out: torch.Tensor, ref: np.ndarray) -> float:
@@ -520,10 +566,11 @@ def test_issue_tensor_subnormal_values(dtype: torch.dtype, native: bool, monkeyp
     q, k1, k2 = (torch.randn(2, m, 2, generator=gen).to(dtype) * 0.5 for m in (7, 9, 8))
     v1 = build(gen, (2, 9, 2), dtype, Entries("ints", lo))
     v2 = torch.randn(2, 8, 2, generator=gen).to(dtype)
-    ref, _ = ref_tensor_attention(q, k1, k2, v1, v2, 0.5)
-    res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=0.9, scale=0.5)
-    check_output(res.output, dtype, (2, 7, 2))
-    assert res.error_bound is not None and err_vs(res.output, ref) <= res.error_bound
+    for scale, eps in ((0.5, 0.9), (1e-30, 0.5)):  # R3 = 0: only the absolute term covers it
+        ref, _ = ref_tensor_attention(q, k1, k2, v1, v2, scale)
+        res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=eps, scale=scale)
+        check_output(res.output, dtype, (2, 7, 2))
+        assert res.error_bound is not None and err_vs(res.output, ref) <= res.error_bound
 
 
 @pytest.mark.parametrize("native", [True, False])
