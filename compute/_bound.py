@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -83,11 +84,13 @@ __all__ = [
 _U64 = 2.0**-53
 
 
+@lru_cache(maxsize=16)
 def unit_roundoff(dtype: torch.dtype) -> float:
     """Unit roundoff u of a floating dtype (half the machine epsilon)."""
     return float(torch.finfo(dtype).eps) / 2.0
 
 
+@lru_cache(maxsize=16)
 def subnormal_spacing(dtype: torch.dtype) -> float:
     """The smallest positive subnormal of ``dtype`` (the spacing of its subnormal range).
 
@@ -109,19 +112,41 @@ def underflow_term(
 ) -> float:
     """``H'`` of step 8 (module docstring): the gradual-underflow error of num and den relative
     to den, for balanced entries ``<= entry_max`` and normalised values; ``inf`` when it is not
-    representable. Evaluated in logarithms (``eta`` of float64 is below the smallest float)."""
-    g, d = approx.degree, dimension
+    representable. Evaluated in logarithms (``eta`` of float64 is below the smallest float);
+    cached on the polynomial's coefficients and radius)."""
+    key = (approx.family, approx.degree, approx.radius, approx.dmin, dimension, entry_max)
+    h = _UNDERFLOW.get((*key, compute_dtype))
+    if h is None:
+        coeffs = tuple(float(c) for c in approx.coeffs[: approx.degree + 1])
+        h = _underflow(
+            coeffs, approx.radius, float(approx.dmin), dimension, entry_max, compute_dtype
+        )
+        if len(_UNDERFLOW) > 8192:
+            _UNDERFLOW.clear()
+        _UNDERFLOW[(*key, compute_dtype)] = h
+    return h
+
+
+# a polynomial is determined by its family, degree and radius (and its certified dmin)
+_UNDERFLOW: dict[tuple[object, ...], float] = {}
+
+
+def _underflow(
+    coeffs: tuple[float, ...],
+    radius: float,
+    dmin: float,
+    d: int,
+    entry_max: float,
+    dtype: torch.dtype,
+) -> float:
+    g = len(coeffs) - 1
     E = max(1.0, entry_max)
-    if not (math.isfinite(E) and approx.dmin > -1.0):
+    if not (math.isfinite(E) and dmin > -1.0):
         return math.inf
-    log_eta = math.log(subnormal_spacing(compute_dtype)) - math.log(2.0)
+    log_eta = math.log(subnormal_spacing(dtype)) - math.log(2.0)
     log_ef = math.log(1.01 * (g - 1)) + log_eta + (g - 1) * math.log(E) if g >= 2 else -math.inf
     log_a = _logsumexp(
-        [
-            math.log(abs(float(c))) + m * math.log(d * E)
-            for m, c in enumerate(approx.coeffs[: g + 1])
-            if c != 0.0
-        ]
+        [math.log(abs(c)) + m * math.log(d * E) for m, c in enumerate(coeffs) if c != 0.0]
     )
     log_r = math.log(math.comb(d + g, g))
     log_eg1 = 2.0 * _logsumexp([g * math.log(E), 0.0])  # (E^g + 1)^2
@@ -131,7 +156,7 @@ def underflow_term(
             log_r + log_eta + _logsumexp([log_eg1, math.log(2.0)]),
         ]
     )
-    log_h = math.log(1.01) + approx.radius - math.log1p(approx.dmin) + inner
+    log_h = math.log(1.01) + radius - math.log1p(dmin) + inner
     return math.exp(log_h) if log_h < 700.0 else math.inf
 
 

@@ -31,20 +31,19 @@ _SUBNORMAL = 5e-324  # 2^-1074
 
 
 def mul_up(*xs: np.ndarray) -> np.ndarray:
-    """Elementwise product of non-negative float64 arrays without intermediate under- or
-    overflow: the mantissas are multiplied (the same roundings as the plain product) and the
-    exponents added; a positive product below the subnormal range becomes 2^-1074 instead of
+    """Elementwise product of non-negative float64 arrays of one shape without intermediate
+    under- or overflow: the mantissas are multiplied (the same roundings as the plain product)
+    and the exponents added; a positive product below the subnormal range becomes 2^-1074 instead of
     0, one beyond float64 inf. Equal bit for bit to the plain product wherever that neither
     under- nor overflows."""
-    mant = np.ones(np.broadcast(*xs).shape)
-    expo = np.zeros(mant.shape, dtype=np.int64)
-    for x in xs:
-        m, e = np.frexp(x)
-        mant = mant * m
-        expo = expo + e
+    mant, expo = np.frexp(np.stack(xs))  # [k, ...] (the factors have one shape)
+    m = np.multiply.reduce(mant, axis=0)  # in order, as the plain product
+    e = expo.sum(axis=0)
+    if e.size and e.min() > -1000 and e.max() < 1000:  # the usual case: no range trouble
+        return np.ldexp(m, e)
     with np.errstate(over="ignore", under="ignore"):
-        out = np.ldexp(mant, np.clip(expo, -4000, 4000))
-    return np.where((out == 0.0) & (mant > 0.0), _SUBNORMAL, out)
+        out = np.ldexp(m, np.clip(e, -4000, 4000))
+    return np.where((out == 0.0) & (m > 0.0), _SUBNORMAL, out)
 
 
 def guard_norms(norm: np.ndarray, top: np.ndarray, d: int) -> np.ndarray:
@@ -67,9 +66,14 @@ def radius_from(
     float64 each), with the guards of the module docstring."""
     if qn.size == 0:
         return 0.0
-    qn, kn = guard_norms(qn, q_top, d), guard_norms(kn, k_top, d)
     hs = holder + d * _SUBNORMAL  # each product below the subnormal range loses < 2^-1075
-    r = mul_up(np.minimum(mul_up(qn, kn), hs), np.full(hs.shape, abs(scale)))
+    lo = min(float(q_top.min()), float(k_top.min()))
+    hi = max(float(qn.max()), float(kn.max()), float(hs.max()))
+    if lo > 2.0**-200 and hi < 2.0**200 and 2.0**-300 < abs(scale) < 2.0**300:
+        r = np.minimum(qn * kn, hs) * abs(scale)  # the usual case: the same numbers, directly
+    else:
+        qn, kn = guard_norms(qn, q_top, d), guard_norms(kn, k_top, d)
+        r = mul_up(np.minimum(mul_up(qn, kn), hs), np.full(hs.shape, abs(scale)))
     return float(r.max()) * _INFLATE
 
 
@@ -123,13 +127,12 @@ def tensor_radius(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: fl
         guard_norms(host(x.norm(dim=-1).amax(dim=-1)), t, d)
         for x, t in zip((q64, a64, b64), tops, strict=True)
     ]
-    sc = np.full(tops[0].shape, abs(scale))
-    options = np.stack(
-        [
-            mul_up(two[0], two[1], tops[2], sc),
-            mul_up(two[0], tops[1], two[2], sc),
-            mul_up(tops[0], two[1], two[2], sc),
-        ]
+    sc = np.full((3, *tops[0].shape), abs(scale))
+    options = mul_up(  # [3, ...]: the three splittings
+        np.stack([two[0], two[0], tops[0]]),
+        np.stack([two[1], tops[1], two[1]]),
+        np.stack([tops[2], two[2], two[2]]),
+        sc,
     )
     r = options.min(axis=0)
     return float(r.max()) * _INFLATE if r.size else 0.0

@@ -50,7 +50,8 @@ def check_tensor(name: str, x: object, *, min_dim: int = 2, finite: bool = True)
         raise InvalidInputError(
             name, "a meta tensor has no data; pass a tensor on the cpu or a cuda device"
         )
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     if x.dtype not in SUPPORTED_DTYPES:
         raise InvalidInputError(
             name, f"unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64"

@@ -306,20 +306,20 @@ def _weights(approx: Approximation, plan: GradedMonomials, scale_mantissa: float
 _POW2_STEP = {torch.float32: 120, torch.float64: 1000}
 
 
-def _pow2_factors(e: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-    """``2^e`` (``e`` an integer-valued float64 tensor) as factors in ``dtype``, each a normal
-    power of two (so each multiplication by one is exact but for underflow); one factor in the
-    usual case. Product of the factors = ``2^e`` exactly."""
+def _pow2_factors(e: torch.Tensor, dtype: torch.dtype, top: float) -> list[torch.Tensor]:
+    """``2^e`` (``e`` an integer-valued float64 tensor, ``|e| <= top``) as factors in ``dtype``,
+    each a normal power of two (so each multiplication by one is exact but for underflow); one
+    factor in the usual case. Product of the factors = ``2^e`` exactly."""
     lim = _POW2_STEP.get(dtype, 120)
+    steps = max(1, math.ceil(top / lim))
     one = torch.ones((), dtype=torch.float64, device=e.device)
     out = []
     rest = e
-    while True:
+    for _ in range(steps):
         step = rest.clamp(-lim, lim)
         out.append(torch.ldexp(one, step).to(dtype))
         rest = rest - step
-        if not bool((rest != 0).any()):
-            return out
+    return out
 
 
 def _scale_back(o: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -364,10 +364,13 @@ def _balance(
     lk = torch.log2(torch.where(ok, ka, torch.ones_like(ka)))
     a = torch.round((lk - lq + expo) / 2)  # [L, d]
     b = expo - a  # [L, d]
-    fq = _pow2_factors(a, q.dtype)  # each [L, d]
-    fk = _pow2_factors(b, q.dtype)
     zero = ~ok
-    if bool(zero.any()):
+    top, any_zero = torch.stack(  # one host sync: how many factors, whether to zero columns
+        [torch.maximum(a.abs().max(), b.abs().max()), zero.any().double()]
+    ).tolist()
+    fq = _pow2_factors(a, q.dtype, top)  # each [L, d]
+    fk = _pow2_factors(b, q.dtype, top)
+    if any_zero:
         fq[0] = fq[0].masked_fill(zero, 0.0)
         fk[0] = fk[0].masked_fill(zero, 0.0)
     signed = math.copysign(mant, scale) if scale != 0.0 else 0.0
@@ -393,7 +396,7 @@ def _normalise_values(vc: torch.Tensor, vmax: torch.Tensor) -> tuple[torch.Tenso
     """
     _, e = torch.frexp(vmax.double())  # [L, 1, dv]
     e = e.double()
-    factors = _pow2_factors(-e, vc.dtype)
+    factors = _pow2_factors(-e, vc.dtype, float(e.abs().max()))  # (one host sync)
     for f in factors:
         vc.mul_(f)
     return vc, e

@@ -364,7 +364,9 @@ def _exact_qkv_grads(
     for ib in range(nblocks):
         i0, i1 = ib * bq, min(L, (ib + 1) * bq)
         qb = q[:, i0:i1]  # [nb, b, dh]
-        f = torch.bmm(qb, kt).mul_(scale)  # [nb, b, L] scores
+        # scores [nb, b, L]: the scale applied to the queries first, so that Q K^T itself
+        # cannot overflow where the scaled scores fit (a tiny scale on huge projections)
+        f = torch.bmm(qb * scale, kt)
         f.sub_(f.amax(dim=-1, keepdim=True)).exp_()
         f.div_(f.sum(dim=-1, keepdim=True))  # F_b, rows sum to 1
         o = torch.bmm(f, v)  # [nb, b, dh]
@@ -373,10 +375,11 @@ def _exact_qkv_grads(
         dd = (e * o).sum(dim=-1, keepdim=True)  # [nb, b, 1]
         dv.baddbmm_(f.transpose(1, 2), e)  # dV += F_b^T E_b
         g = torch.bmm(e, vt).sub_(dd)  # [nb, b, L]  G - D
-        g.mul_(f)  # dS_b / scale... (scale applied below)
-        dq[:, i0:i1] = torch.bmm(g, k).mul_(scale)
+        g.mul_(f).mul_(scale)  # scale * dS_b: scaled before the products with K and Q, so
+        # that they cannot overflow where the scaled gradients fit (as the scores above)
+        dq[:, i0:i1] = torch.bmm(g, k)
         if dk is not None:
-            dk.baddbmm_(g.transpose(1, 2), qb, alpha=scale)
+            dk.baddbmm_(g.transpose(1, 2), qb)
         _call_progress(progress, ib + 1, nblocks)
     return float(loss), dq, dk, dv
 

@@ -295,11 +295,11 @@ def _bound_parts(
     poly_k = t * vr
     if coef is None:
         return BoundParts(float(poly_k.max()), math.inf, math.inf)
-    rounding_k = coef[0] * vavs[0] + coef[1] * vavs[1] + coef[2]
-    total = float((poly_k + rounding_k).max()) * (1.0 + 1e-9)
+    rounding_k = coef[0] * vavs[0] + coef[1] * vavs[1]  # + coef[2], a constant, added below
+    total = (float((poly_k + rounding_k).max()) + coef[2]) * (1.0 + 1e-9)
     if total < 2.0**-1000:  # the bound's own roundings where it is near float64's subnormals
         total += 4.0 * subnormal_spacing(_F64)
-    return BoundParts(float(poly_k.max()), float(rounding_k.max()), total)
+    return BoundParts(float(poly_k.max()), float(rounding_k.max()) + coef[2], total)
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -500,6 +500,11 @@ def _exact_wide(
     return _times_pow2(out.double(), e1 + e2)
 
 
+@lru_cache(maxsize=8)
+def _dtype_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
 def _pow2_up(e: int) -> float:
     """``2^e`` as a float: inf beyond float64 (2^1024 bounds values near the largest finite)."""
     return math.ldexp(1.0, e) if e < 1024 else math.inf
@@ -626,6 +631,11 @@ def _weights_cached(d: int, g: int, coeffs: tuple[float, ...], scale: float) -> 
 def _weight_max(approx: Approximation, scale: float) -> float:
     """``>= max_a |w_a|`` without building tables: ``|a|!/a! <= |a|!``; inf when that is beyond
     float64 (an unbalanced huge scale: such a polynomial is then never planned)."""
+    if 0.125 <= abs(scale) <= 8.0:  # balanced (the usual case): nothing can overflow
+        return max(
+            abs(float(approx.coeffs[m])) * abs(scale) ** m * math.factorial(m) * (1.0 + 1e-12)
+            for m in range(approx.degree + 1)
+        )
     out = 0.0
     for m in range(approx.degree + 1):
         c = abs(float(approx.coeffs[m]))
@@ -948,7 +958,7 @@ def _run_native(
     """
     xt = stats.xt.contiguous()  # [d, B, N] float32, balanced in place below
     d, B, N = xt.shape
-    if shifts is not None and max(abs(sh) for sh in shifts) > _POW2_STEP[torch.float32]:
+    if shifts is not None and not -120 <= min(shifts) <= max(shifts) <= 120:
         # the kernel applies one normal float32 factor per input: larger shifts (subnormal or
         # huge inputs with a compensating scale) are applied here, in exact steps
         n2 = N - n - n1
@@ -1217,19 +1227,24 @@ def _statistics(
         for name, ok in zip(_NAMES, finite, strict=True):
             if not ok:
                 raise InvalidInputError(name, "contains NaN or Inf")
-    d = q.shape[-1]
-    # [B, 3]: largest row 2-norm of q, k1, k2 (guarded where float64 squares underflow)
-    two = guard_norms(np.sqrt(sq_max), top_abs, d)
-    # the three Hölder splittings of tensor_radius: the inf-norm on one factor, 2-norms on two,
-    # multiplied as tensor_radius does (no intermediate under- or overflow)
-    sc = np.full(B, abs(scale))
-    options = np.stack(
-        [
-            mul_up(two[:, 0], two[:, 1], top_abs[:, 2], sc),
-            mul_up(two[:, 0], top_abs[:, 1], two[:, 2], sc),
-            mul_up(top_abs[:, 0], two[:, 1], two[:, 2], sc),
-        ]
-    )  # [3, B]
+    two = np.sqrt(sq_max)  # [B, 3]: largest row 2-norm of q, k1, k2
+    if top_abs.min() > 2.0**-200 and top_abs.max() < 2.0**200 and 2.0**-300 < abs(scale) < 2.0**300:
+        # the usual case: no product below can under- or overflow (as in tensor_radius)
+        options = np.stack(
+            [
+                two[:, 0] * two[:, 1] * top_abs[:, 2] * abs(scale),
+                two[:, 0] * top_abs[:, 1] * two[:, 2] * abs(scale),
+                top_abs[:, 0] * two[:, 1] * two[:, 2] * abs(scale),
+            ]
+        )  # [3, B]: the three Hölder splittings (inf-norm on one factor, 2-norms on two)
+    else:  # guarded norms and products formed from mantissas and exponents (tensor_radius)
+        two = guard_norms(two, top_abs, q.shape[-1])
+        options = mul_up(
+            np.stack([two[:, 0], two[:, 0], top_abs[:, 0]]),
+            np.stack([two[:, 1], top_abs[:, 1], two[:, 1]]),
+            np.stack([top_abs[:, 2], two[:, 2], two[:, 2]]),
+            np.full((3, B), abs(scale)),
+        )
     radius = float(options.min(axis=0).max()) * _RADIUS_INFLATE
     with np.errstate(over="ignore", invalid="ignore"):
         corners = np.stack([h1 * h2, h1 * l2, l1 * h2, l1 * l2])  # [4, B, dv]
@@ -1653,7 +1668,8 @@ def tensor_attention(
     fq, fa, fb, fv1, fv2 = (flat(x, exact_dtype) for x in (tq, ta, tb, va, vb))
     stats = _statistics(fq, fa, fb, fv1, fv2, sc)  # raises for NaN/Inf
     e1, e2 = stats.e1, stats.e2  # [B, 1, dv] each
-    target = eps * float(stats.value_absmax.max())
+    top = float(stats.value_absmax.max()) if stats.value_absmax.size else 0.0
+    target = eps * top
     shifts, scale_b, entry_max = _balance_shifts(stats.maxima, sc, exact_dtype)
     problem = _Problem(
         n=n,
@@ -1701,8 +1717,7 @@ def tensor_attention(
         )  # [B, n, dv] float64
         out = _times_pow2(t64, e1 + e2, direct=small).to(out_dtype)  # exact in float64
         bound = choice.bound.total
-    top = float(stats.value_absmax.max()) if stats.value_absmax.size else 0.0
-    if top * (1.0 + 1e-6) + (bound or 0.0) >= float(torch.finfo(out_dtype).max):
+    if top * (1.0 + 1e-6) + (bound or 0.0) >= _dtype_max(out_dtype):
         _check_output_range(out, top)  # the output may not fit its dtype: say so, never inf
     measured = None
     if sample_rows > 0:
