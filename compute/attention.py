@@ -17,8 +17,9 @@ Polynomial pipeline (the floating-point model of ``compute/_bound.py`` describes
 3. the smallest degree g (Chebyshev, Taylor or minimax, ``_poly.certified_best``) and dtype whose
    certified bound, rounding included, is at most ``eps * max|v|``;
 4. keys and queries are rescaled per coordinate by powers of two (exact) so that monomials of
-   unbalanced inputs neither overflow nor underflow; the scale's power of two is split between
-   them the same way and its mantissa goes into the weights;
+   unbalanced inputs neither overflow nor underflow; the scale's whole power of two is split
+   between them the same way (balanced entries <= 2 sqrt(R) whatever its size) and only its
+   mantissa goes into the weights; value columns are normalised by powers of two likewise;
 5. keys streamed in blocks: ``U2 = monomials(k_b)`` ``[r, B]`` (graded order, contiguous
    construction), ``M += U2 @ [Vc_b, 1]`` accumulated in float64 ``[r, dv + 1]``;
 6. weights ``w_alpha = c_|alpha| scale^|alpha| |alpha|!/alpha!`` folded into ``M`` in float64,
