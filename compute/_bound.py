@@ -49,14 +49,15 @@ normalised to ``max |V - c| in [1/2, 1)`` (scaled back exactly in float64 at the
        A  = sum_m |c_m| (d E)^m  >=  sum_a |w_a| E^|a|   (|scale'| < 1, sum_|a|=m m!/a! = d^m)
 
    and the quotient moves by at most ``2 H' / (1 - gamma_K rho - H')`` in normalised units, at
-   most ``value_range`` times that in output units (the normalisation is at most twice the
-   largest ``|V - c|``). Negligible (below 1e-30 of the bound) unless the degree is very high.
+   most ``2.5 value_range`` times that in output units (the normalisation ``2^e`` is chosen from
+   the column's range: at most twice it, plus a few subnormal spacings, within the widened
+   ``value_range``). Negligible (below 1e-30 of the bound) unless the degree is very high.
 9. The result may itself be subnormal: the division and the scaling back (float64), the store
    in the compute dtype and the cast to the output dtype each add at most half the subnormal
    spacing of their dtype: ``sigma_64 + sigma_c / 2 + sigma_out / 2``, in absolute terms (for
    values near the underflow threshold this, not ``u max|V|``, is the cost of the output dtype).
 
-Total: ``range * (t(dmin', dmax') + (gamma_K rho + 2 H') / (1 - gamma_K rho - H')) +
+Total: ``range * (t(dmin', dmax') + (gamma_K rho + 5 H') / (1 - gamma_K rho - H')) +
 (2 u_c + u_out) max|V| + sigma_64 + (sigma_c + sigma_out) / 2``, times ``1 + 1e-9`` for the
 float64 arithmetic of the bound itself. ``range`` is the largest column range of V (of
 ``V1 ⊘ V2`` for tensor attention).
@@ -176,6 +177,21 @@ class BoundParts:
         return {"polynomial": self.polynomial, "rounding": self.rounding, "total": self.total}
 
 
+@lru_cache(maxsize=32)
+def _dtype_terms(
+    compute_dtype: torch.dtype, out_dtype: torch.dtype
+) -> tuple[float, float, float, float]:
+    """``(u_c, u_out, sigma_c, sigma_64 + (sigma_c + sigma_out) / 2)`` (steps 6 and 9); the cast
+    to the output dtype is free when it is the compute dtype or a float32 -> float64 cast."""
+    u_c, sigma_c = unit_roundoff(compute_dtype), subnormal_spacing(compute_dtype)
+    exact_cast = out_dtype == compute_dtype or (
+        out_dtype == torch.float64 and compute_dtype == torch.float32
+    )
+    u_out = 0.0 if exact_cast else unit_roundoff(out_dtype)
+    sigma_out = 0.0 if exact_cast else subnormal_spacing(out_dtype)
+    return u_c, u_out, sigma_c, subnormal_spacing(torch.float64) + (sigma_c + sigma_out) / 2.0
+
+
 def certified_bound(
     approx: Approximation,
     *,
@@ -198,12 +214,7 @@ def certified_bound(
     """
     if not (math.isfinite(value_range) and math.isfinite(value_absmax)):
         return BoundParts(math.inf, math.inf, math.inf)  # values beyond float64's range
-    u_c = unit_roundoff(compute_dtype)
-    u_out = 0.0 if out_dtype == compute_dtype else unit_roundoff(out_dtype)
-    sigma_out = 0.0 if out_dtype == compute_dtype else subnormal_spacing(out_dtype)
-    if out_dtype == torch.float64 and compute_dtype == torch.float32:
-        u_out = sigma_out = 0.0  # the cast up is exact
-    sigma_c = subnormal_spacing(compute_dtype)
+    u_c, u_out, sigma_c, absolute = _dtype_terms(compute_dtype, out_dtype)
     E = max(1.0, 2.0001 * math.sqrt(approx.radius)) if entry_max is None else entry_max
     # keys centred in centring_dtype (default: the compute dtype), see step 1; balancing, step 7
     u_k = unit_roundoff(centring_dtype) if centring_dtype is not None else u_c
@@ -223,10 +234,7 @@ def certified_bound(
     if not denom > 0.0:
         return BoundParts(poly, math.inf, math.inf)
     rounding = (
-        value_range * (g * rho + 2.0 * h) / denom
-        + (2.0 * u_c + u_out) * value_absmax
-        + subnormal_spacing(torch.float64)
-        + (sigma_c + sigma_out) / 2.0
+        value_range * (g * rho + 5.0 * h) / denom + (2.0 * u_c + u_out) * value_absmax + absolute
     )
     # (1 + 1e-9) covers the bound's own float64 roundings; where the bound is itself near
     # float64's subnormal range (values near the underflow threshold) each of its few

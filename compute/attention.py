@@ -307,20 +307,23 @@ def _weights(approx: Approximation, plan: GradedMonomials, scale_mantissa: float
 _POW2_STEP = {torch.float32: 120, torch.float64: 1000}
 
 
-def _pow2_factors(e: torch.Tensor, dtype: torch.dtype, top: float) -> list[torch.Tensor]:
-    """``2^e`` (``e`` an integer-valued float64 tensor, ``|e| <= top``) as factors in ``dtype``,
-    each a normal power of two (so each multiplication by one is exact but for underflow); one
-    factor in the usual case. Product of the factors = ``2^e`` exactly."""
+def _pow2_factors(e: np.ndarray, dtype: torch.dtype) -> list[np.ndarray]:
+    """``2^e`` (``e`` integer-valued float64, on the host) as float64 factors each of which is a
+    normal power of two of ``dtype`` (so each multiplication by one is exact but for underflow);
+    one factor in the usual case. The product of the factors is ``2^e`` exactly."""
     lim = _POW2_STEP.get(dtype, 120)
-    steps = max(1, math.ceil(top / lim))
-    one = torch.ones((), dtype=torch.float64, device=e.device)
     out = []
     rest = e
-    for _ in range(steps):
-        step = rest.clamp(-lim, lim)
-        out.append(torch.ldexp(one, step).to(dtype))
+    while True:
+        step = np.clip(rest, -lim, lim)
+        out.append(np.ldexp(1.0, step.astype(np.int64)))
         rest = rest - step
-    return out
+        if not rest.any():
+            return out
+
+
+def _to_device(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(x).to(device=like.device, dtype=like.dtype)
 
 
 def _scale_back(o: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -337,6 +340,7 @@ def _balance(
     scale: float,
     q_absmax: torch.Tensor | None = None,
     k_absmax: torch.Tensor | None = None,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Exact power-of-two rescaling: ``scale <q, k> == s' <q', k'>`` with balanced q', k'.
 
@@ -356,50 +360,64 @@ def _balance(
     overflow), as is everything when ``scale == 0``.
     ``q_absmax, k_absmax: [L, d]``: ``max |q|`` and ``max |kc|`` per slice and column when
     already known (``_statistics``; any floating dtype, the values are exact); else reduced here.
+    ``known``: host copies of those extremes (float64 ``[L, d]`` each) when ``_statistics``
+    transferred them; else transferred here (one host sync). The exponents are computed on the
+    host (``_balance_exponents``).
     """
-    mant, expo = math.frexp(abs(scale))
-    qa = (q.abs().max(dim=1).values if q_absmax is None else q_absmax).double()  # [L, d]
-    ka = (kc.abs().max(dim=1).values if k_absmax is None else k_absmax).double()  # [L, d]
-    ok = (qa > 0) & (ka > 0) & (scale != 0.0)
-    lq = torch.log2(torch.where(ok, qa, torch.ones_like(qa)))
-    lk = torch.log2(torch.where(ok, ka, torch.ones_like(ka)))
-    a = torch.round((lk - lq + expo) / 2)  # [L, d]
-    b = expo - a  # [L, d]
-    zero = ~ok
-    top, any_zero = torch.stack(  # one host sync: how many factors, whether to zero columns
-        [torch.maximum(a.abs().max(), b.abs().max()), zero.any().double()]
-    ).tolist()
-    fq = _pow2_factors(a, q.dtype, top)  # each [L, d]
-    fk = _pow2_factors(b, q.dtype, top)
-    if any_zero:
-        fq[0] = fq[0].masked_fill(zero, 0.0)
-        fk[0] = fk[0].masked_fill(zero, 0.0)
+    mant = math.frexp(abs(scale))[0]
+    if known is None:  # one host sync: the column extremes
+        qa = q.abs().max(dim=1).values if q_absmax is None else q_absmax  # [L, d]
+        ka = kc.abs().max(dim=1).values if k_absmax is None else k_absmax  # [L, d]
+        known = (qa.double().cpu().numpy(), ka.double().cpu().numpy())
+    a, b, zero = _balance_exponents(*known, scale)  # [L, d] each, on the host
+    fq, fk = _pow2_factors(a, q.dtype), _pow2_factors(b, q.dtype)
+    if zero.any():
+        fq[0][zero] = 0.0
+        fk[0][zero] = 0.0
     signed = math.copysign(mant, scale) if scale != 0.0 else 0.0
     # written straight into the transposed layout the feature blocks load: [L, d, n], [L, d, m]
     qt = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=q.dtype, device=q.device)
     kt = torch.empty((kc.shape[0], kc.shape[2], kc.shape[1]), dtype=kc.dtype, device=kc.device)
-    torch.mul(q.transpose(1, 2), fq[0].unsqueeze(2), out=qt)  # [L, d, n]
-    torch.mul(kc.transpose(1, 2), fk[0].unsqueeze(2), out=kt)  # [L, d, m]
+    torch.mul(q.transpose(1, 2), _to_device(fq[0], q).unsqueeze(2), out=qt)  # [L, d, n]
+    torch.mul(kc.transpose(1, 2), _to_device(fk[0], kc).unsqueeze(2), out=kt)  # [L, d, m]
     for f in fq[1:]:
-        qt.mul_(f.unsqueeze(2))
+        qt.mul_(_to_device(f, q).unsqueeze(2))
     for f in fk[1:]:
-        kt.mul_(f.unsqueeze(2))
+        kt.mul_(_to_device(f, kc).unsqueeze(2))
     return qt, kt, signed
 
 
-def _normalise_values(vc: torch.Tensor, vmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _balance_exponents(
+    qa: np.ndarray, ka: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_balance``'s exponents from ``max |q|`` and ``max |kc|`` (``[L, d]`` float64, host): ``a``
+    for q, ``b = E - a`` for k, and the coordinates to zero on both sides."""
+    expo = math.frexp(abs(scale))[1]
+    ok = (qa > 0) & (ka > 0) & (scale != 0.0)
+    lq = np.log2(np.where(ok, qa, 1.0))
+    lk = np.log2(np.where(ok, ka, 1.0))
+    a = np.round((lk - lq + expo) / 2)  # [L, d]
+    return a, expo - a, ~ok
+
+
+def _normalise_values(
+    vc: torch.Tensor, vmax: torch.Tensor, exps: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``vc * 2^-e`` per slice and column with ``max |vc| = vmax in [2^(e-1), 2^e)`` (in place)
     and ``e`` (float64, ``[L, 1, dv]``) to scale results back (``_scale_back``).
 
     ``vc: [L, m, dv]`` centred values, ``vmax: [L, 1, dv]`` their largest magnitude (0 for a
     constant column: factor 1). Exact but for underflow of entries far below their column's
     largest (``_bound`` step 8): value products then never underflow for the entries that matter.
+    ``exps``: exponents with ``max |vc| < 2^e`` computed on the host by the caller (``[L, 1,
+    dv]``, from the columns' ranges: ``max |vc|`` is then in ``[2^(e-2), 2^e)``), saving the
+    reduction and its host sync.
     """
-    _, e = torch.frexp(vmax.double())  # [L, 1, dv]
-    e = e.double()
-    factors = _pow2_factors(-e, vc.dtype, float(e.abs().max()))  # (one host sync)
-    for f in factors:
-        vc.mul_(f)
+    if exps is None:  # one host sync
+        exps = torch.frexp(vmax.double())[1].double().cpu().numpy()  # [L, 1, dv]
+    for f in _pow2_factors(-exps, vc.dtype):
+        vc.mul_(_to_device(f, vc))
+    e = torch.from_numpy(exps).to(vc.device)
     return vc, e
 
 
@@ -411,6 +429,9 @@ class _Extremes:
     k_absmax: torch.Tensor  # [L, d] max |centre(k)| per slice and column
     v_hi: torch.Tensor  # [L, dv] max v per slice and column
     v_lo: torch.Tensor  # [L, dv] min v
+    # from _statistics' one sync (None: _balance / _normalise_values reduce and sync themselves)
+    balance: tuple[np.ndarray, np.ndarray] | None = None  # q_absmax, k_absmax on the host
+    value_exp: np.ndarray | None = None  # [L, 1, dv] float64: normalisation exponents (host)
 
 
 @dataclass(frozen=True)
@@ -467,15 +488,15 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
             torch.maximum(v_hi.abs(), v_lo.abs()).amax(),
         ]
     ).double()  # [3]: NaN or Inf exactly when the tensor has one
-    tops = [qa.amax(dim=-1).double(), ka.amax(dim=-1).double()]  # [L] each: max |q|, max |kc|
     host = (
         torch.cat(
             [
                 peaks,
+                qa.double().reshape(-1),
+                ka.double().reshape(-1),
                 q_two,
                 k_two,
                 holder,
-                *tops,
                 v_hi.double().reshape(-1),
                 v_lo.double().reshape(-1),
             ]
@@ -486,19 +507,40 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     for name, peak in zip(_INPUT_NAMES, host[:3], strict=True):
         if not math.isfinite(float(peak)):
             raise InvalidInputError(name, "contains NaN or Inf")
-    qn, kn, hs, qt, kt = (host[3 + i * L : 3 + (i + 1) * L] for i in range(5))
-    hi = host[3 + 5 * L : 3 + 5 * L + L * dv]  # [L dv] float64, exact
-    lo = host[3 + 5 * L + L * dv :]  # [L dv]
+    d = q.shape[-1]
+    qa_h = host[3 : 3 + L * d].reshape(L, d)  # exact
+    ka_h = host[3 + L * d : 3 + 2 * L * d].reshape(L, d)
+    at = 3 + 2 * L * d
+    qn, kn, hs = (host[at + i * L : at + (i + 1) * L] for i in range(3))
+    hi = host[at + 3 * L : at + 3 * L + L * dv]  # [L dv] float64, exact
+    lo = host[at + 3 * L + L * dv :]  # [L dv]
+    qt, kt = qa_h.max(axis=1), ka_h.max(axis=1)  # [L]: largest |q|, |kc| per slice
     # as matrix_radius (also float64 inputs whose squares or products under- or overflow)
     radius = radius_from(qn, kn, hs, qt, kt, q.shape[-1], scale)
     with np.errstate(over="ignore"):  # float64 values near the top: range inf, path exact
-        value_range = float((hi - lo).max())
+        spans = hi - lo  # [L dv]
+        value_range = float(spans.max())
+    value_exp = None
+    if math.isfinite(value_range):
+        # max |v - c| <= (hi - lo)/2 (1 + 2u) + the centre's rounding (half a subnormal spacing)
+        # < 2^e, e the exponent of the column's range (plus two spacings): 2^e <= 2 range (+4
+        # spacings), within the widened range the bound uses; 0 (factor 1) for a constant column
+        sig = 2.0 * subnormal_spacing(q.dtype)
+        raw = np.frexp(spans * (1.0 + 2.0**-20) + sig)[1].astype(np.float64)
+        value_exp = np.where(spans > 0.0, raw, 0.0).reshape(L, 1, dv)
     return _Stats(
         kc=kc,
         radius=radius,
         value_range=value_range,
         value_absmax=float(np.maximum(np.abs(hi), np.abs(lo)).max()),
-        extremes=_Extremes(q_absmax=qa, k_absmax=ka, v_hi=v_hi, v_lo=v_lo),
+        extremes=_Extremes(
+            q_absmax=qa,
+            k_absmax=ka,
+            v_hi=v_hi,
+            v_lo=v_lo,
+            balance=(qa_h, ka_h),
+            value_exp=value_exp,
+        ),
         q_peak=float(host[0]),
         k_peak=float(host[1]),
     )
@@ -580,10 +622,12 @@ def _polynomial_forward(
     c = midrange(v_hi, v_lo)  # [L, 1, dv]
     # values normalised per column by a power of two (undone in float64 on the output), so that
     # no product with a value underflows however small the values are (_bound step 8)
-    vc, ev = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo))  # [L, m, dv]
+    vexp = extremes.value_exp if extremes is not None else None
+    vc, ev = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo), vexp)  # [L, m, dv]
     # 2^ev: finite here (a finite value range keeps |v - c| below 2^1023)
     p2 = torch.ldexp(torch.ones_like(ev), ev)  # [L, 1, dv] float64
-    qb, kb, s_mant = _balance(q, kc, scale, qa, ka)
+    known = extremes.balance if extremes is not None and qa is not None else None
+    qb, kb, s_mant = _balance(q, kc, scale, qa, ka, known)
     w64 = torch.from_numpy(_weights(approx, plan, s_mant)).to(dev)  # [r] float64
 
     Lg = max(1, min(L, FEATURE_BLOCK_ELEMS // (rp * B)))
@@ -1370,7 +1414,7 @@ def _run_polynomial(
             q3, k3, v3, cfg.approx, scale, causal=causal, progress=progress, extremes=extremes, **kw
         )
     if extremes is not None:  # the query extremes below are of row subsets: reduce them again
-        kw["extremes"] = dataclasses.replace(extremes, q_absmax=None)
+        kw["extremes"] = dataclasses.replace(extremes, q_absmax=None, balance=None)
     # causal, m < n: rows [0, m) are a square causal problem; rows [m, n) see every key
     top = _polynomial_forward(
         q3[:, :m], k3, v3, cfg.approx, scale, causal=True, progress=progress, **kw
