@@ -495,6 +495,32 @@ def test_attention_float64_subnormal_values_certify(causal: bool) -> None:
     assert res.error_bound is not None and err_vs(res.output, ref) <= res.error_bound
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("dtype", "exponent"), [(F32, -140), (F32, 100), (F64, -1060), (F16, -20)])
+def test_polynomial_products_see_normalised_values(
+    dtype: torch.dtype, exponent: int, causal: bool, monkeypatch: Any
+) -> None:
+    """The invariant the underflow term of the bound rests on: the values that meet the
+    monomials in the products are normalised per column (largest magnitude in [1/4, 1)),
+    however small or large the inputs' values are (subnormal ones included)."""
+    seen: list[torch.Tensor] = []
+    name = "_causal_blocks" if causal else "_noncausal_blocks"
+    real = getattr(att, name)
+
+    def spy(qb: torch.Tensor, kb: torch.Tensor, vc: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        seen.append(vc.abs().amax(dim=1).double())  # [lg, dv]
+        return real(qb, kb, vc, *args, **kw)
+
+    monkeypatch.setattr(att, name, spy)
+    gen = torch.Generator().manual_seed(13)
+    q, k = (torch.randn(2, 96, 3, generator=gen, dtype=F64).to(dtype) * 0.5 for _ in range(2))
+    v = build(gen, (2, 96, 2), dtype, Entries("ints", exponent))
+    res = compute.attention(q, k, v, method="polynomial", eps=0.5, scale=0.5, causal=causal)
+    assert res.error_bound is not None and seen
+    top = torch.cat(seen)
+    assert bool(((top >= 0.25) & (top < 1.0)).all()), top
+
+
 @pytest.mark.parametrize(("dtype", "shift"), [(F32, -100), (F64, -1000), (F64, 1000)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_values_scale_exactly_by_powers_of_two(
@@ -673,6 +699,21 @@ def test_issue_inputs_that_require_grad() -> None:
     assert xx.grad is None
 
 
+def test_weights_of_any_scale_never_raise() -> None:
+    """The weight helpers once raised OverflowError for an unbalanced huge scale (attention's
+    _weights with float32 scale = 1e45, tensor attention's _weight_max on subnormal inputs):
+    they now return inf, which the planner treats as "not certified"."""
+    from compute._features import graded_monomials
+
+    a = certified_best(1.0, 8)
+    w = att._weights(a, graded_monomials(2, 8), 1e45)
+    assert np.isinf(w).any() and not np.isnan(w[np.isfinite(w)]).any()
+    assert ta._weight_max(a, 1e300) == math.inf
+    assert math.isfinite(ta._weight_max(a, 0.7)) and ta._weight_max(a, 0.0) == abs(a.coeffs[0]) * (
+        1 + 1e-12
+    )
+
+
 @pytest.mark.parametrize("kind", ["sparse", "meta"])
 def test_issue_sparse_and_meta_tensors_are_named(kind: str) -> None:
     gen = torch.Generator().manual_seed(7)
@@ -731,6 +772,32 @@ def test_issue_exact_paths_stay_finite(causal: bool) -> None:
     assert math.isfinite(res_l.loss) and abs(res_l.loss - loss) <= 1e-4 * loss
     for pair in res_l.grads.values():
         assert all(bool(torch.isfinite(g).all()) for g in pair)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_issue_lora_overflow_in_float32_is_recomputed_in_float64(full: bool) -> None:
+    """float32 projections of 1e20: the gradient terms E V^T (1e40) overflow float32, and the
+    exact path repeats itself in float64 (as for scale = 1e40, whose scores overflow)."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(10, 3, generator=gen) * 1e20
+    y = torch.randn(10, 2, generator=gen)
+    w = {mu: torch.randn(3, 2, generator=gen) for mu in "qkv"}
+    ad = {
+        mu: (torch.randn(1, 2, generator=gen) * 1e-30, torch.randn(3, 1, generator=gen) * 1e-30)
+        for mu in ("qkv" if full else "qv")
+    }
+    res = compute.lora_gradient(
+        x, y, w_q=w["q"], w_k=w["k"], w_v=w["v"], adapters=ad, alpha=1.0, method="exact",
+        scale=1e-20,
+    )  # fmt: skip
+    loss, grads, _ = ref_lora(x, y, w, ad, 1.0, 1e-20)
+    assert math.isfinite(res.loss) and abs(res.loss - loss) <= 1e-5 * loss
+    for mu, pair in res.grads.items():
+        for got, want in zip(pair, grads[mu], strict=True):
+            assert bool(torch.isfinite(got).all()) and got.dtype == F32
+            assert float(
+                np.abs(got.double().numpy() - want.astype(np.float64)).max()
+            ) <= 1e-3 * max(float(np.abs(want).max()), 1e-300)
 
 
 # ---- the three gaps of the rounding argument (issue item 6) ----------------------------------
