@@ -211,12 +211,13 @@ def relative_error_range(coeffs: np.ndarray, R: float) -> tuple[float, float]:
     ``|delta''| <= e^R sum |c''_m - 2 c'_m + c_m| R^m``), which is tight at the extremes where
     ``delta'`` vanishes. Both add the float64 evaluation slack.
 
-    ``(-inf, inf)`` (not certified) beyond ``MAX_RADIUS``, where ``e^R`` leaves float64 soon.
+    ``(-inf, inf)`` (not certified) beyond ``MAX_RADIUS``, where ``e^R`` leaves float64 soon, or
+    for coefficients that are not finite.
     """
     if R == 0.0:
         d = float(coeffs[0]) - 1.0
         return d, d
-    if not 0.0 < R <= MAX_RADIUS:
+    if not (0.0 < R <= MAX_RADIUS and np.isfinite(coeffs).all()):
         return -math.inf, math.inf
     s = np.linspace(-R, R, GRID_POINTS)
     ex = np.exp(-s)
@@ -377,7 +378,8 @@ def minimax(g: int, radius: float) -> Approximation | None:
     monomial = np.zeros(g + 1)
     in_t = npcheb.cheb2poly(coef)
     monomial[: len(in_t)] = in_t
-    coeffs = monomial / radius ** np.arange(g + 1, dtype=np.float64)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # tiny radii: not finite
+        coeffs = monomial / radius ** np.arange(g + 1, dtype=np.float64)
     dmin, dmax = relative_error_range(coeffs, radius)
     if not (np.isfinite(dmin) and np.isfinite(dmax)) or dmin <= -1.0:
         return None

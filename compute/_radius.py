@@ -37,19 +37,23 @@ def mul_up(*xs: np.ndarray) -> np.ndarray:
     0, one beyond float64 inf. Equal bit for bit to the plain product wherever that neither
     under- nor overflows."""
     mant, expo = np.frexp(np.stack(xs))  # [k, ...] (the factors have one shape)
-    m = np.multiply.reduce(mant, axis=0)  # in order, as the plain product
-    e = expo.sum(axis=0)
-    if e.size and e.min() > -1000 and e.max() < 1000:  # the usual case: no range trouble
-        return np.ldexp(m, e)
-    with np.errstate(over="ignore", under="ignore"):
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # inf * 0: handled below
+        m = np.multiply.reduce(mant, axis=0)  # in order, as the plain product
+        e = expo.sum(axis=0)
+        if e.size and e.min() > -1000 and e.max() < 1000 and np.isfinite(m).all():
+            return np.ldexp(m, e)  # the usual case: no range trouble
         out = np.ldexp(m, np.clip(e, -4000, 4000))
-    return np.where((out == 0.0) & (m > 0.0), _SUBNORMAL, out)
+        out = np.where((out == 0.0) & (m > 0.0), _SUBNORMAL, out)
+        # a zero factor makes the product 0 even against an overflowed (inf) one: the inf
+        # stands for a finite number beyond float64
+        return np.where((mant == 0.0).any(axis=0), 0.0, out)
 
 
 def guard_norms(norm: np.ndarray, top: np.ndarray, d: int) -> np.ndarray:
     """Largest row 2-norm per slice, or ``sqrt(d)`` times the largest entry (an upper bound of
     every row's norm) where float64 squares may have underflowed (entries below 2^-480)."""
-    return np.where(top < _TINY_NORM, np.sqrt(d) * top * (1.0 + 2.0**-50), norm)
+    with np.errstate(over="ignore"):  # (only tiny entries use the product)
+        return np.where(top < _TINY_NORM, np.sqrt(d) * top * (1.0 + 2.0**-50), norm)
 
 
 def radius_from(

@@ -1246,17 +1246,17 @@ def _statistics(
             np.full((3, B), abs(scale)),
         )
     radius = float(options.min(axis=0).max()) * _RADIUS_INFLATE
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # products beyond float64: inf
         corners = np.stack([h1 * h2, h1 * l2, l1 * h2, l1 * l2])  # [4, B, dv]
-    top, bottom = corners.max(axis=0), corners.min(axis=0)
-    infl = 4.0 * _U64
-    value_range = (top - bottom) * (1.0 + infl) + (np.abs(top) + np.abs(bottom)) * infl
-    value_absmax = np.abs(corners).max(axis=0) * (1.0 + infl)  # [B, dv]
-    e1 = np.frexp(np.maximum(h1, -l1))[1].astype(np.int64)  # [B, dv]
-    e2 = np.frexp(np.maximum(h2, -l2))[1].astype(np.int64)  # [B, dv]
-    value_scale = np.where(
-        value_absmax > 0, np.maximum(np.ldexp(1.0, e1 + e2), 5e-324), 0.0
-    )  # [B, dv]: 2^(e1+e2), never rounded down to 0 for a nonzero column
+        top, bottom = corners.max(axis=0), corners.min(axis=0)
+        infl = 4.0 * _U64
+        value_range = (top - bottom) * (1.0 + infl) + (np.abs(top) + np.abs(bottom)) * infl
+        value_absmax = np.abs(corners).max(axis=0) * (1.0 + infl)  # [B, dv]
+        e1 = np.frexp(np.maximum(h1, -l1))[1].astype(np.int64)  # [B, dv]
+        e2 = np.frexp(np.maximum(h2, -l2))[1].astype(np.int64)  # [B, dv]
+        value_scale = np.where(
+            value_absmax > 0, np.maximum(np.ldexp(1.0, e1 + e2), 5e-324), 0.0
+        )  # [B, dv]: 2^(e1+e2), never rounded down to 0 for a nonzero column
     return _Stats(
         radius=radius if math.isfinite(radius) else math.inf,
         maxima=[float(m) for m in top_abs.max(axis=0)],
