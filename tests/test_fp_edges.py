@@ -755,8 +755,11 @@ def test_issue_exact_paths_stay_finite(causal: bool) -> None:
             check_output(res.output, F32, (2, 24, 3))
             ref, _ = ref_attention(qq, kk, v, scale, causal)
             assert err_vs(res.output, ref) <= 1e-5 * float(v.abs().max())
-    if causal:
-        return
+
+
+def test_issue_exact_paths_stay_finite_tensor_and_lora() -> None:
+    """Tensor attention with q, k1, k2 x 1e13 and LoRA with scale = 1e40 (NaN once)."""
+    gen = torch.Generator().manual_seed(8)
     q3, a3, b3 = (torch.randn(1, 6, 2, generator=gen) * 1e13 for _ in range(3))
     v1, v2 = torch.randn(1, 6, 2, generator=gen), torch.randn(1, 6, 2, generator=gen)
     res = compute.tensor_attention(q3, a3, b3, v1, v2)
