@@ -1206,6 +1206,14 @@ def lora_gradient(
         plan, approx = nxt.plan, nxt.approx
     loss, dw = _exact(inp, progress)
     grads = _adapter_grads(inp, dw)
+    used = next(iter(dw.values())).dtype
+    if used != inp.dtype:  # the compute dtype's pass overflowed: say so
+        plan = dataclasses.replace(
+            plan,
+            compute_dtype=str(used).replace("torch.", ""),
+            reason=plan.reason + " The exact pass overflowed in "
+            f"{str(inp.dtype).replace('torch.', '')} and was repeated in float64.",
+        )
     if tries:
         plan = dataclasses.replace(plan, extra={**plan.extra, "tries": tries})
     return LoraResult(loss, grads, None, plan, time.perf_counter() - t0)

@@ -795,6 +795,7 @@ def test_issue_lora_overflow_in_float32_is_recomputed_in_float64(full: bool) -> 
     )  # fmt: skip
     loss, grads, _ = ref_lora(x, y, w, ad, 1.0, 1e-20)
     assert math.isfinite(res.loss) and abs(res.loss - loss) <= 1e-5 * loss
+    assert res.plan.compute_dtype == "float64" and "repeated in float64" in res.plan.reason
     for mu, pair in res.grads.items():
         for got, want in zip(pair, grads[mu], strict=True):
             assert bool(torch.isfinite(got).all()) and got.dtype == F32
