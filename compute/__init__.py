@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from ._device import default_device
 from .attention import attention, plan_attention
-from .errors import Cancelled, CertificationError, ComputeError, InvalidInputError
+from .errors import (
+    Cancelled,
+    CertificationError,
+    ComputeError,
+    InvalidInputError,
+    OutOfRangeError,
+)
 from .lora import lora_gradient, plan_lora_gradient
 from .result import AttentionResult, LoraResult, Plan
 from .tensor_attention import plan_tensor_attention, tensor_attention
@@ -20,6 +26,7 @@ __all__ = [
     "ComputeError",
     "InvalidInputError",
     "LoraResult",
+    "OutOfRangeError",
     "Plan",
     "attention",
     "default_device",

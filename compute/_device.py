@@ -1,12 +1,22 @@
-"""Device selection: cuda when available, else cpu."""
+"""Device selection (cuda when available, else cpu) and what the device's float32 products are."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["default_device"]
+__all__ = ["default_device", "float32_matmul_is_ieee"]
 
 
 def default_device() -> torch.device:
     """``cuda`` when a CUDA device is available, else ``cpu``."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def float32_matmul_is_ieee() -> bool:
+    """False when float32 matrix products may run in TF32 or bf16 (``torch.backends.cuda.matmul
+    .allow_tf32``, or a float32 matmul precision other than ``"highest"``, which lets CUDA and
+    oneDNN round the operands to 10 or 8 bits): the float32 rounding model of the certified
+    bounds then does not hold, and only float64 polynomial paths are certified."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    return not bool(torch.backends.cuda.matmul.allow_tf32)

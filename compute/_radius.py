@@ -2,16 +2,90 @@
 
 All radii bound ``|scale| * sum_l |q_l| |k_l|`` (and so ``|s|``), which is also what the
 floating-point rounding analysis needs. They are computed in float64 and inflated by a few ulps
-so that they stay upper bounds of the exact quantities.
+so that they stay upper bounds of the exact quantities, also for float64 inputs at the ends of
+the exponent range: a row's 2-norm whose squares may underflow (largest entry below 2^-480) is
+replaced by ``sqrt(d)`` times its largest entry, a Hölder sum gets ``d`` times the smallest
+subnormal (what its underflowing products may lose), and products of norms and the scale are
+formed from mantissas and exponents (``mul_up``), so that a positive radius never rounds to 0
+and an overflowing one is inf. For float32 data none of this changes a bit.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["centre", "matrix_radius", "tensor_radius"]
+__all__ = [
+    "centre",
+    "guard_norms",
+    "matrix_radius",
+    "midrange",
+    "mul_up",
+    "radius_from",
+    "tensor_radius",
+]
 
 _INFLATE = 1.0 + 1e-12
+_TINY_NORM = 2.0**-480  # float64 rows below this may lose squares to underflow
+_SUBNORMAL = 5e-324  # 2^-1074
+
+
+def mul_up(*xs: np.ndarray) -> np.ndarray:
+    """Elementwise product of non-negative float64 arrays of one shape without intermediate
+    under- or overflow: the mantissas are multiplied (the same roundings as the plain product)
+    and the exponents added; a positive product below the subnormal range becomes 2^-1074 instead of
+    0, one beyond float64 inf. Equal bit for bit to the plain product wherever that neither
+    under- nor overflows."""
+    mant, expo = np.frexp(np.stack(xs))  # [k, ...] (the factors have one shape)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # inf * 0: handled below
+        m = np.multiply.reduce(mant, axis=0)  # in order, as the plain product
+        e = expo.sum(axis=0)
+        if e.size and e.min() > -1000 and e.max() < 1000 and np.isfinite(m).all():
+            return np.ldexp(m, e)  # the usual case: no range trouble
+        out = np.ldexp(m, np.clip(e, -4000, 4000))
+        out = np.where((out == 0.0) & (m > 0.0), _SUBNORMAL, out)
+        # a zero factor makes the product 0 even against an overflowed (inf) one: the inf
+        # stands for a finite number beyond float64
+        return np.where((mant == 0.0).any(axis=0), 0.0, out)
+
+
+def guard_norms(norm: np.ndarray, top: np.ndarray, d: int) -> np.ndarray:
+    """Largest row 2-norm per slice, or ``sqrt(d)`` times the largest entry (an upper bound of
+    every row's norm) where float64 squares may have underflowed (entries below 2^-480)."""
+    with np.errstate(over="ignore"):  # (only tiny entries use the product)
+        return np.where(top < _TINY_NORM, np.sqrt(d) * top * (1.0 + 2.0**-50), norm)
+
+
+def radius_from(
+    qn: np.ndarray,
+    kn: np.ndarray,
+    holder: np.ndarray,
+    q_top: np.ndarray,
+    k_top: np.ndarray,
+    d: int,
+    scale: float,
+) -> float:
+    """``|scale| min(Cauchy–Schwarz, Hölder)`` per slice, max over slices, inflated: from the
+    largest row 2-norms ``qn, kn``, Hölder sums and largest entries ``q_top, k_top`` (``[L]``
+    float64 each), with the guards of the module docstring."""
+    if qn.size == 0:
+        return 0.0
+    hs = holder + d * _SUBNORMAL  # each product below the subnormal range loses < 2^-1075
+    lo = min(float(q_top.min()), float(k_top.min()))
+    hi = max(float(qn.max()), float(kn.max()), float(hs.max()))
+    if lo > 2.0**-200 and hi < 2.0**200 and 2.0**-300 < abs(scale) < 2.0**300:
+        r = np.minimum(qn * kn, hs) * abs(scale)  # the usual case: the same numbers, directly
+    else:
+        qn, kn = guard_norms(qn, q_top, d), guard_norms(kn, k_top, d)
+        r = mul_up(np.minimum(mul_up(qn, kn), hs), np.full(hs.shape, abs(scale)))
+    return float(r.max()) * _INFLATE
+
+
+def midrange(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """``(hi + lo) / 2`` as ``hi / 2 + lo / 2``: the same number bit for bit (halving is exact
+    and commutes with the one rounding of the sum), but the sum cannot overflow for entries
+    near the largest finite number."""
+    return hi * 0.5 + lo * 0.5
 
 
 def centre(x: torch.Tensor) -> torch.Tensor:
@@ -22,7 +96,7 @@ def centre(x: torch.Tensor) -> torch.Tensor:
     """
     hi = x.max(dim=-2, keepdim=True).values  # (max/min .values: several times faster than
     lo = x.min(dim=-2, keepdim=True).values  # amax/amin over a strided axis on CPU)
-    return x - (hi + lo) / 2
+    return x - midrange(hi, lo)
 
 
 def matrix_radius(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
@@ -31,11 +105,14 @@ def matrix_radius(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
     ``q: [..., n, d]``, ``k: [..., m, d]`` (already centred if wanted). Returns a float >= 0.
     """
     q64, k64 = q.double().abs(), k.double().abs()
-    cs = q64.norm(dim=-1).amax(dim=-1) * k64.norm(dim=-1).amax(dim=-1)  # [...]
+    d = q.shape[-1]
+    qn = q64.norm(dim=-1).amax(dim=-1)  # [...]
+    kn = k64.norm(dim=-1).amax(dim=-1)
     m = k64.max(dim=-2).values  # [..., d]
     holder = (q64 * m.unsqueeze(-2)).sum(dim=-1).amax(dim=-1)  # [...]
-    r = torch.minimum(cs, holder) * abs(scale)
-    return float(r.max()) * _INFLATE if r.numel() else 0.0
+    tops = [x.amax(dim=(-2, -1)) for x in (q64, k64)]
+    qn_, kn_, hs_, qt_, kt_ = (t.reshape(-1).cpu().numpy() for t in (qn, kn, holder, *tops))
+    return radius_from(qn_, kn_, hs_, qt_, kt_, d, scale)
 
 
 def tensor_radius(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float) -> float:
@@ -44,19 +121,22 @@ def tensor_radius(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: fl
     Bounds ``|scale| * sum_l |q_l k1_l k2_l|`` for every triple (i, j1, j2).
     """
     q64, a64, b64 = q.double().abs(), k1.double().abs(), k2.double().abs()
+    d = q.shape[-1]
 
-    def two(x: torch.Tensor) -> torch.Tensor:
-        return x.norm(dim=-1).amax(dim=-1)
+    def host(x: torch.Tensor) -> np.ndarray:
+        return x.reshape(-1).cpu().numpy()
 
-    def inf(x: torch.Tensor) -> torch.Tensor:
-        return x.amax(dim=(-2, -1))
-
-    options = torch.stack(
-        [
-            two(q64) * two(a64) * inf(b64),
-            two(q64) * inf(a64) * two(b64),
-            inf(q64) * two(a64) * two(b64),
-        ]
+    tops = [host(x.amax(dim=(-2, -1))) for x in (q64, a64, b64)]
+    two = [
+        guard_norms(host(x.norm(dim=-1).amax(dim=-1)), t, d)
+        for x, t in zip((q64, a64, b64), tops, strict=True)
+    ]
+    sc = np.full((3, *tops[0].shape), abs(scale))
+    options = mul_up(  # [3, ...]: the three splittings
+        np.stack([two[0], two[0], tops[0]]),
+        np.stack([two[1], tops[1], two[1]]),
+        np.stack([tops[2], two[2], two[2]]),
+        sc,
     )
-    r = options.amin(dim=0) * abs(scale)
-    return float(r.max()) * _INFLATE if r.numel() else 0.0
+    r = options.min(axis=0)
+    return float(r.max()) * _INFLATE if r.size else 0.0

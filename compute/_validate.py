@@ -30,13 +30,28 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_tensor(name: str, x: object, *, min_dim: int = 2, finite: bool = True) -> torch.Tensor:
-    """A non-empty finite floating tensor of at least ``min_dim`` dimensions.
+    """A non-empty finite dense floating tensor with data, of at least ``min_dim`` dimensions.
 
-    ``finite=False`` skips the NaN/Inf pass, for callers that read finiteness off reductions
-    they compute anyway (and must then check it themselves).
+    Returned *detached*: the operations compute without building an autograd graph, so inputs
+    that require grad (an ``nn.Parameter``, an activation inside a training graph) are accepted
+    and the results never require grad. Sparse, nested and meta tensors are refused with a
+    message saying what to pass instead. ``finite=False`` skips the NaN/Inf pass, for callers
+    that read finiteness off reductions they compute anyway (and must then check it themselves).
     """
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(name, f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise InvalidInputError(name, "nested tensors are not supported; pass a dense tensor")
+    if x.layout != torch.strided:
+        raise InvalidInputError(
+            name, f"{x.layout} tensors are not supported; pass a dense tensor (x.to_dense())"
+        )
+    if x.is_meta:
+        raise InvalidInputError(
+            name, "a meta tensor has no data; pass a tensor on the cpu or a cuda device"
+        )
+    if x.requires_grad:
+        x = x.detach()
     if x.dtype not in SUPPORTED_DTYPES:
         raise InvalidInputError(
             name, f"unsupported dtype {x.dtype}; use float16, bfloat16, float32 or float64"

@@ -17,8 +17,9 @@ Polynomial pipeline (the floating-point model of ``compute/_bound.py`` describes
 3. the smallest degree g (Chebyshev, Taylor or minimax, ``_poly.certified_best``) and dtype whose
    certified bound, rounding included, is at most ``eps * max|v|``;
 4. keys and queries are rescaled per coordinate by powers of two (exact) so that monomials of
-   unbalanced inputs neither overflow nor underflow; the scale's power of two is split between
-   them the same way and its mantissa goes into the weights;
+   unbalanced inputs neither overflow nor underflow; the scale's whole power of two is split
+   between them the same way (balanced entries <= 2 sqrt(R) whatever its size) and only its
+   mantissa goes into the weights; value columns are normalised by powers of two likewise;
 5. keys streamed in blocks: ``U2 = monomials(k_b)`` ``[r, B]`` (graded order, contiguous
    construction), ``M += U2 @ [Vc_b, 1]`` accumulated in float64 ``[r, dv + 1]``;
 6. weights ``w_alpha = c_|alpha| scale^|alpha| |alpha|!/alpha!`` folded into ``M`` in float64,
@@ -47,14 +48,13 @@ import numpy as np
 import torch
 
 from . import _validate
-from ._bound import BoundParts, certified_bound, unit_roundoff
+from ._bound import BoundParts, certified_bound, subnormal_spacing, unit_roundoff
 from ._cost import predict_exact_attention, predict_polynomial_attention, rates
-from ._device import default_device
+from ._device import default_device, float32_matmul_is_ieee
 from ._features import GradedBuilder, GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
-from ._radius import _INFLATE as _RADIUS_INFLATE
-from ._radius import centre
-from .errors import CertificationError, InvalidInputError
+from ._radius import centre, midrange, radius_from
+from .errors import CertificationError, InvalidInputError, OutOfRangeError
 from .result import AttentionResult, Plan
 
 __all__ = ["attention", "plan_attention"]
@@ -177,6 +177,99 @@ def _exact_forward(
     return out
 
 
+def _exact_is_safe(stats: _Stats, scale: float, d: int, m: int, dtype: torch.dtype) -> bool:
+    """Whether ``_exact_forward`` on the raw inputs keeps every intermediate finite in ``dtype``.
+
+    The scores and their partial sums are at most ``|scale| d max|q| max|k|`` (also before the
+    scale is applied, whichever order a fused kernel uses), the scaled queries at most
+    ``|scale| max|q|``, and the weighted value sums (weights <= 1 after the running max) at most
+    ``m max|v|``; all of them far below the dtype's largest number is the usual case.
+    """
+    big = float(torch.finfo(dtype).max) / 64.0
+    with np.errstate(over="ignore"):
+        raw = (abs(scale) + 1.0) * (d * stats.q_peak * stats.k_peak + stats.q_peak + 1.0)
+    return raw < big and stats.k_peak < big and m * stats.value_absmax < big
+
+
+def _exact_wide(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool,
+    dtype: torch.dtype,
+    positions: torch.Tensor | None = None,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Exact attention for inputs whose raw scores or value sums would leave ``dtype``'s range.
+
+    ``q: [L, n, d]``, ``k: [L, m, d]`` (centred or not: softmax is shift invariant per row, also
+    under the causal mask), ``v: [L, m, dv]``, computed in ``dtype`` after the same exact
+    power-of-two transformations as the polynomial path: q and k balanced per coordinate with
+    the scale's whole power of two (``_balance``: entries <= ``2 sqrt(R)``, scores <= ``2 R``
+    for the radius R of these q, k), values centred and normalised per column
+    (``_normalise_values``). The result is scaled back in float64 and clamped per column to
+    ``[min v, max v]``, where the exact output lies (a convex combination of the values): the
+    clamp never increases the error and keeps the output finite in v's dtype. Returns
+    ``[L, n, dv]`` in ``dtype``.
+    """
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    qt, kt, s2 = _balance(q, k, scale)  # [L, d, n], [L, d, m]
+    v_hi = v.max(dim=1, keepdim=True).values  # [L, 1, dv]
+    v_lo = v.min(dim=1, keepdim=True).values
+    c = midrange(v_hi, v_lo)
+    vn, ev = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo))
+    o = _exact_forward(
+        qt.transpose(1, 2).contiguous(),
+        kt.transpose(1, 2).contiguous(),
+        vn,
+        s2,
+        causal=causal,
+        positions=positions,
+        progress=progress,
+    )  # [L, n, dv]
+    out = _scale_back(o.double(), ev) + c.double()
+    return torch.minimum(torch.maximum(out, v_lo.double()), v_hi.double()).to(dtype)
+
+
+def _run_exact(
+    q3: torch.Tensor,
+    k3: torch.Tensor,
+    v3: torch.Tensor,
+    stats: _Stats,
+    scale: float,
+    *,
+    causal: bool,
+    progress: Progress | None,
+) -> torch.Tensor:
+    """The exact path of ``attention``: the plain kernel when its intermediates are safe, else
+    ``_exact_wide`` on the centred keys, in the compute dtype when the balanced scores fit it
+    (``<= 2 S``, S a bound on the centred scores), else in float64; raises
+    ``OutOfRangeError`` when even float64 cannot hold the scores."""
+    dtype = q3.dtype
+    d, m = q3.shape[-1], k3.shape[-2]
+    if _exact_is_safe(stats, scale, d, m, dtype):
+        return _exact_forward(q3, k3, v3, scale, causal=causal, progress=progress)
+    # S = d max_l |scale| max|q_l| max|kc_l| bounds the centred scores (like R, but in
+    # logarithms, so also where R itself overflows float64): balanced entries are at most
+    # 2 sqrt(S), the balanced scores at most 2 S (see _balance)
+    ex = stats.extremes
+    qa = ex.q_absmax if ex.q_absmax is not None else q3.abs().max(dim=1).values
+    both = (qa.double().log2() + ex.k_absmax.double().log2()).amax()  # -inf for zero columns
+    log2_s = float(both) + math.log2(d) + (math.log2(abs(scale)) if scale else -math.inf)
+    log2_need = max(log2_s + 3.0, 0.5 * log2_s + 3.0, math.log2(m) + 1.0)
+    for wide in (dtype, torch.float64):
+        if log2_need < math.log2(float(torch.finfo(wide).max) / 64.0):
+            out = _exact_wide(q3, stats.kc, v3, scale, causal=causal, dtype=wide, progress=progress)
+            return out.to(dtype)
+    raise OutOfRangeError(
+        "q",
+        f"the scores scale * <q, k> reach about 2^{log2_s:.0f} (after centring the keys), "
+        "beyond the range of float64; rescale q or k, or pass a smaller scale",
+    )
+
+
 # =================================================================================================
 # Polynomial path
 # =================================================================================================
@@ -199,10 +292,46 @@ class _Config:
 
 
 def _weights(approx: Approximation, plan: GradedMonomials, scale_mantissa: float) -> np.ndarray:
-    """``w_alpha = c_|alpha| * scale^|alpha| * |alpha|!/alpha!`` in float64, ``[r]``."""
+    """``w_alpha = c_|alpha| * scale^|alpha| * |alpha|!/alpha!`` in float64, ``[r]``.
+
+    ``attention`` passes the balanced scale' in [1/2, 1); any other scale (the differentiable
+    reference) may overflow to inf here but never raises.
+    """
     c = np.asarray(approx.coeffs, dtype=np.float64)  # [g + 1]
-    powers = np.array([scale_mantissa**m for m in range(len(c))], dtype=np.float64)
-    return (c * powers)[plan.degree] * plan.multinomial  # [r]
+    with np.errstate(over="ignore", invalid="ignore"):
+        powers = np.power(float(scale_mantissa), np.arange(len(c), dtype=np.float64))
+        return (c * powers)[plan.degree] * plan.multinomial  # [r]
+
+
+# powers of two that one multiplication may apply in each dtype (normal numbers, with margin)
+_POW2_STEP = {torch.float32: 120, torch.float64: 1000}
+
+
+def _pow2_factors(e: np.ndarray, dtype: torch.dtype) -> list[np.ndarray]:
+    """``2^e`` (``e`` integer-valued float64, on the host) as float64 factors each of which is a
+    normal power of two of ``dtype`` (so each multiplication by one is exact but for underflow);
+    one factor in the usual case. The product of the factors is ``2^e`` exactly."""
+    lim = _POW2_STEP.get(dtype, 120)
+    out = []
+    rest = e
+    while True:
+        step = np.clip(rest, -lim, lim)
+        out.append(np.ldexp(1.0, step.astype(np.int64)))
+        rest = rest - step
+        if not rest.any():
+            return out
+
+
+def _to_device(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(x).to(device=like.device, dtype=like.dtype)
+
+
+def _scale_back(o: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``o * 2^e`` in float64 (``o`` float64, ``e`` from ``_normalise_values``), in two normal
+    factors: ``2^e`` itself is 2^1024 (inf) for float64 values near the largest finite."""
+    half = torch.floor(e / 2)
+    one = torch.ones_like(e)
+    return o * torch.ldexp(one, half) * torch.ldexp(one, e - half)
 
 
 def _balance(
@@ -211,40 +340,85 @@ def _balance(
     scale: float,
     q_absmax: torch.Tensor | None = None,
     k_absmax: torch.Tensor | None = None,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Exact power-of-two rescaling: ``scale <q, k> == s' <q', k'>`` with balanced q', k'.
 
     ``q: [L, n, d]``, ``kc: [L, m, d]``; returns ``q'`` and ``k'`` transposed, ``[L, d, n]`` and
-    ``[L, d, m]`` contiguous (the layout of a feature block's input), and ``s'``. Per slice
-    and coordinate l, q is multiplied by ``2^(e_l + a)`` and k by ``2^(-e_l + b)`` where
-    ``e_l`` equalises their largest magnitudes
-    and ``2^(a + b)`` is the power of two of ``|scale|``; ``s' = sign(scale) * mantissa`` with
-    mantissa in [0.5, 1). Multiplying by powers of two is exact (no overflow or underflow at
-    the clamped exponents for inputs that certify), so the scores are unchanged bit for bit.
+    ``[L, d, m]`` contiguous (the layout of a feature block's input), and ``s'``. With
+    ``|scale| = mant 2^E`` (mant in [1/2, 1)), per slice and coordinate l, q is multiplied by
+    ``2^a_l`` and k by ``2^(E - a_l)``, ``a_l = round((log2 max|k_l| - log2 max|q_l| + E) / 2)``,
+    and ``s' = sign(scale) mant``: the whole power of two of the scale goes into the inputs, and
+    the largest entries of ``q'_l`` and ``k'_l`` meet at ``sqrt(2^E max|q_l| max|k_l|)``, within
+    a factor sqrt(2). Since ``|scale| max|q_l| max|k_l| <= R`` (both radii dominate every single
+    coordinate's product), every balanced entry is at most ``2 sqrt(R)``: monomials neither
+    overflow nor, for the coordinates that matter, underflow, whatever the scale's exponent.
+    Multiplying by powers of two is exact but for underflow (entries far below the others may be
+    flushed, by at most twice the subnormal spacing: ``_bound`` step 7); factors outside a
+    dtype's normal range are applied in several exact steps. A coordinate that is zero on one
+    side contributes nothing to the scores and is zeroed on both (so the other side cannot
+    overflow), as is everything when ``scale == 0``.
     ``q_absmax, k_absmax: [L, d]``: ``max |q|`` and ``max |kc|`` per slice and column when
     already known (``_statistics``; any floating dtype, the values are exact); else reduced here.
+    ``known``: host copies of those extremes (float64 ``[L, d]`` each) when ``_statistics``
+    transferred them; else transferred here (one host sync). The exponents are computed on the
+    host (``_balance_exponents``).
     """
-    mant, expo = math.frexp(abs(scale)) if scale != 0.0 else (0.0, 0)
-    if abs(expo) > 120:  # extreme scale: keep it in the weights (R, hence g, is tiny or huge)
-        mant, expo = abs(scale), 0
-    ea = expo // 2
-    eb = expo - ea
-    qa = (q.abs().max(dim=1).values if q_absmax is None else q_absmax).double()  # [L, d]
-    ka = (kc.abs().max(dim=1).values if k_absmax is None else k_absmax).double()  # [L, d]
-    ok = (qa > 0) & (ka > 0)
-    lq = torch.where(ok, torch.log2(qa.clamp_min(1e-300)), torch.zeros_like(qa))
-    lk = torch.where(ok, torch.log2(ka.clamp_min(1e-300)), torch.zeros_like(ka))
-    e = torch.round((lk - lq) / 2).clamp(-60, 60)  # [L, d]; |e + ea|, |eb - e| <= 120
-    one = torch.ones((), dtype=torch.float64, device=q.device)
-    fq = torch.ldexp(one, e + ea).to(q.dtype)  # [L, d] exact powers of two (normal in fp32)
-    fk = torch.ldexp(one, eb - e).to(q.dtype)  # [L, d]
+    mant = math.frexp(abs(scale))[0]
+    if known is None:  # one host sync: the column extremes
+        qa = q.abs().max(dim=1).values if q_absmax is None else q_absmax  # [L, d]
+        ka = kc.abs().max(dim=1).values if k_absmax is None else k_absmax  # [L, d]
+        known = (qa.double().cpu().numpy(), ka.double().cpu().numpy())
+    a, b, zero = _balance_exponents(*known, scale)  # [L, d] each, on the host
+    fq, fk = _pow2_factors(a, q.dtype), _pow2_factors(b, q.dtype)
+    if zero.any():
+        fq[0][zero] = 0.0
+        fk[0][zero] = 0.0
     signed = math.copysign(mant, scale) if scale != 0.0 else 0.0
     # written straight into the transposed layout the feature blocks load: [L, d, n], [L, d, m]
     qt = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=q.dtype, device=q.device)
     kt = torch.empty((kc.shape[0], kc.shape[2], kc.shape[1]), dtype=kc.dtype, device=kc.device)
-    torch.mul(q.transpose(1, 2), fq.unsqueeze(2), out=qt)  # [L, d, n]
-    torch.mul(kc.transpose(1, 2), fk.unsqueeze(2), out=kt)  # [L, d, m]
+    torch.mul(q.transpose(1, 2), _to_device(fq[0], q).unsqueeze(2), out=qt)  # [L, d, n]
+    torch.mul(kc.transpose(1, 2), _to_device(fk[0], kc).unsqueeze(2), out=kt)  # [L, d, m]
+    for f in fq[1:]:
+        qt.mul_(_to_device(f, q).unsqueeze(2))
+    for f in fk[1:]:
+        kt.mul_(_to_device(f, kc).unsqueeze(2))
     return qt, kt, signed
+
+
+def _balance_exponents(
+    qa: np.ndarray, ka: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_balance``'s exponents from ``max |q|`` and ``max |kc|`` (``[L, d]`` float64, host): ``a``
+    for q, ``b = E - a`` for k, and the coordinates to zero on both sides."""
+    expo = math.frexp(abs(scale))[1]
+    ok = (qa > 0) & (ka > 0) & (scale != 0.0)
+    lq = np.log2(np.where(ok, qa, 1.0))
+    lk = np.log2(np.where(ok, ka, 1.0))
+    a = np.round((lk - lq + expo) / 2)  # [L, d]
+    return a, expo - a, ~ok
+
+
+def _normalise_values(
+    vc: torch.Tensor, vmax: torch.Tensor, exps: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vc * 2^-e`` per slice and column with ``max |vc| = vmax in [2^(e-1), 2^e)`` (in place)
+    and ``e`` (float64, ``[L, 1, dv]``) to scale results back (``_scale_back``).
+
+    ``vc: [L, m, dv]`` centred values, ``vmax: [L, 1, dv]`` their largest magnitude (0 for a
+    constant column: factor 1). Exact but for underflow of entries far below their column's
+    largest (``_bound`` step 8): value products then never underflow for the entries that matter.
+    ``exps``: exponents with ``max |vc| < 2^e`` computed on the host by the caller (``[L, 1,
+    dv]``, from the columns' ranges: ``max |vc|`` is then in ``[2^(e-2), 2^e)``), saving the
+    reduction and its host sync.
+    """
+    if exps is None:  # one host sync
+        exps = torch.frexp(vmax.double())[1].double().cpu().numpy()  # [L, 1, dv]
+    for f in _pow2_factors(-exps, vc.dtype):
+        vc.mul_(_to_device(f, vc))
+    e = torch.from_numpy(exps).to(vc.device)
+    return vc, e
 
 
 @dataclass(frozen=True)
@@ -255,6 +429,9 @@ class _Extremes:
     k_absmax: torch.Tensor  # [L, d] max |centre(k)| per slice and column
     v_hi: torch.Tensor  # [L, dv] max v per slice and column
     v_lo: torch.Tensor  # [L, dv] min v
+    # from _statistics' one sync (None: _balance / _normalise_values reduce and sync themselves)
+    balance: tuple[np.ndarray, np.ndarray] | None = None  # q_absmax, k_absmax on the host
+    value_exp: np.ndarray | None = None  # [L, 1, dv] float64: normalisation exponents (host)
 
 
 @dataclass(frozen=True)
@@ -266,6 +443,8 @@ class _Stats:
     value_range: float  # max over slices and columns of max v - min v (float64, exact)
     value_absmax: float  # max |v| (exact)
     extremes: _Extremes
+    q_peak: float = 0.0  # max |q| (exact)
+    k_peak: float = 0.0  # max |k| of the uncentred keys (exact)
 
 
 _INPUT_NAMES = ("q", "k", "v")
@@ -276,7 +455,7 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
     ``q: [L, n, d]``, ``k: [L, m, d]``, ``v: [L, m, dv]``, all in the compute dtype. On the
     device: the column extremes of q, k and v (``[L, d]``, ``[L, dv]``; exact), the centred
-    keys ``kc = k - (hi + lo) / 2`` exactly as :func:`compute._radius.centre`, and the three
+    keys ``kc = k - midrange(hi, lo)`` exactly as :func:`compute._radius.centre`, and the three
     per-slice factors of :func:`compute._radius.matrix_radius` (largest row 2-norm of q and
     of kc, accumulated in float64 without a float64 copy; largest Hölder sum
     ``sum_l |q_il| max_j |kc_jl|`` in float64). ``max_j |kc_jl|`` needs no pass over kc:
@@ -294,7 +473,7 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     q_hi, q_lo = q.max(dim=1).values, q.min(dim=1).values  # [L, d] (max/min: see centre)
     k_hi, k_lo = k.max(dim=1).values, k.min(dim=1).values  # [L, d]
     v_hi, v_lo = v.max(dim=1).values, v.min(dim=1).values  # [L, dv]
-    mid = (k_hi + k_lo) / 2  # [L, d], as centre()
+    mid = midrange(k_hi, k_lo)  # [L, d], as centre()
     kc = k - mid.unsqueeze(1)  # [L, m, d]
     qa = torch.maximum(q_hi.abs(), q_lo.abs())  # [L, d] max |q|
     ka = torch.maximum((k_hi - mid).abs(), (k_lo - mid).abs())  # [L, d] max |kc|, exact
@@ -311,7 +490,16 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     ).double()  # [3]: NaN or Inf exactly when the tensor has one
     host = (
         torch.cat(
-            [peaks, q_two, k_two, holder, v_hi.double().reshape(-1), v_lo.double().reshape(-1)]
+            [
+                peaks,
+                qa.double().reshape(-1),
+                ka.double().reshape(-1),
+                q_two,
+                k_two,
+                holder,
+                v_hi.double().reshape(-1),
+                v_lo.double().reshape(-1),
+            ]
         )
         .cpu()
         .numpy()
@@ -319,17 +507,42 @@ def _statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     for name, peak in zip(_INPUT_NAMES, host[:3], strict=True):
         if not math.isfinite(float(peak)):
             raise InvalidInputError(name, "contains NaN or Inf")
-    qn, kn, hs = host[3 : 3 + L], host[3 + L : 3 + 2 * L], host[3 + 2 * L : 3 + 3 * L]
-    hi = host[3 + 3 * L : 3 + 3 * L + L * dv]  # [L dv] float64, exact
-    lo = host[3 + 3 * L + L * dv :]  # [L dv]
-    with np.errstate(over="ignore", invalid="ignore"):  # float64 inputs may overflow: R = inf
-        r = np.minimum(qn * kn, hs) * abs(scale)  # [L], as matrix_radius
+    d = q.shape[-1]
+    qa_h = host[3 : 3 + L * d].reshape(L, d)  # exact
+    ka_h = host[3 + L * d : 3 + 2 * L * d].reshape(L, d)
+    at = 3 + 2 * L * d
+    qn, kn, hs = (host[at + i * L : at + (i + 1) * L] for i in range(3))
+    hi = host[at + 3 * L : at + 3 * L + L * dv]  # [L dv] float64, exact
+    lo = host[at + 3 * L + L * dv :]  # [L dv]
+    qt, kt = qa_h.max(axis=1), ka_h.max(axis=1)  # [L]: largest |q|, |kc| per slice
+    # as matrix_radius (also float64 inputs whose squares or products under- or overflow)
+    radius = radius_from(qn, kn, hs, qt, kt, q.shape[-1], scale)
+    with np.errstate(over="ignore"):  # float64 values near the top: range inf, path exact
+        spans = hi - lo  # [L dv]
+        value_range = float(spans.max())
+    value_exp = None
+    if math.isfinite(value_range):
+        # max |v - c| <= (hi - lo)/2 (1 + 2u) + the centre's rounding (half a subnormal spacing)
+        # < 2^e, e the exponent of the column's range (plus two spacings): 2^e <= 2 range (+4
+        # spacings), within the widened range the bound uses; 0 (factor 1) for a constant column
+        sig = 2.0 * subnormal_spacing(q.dtype)
+        raw = np.frexp(spans * (1.0 + 2.0**-20) + sig)[1].astype(np.float64)
+        value_exp = np.where(spans > 0.0, raw, 0.0).reshape(L, 1, dv)
     return _Stats(
         kc=kc,
-        radius=float(r.max()) * _RADIUS_INFLATE,
-        value_range=float((hi - lo).max()),
+        radius=radius,
+        value_range=value_range,
         value_absmax=float(np.maximum(np.abs(hi), np.abs(lo)).max()),
-        extremes=_Extremes(q_absmax=qa, k_absmax=ka, v_hi=v_hi, v_lo=v_lo),
+        extremes=_Extremes(
+            q_absmax=qa,
+            k_absmax=ka,
+            v_hi=v_hi,
+            v_lo=v_lo,
+            balance=(qa_h, ka_h),
+            value_exp=value_exp,
+        ),
+        q_peak=float(host[0]),
+        k_peak=float(host[1]),
     )
 
 
@@ -406,9 +619,15 @@ def _polynomial_forward(
         v_hi = extremes.v_hi.to(dtype).unsqueeze(1)  # [L, 1, dv]
         v_lo = extremes.v_lo.to(dtype).unsqueeze(1)  # [L, 1, dv]
         qa, ka = extremes.q_absmax, extremes.k_absmax
-    c = (v_hi + v_lo) / 2  # [L, 1, dv]
-    vc = v - c  # [L, m, dv]
-    qb, kb, s_mant = _balance(q, kc, scale, qa, ka)
+    c = midrange(v_hi, v_lo)  # [L, 1, dv]
+    # values normalised per column by a power of two (undone in float64 on the output), so that
+    # no product with a value underflows however small the values are (_bound step 8)
+    vexp = extremes.value_exp if extremes is not None else None
+    vc, ev = _normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo), vexp)  # [L, m, dv]
+    # 2^ev: finite here (a finite value range keeps |v - c| below 2^1023)
+    p2 = torch.ldexp(torch.ones_like(ev), ev)  # [L, 1, dv] float64
+    known = extremes.balance if extremes is not None and qa is not None else None
+    qb, kb, s_mant = _balance(q, kc, scale, qa, ka, known)
     w64 = torch.from_numpy(_weights(approx, plan, s_mant)).to(dev)  # [r] float64
 
     Lg = max(1, min(L, FEATURE_BLOCK_ELEMS // (rp * B)))
@@ -423,7 +642,7 @@ def _polynomial_forward(
         xbuf = torch.zeros((lg, d, B), dtype=dtype, device=dev)  # [lg, d, B]
         ubuf = torch.zeros((lg, rp, B), dtype=dtype, device=dev)  # [lg, rp, B]; rows >= r stay 0
         vbuf = torch.zeros((lg, B, dv + 1), dtype=dtype, device=dev)  # [lg, B, dv + 1]
-        args = (qb[g0:g1], kb[g0:g1], vc[g0:g1], c[g0:g1], w64, plan, xbuf, ubuf, vbuf)
+        args = (qb[g0:g1], kb[g0:g1], vc[g0:g1], c[g0:g1], p2[g0:g1], w64, plan, xbuf, ubuf, vbuf)
         if causal:
             assert ck is None or cr is not None
             for s, o in _causal_blocks(*args, unit=unit, cr=cr):
@@ -496,6 +715,7 @@ def _noncausal_blocks(
     kb: torch.Tensor,
     vc: torch.Tensor,
     c: torch.Tensor,
+    p2: torch.Tensor,
     w64: torch.Tensor,
     plan: GradedMonomials,
     xbuf: torch.Tensor,
@@ -505,7 +725,11 @@ def _noncausal_blocks(
     ck: int | None,
     cr: int | None,
 ) -> Any:
-    """Yield ``(start, out_block or None)`` per key block (None) then per query block."""
+    """Yield ``(start, out_block or None)`` per key block (None) then per query block.
+
+    ``vc``: normalised centred values, ``c [lg, 1, dv]`` the centre, ``p2 [lg, 1, dv]`` (float64)
+    the normalisation: ``out = (num / den) p2 + c``.
+    """
     lg, rp, B = ubuf.shape
     n, m, dv = qb.shape[2], kb.shape[2], vc.shape[2]  # qb: [lg, d, n], kb: [lg, d, m]
     r = plan.r
@@ -543,7 +767,7 @@ def _noncausal_blocks(
             nr = rp // cr
             part = torch.matmul(MwT, u1.view(lg, nr, cr, B))  # [lg, nr, dv+1, B]
             nd = part.sum(dim=1, dtype=torch.float64)  # [lg, dv+1, B]
-        o = (nd[:, :dv, :cnt] / nd[:, dv:, :cnt]).transpose(1, 2) + c  # [lg, cnt, dv]
+        o = (nd[:, :dv, :cnt] / nd[:, dv:, :cnt]).transpose(1, 2) * p2 + c  # [lg, cnt, dv]
         yield s, o
 
 
@@ -552,6 +776,7 @@ def _causal_blocks(
     kb: torch.Tensor,
     vc: torch.Tensor,
     c: torch.Tensor,
+    p2: torch.Tensor,
     w64: torch.Tensor,
     plan: GradedMonomials,
     xbuf: torch.Tensor,
@@ -610,7 +835,7 @@ def _causal_blocks(
         pair = pair.to(f64).masked_fill_(~visible, 0.0)  # [lg, T, b, b]
         diag = torch.matmul(pair, vt.to(f64))  # [lg, T, b, dv+1]
         nd = (off.to(f64).transpose(2, 3) + diag).reshape(lg, B, dv + 1)[:, : min(B, n - s)]
-        yield s, nd[..., :dv] / nd[..., dv:] + c  # [lg, cnt, dv]
+        yield s, nd[..., :dv] / nd[..., dv:] * p2 + c  # [lg, cnt, dv]
 
 
 def _polynomial_reference(
@@ -699,6 +924,21 @@ def _select(
                 key_inner = unit if causal else (ck or B)  # inner lengths of the products
                 feature_inner = cr or r
                 f64_terms = _float64_terms(n_k, r, key_inner, feature_inner, causal)
+                if causal and n_q > n_k:
+                    # rows >= n_k see every key and run the non-causal kernel with its own
+                    # geometry (_run_polynomial): certify the longer of the two inner lengths
+                    B2, ck2, cr2, _, _ = _geometry(
+                        rr,
+                        max(n_q - n_k, n_k),
+                        fp32=fp32,
+                        key_chunk=ck_max,
+                        feature_chunk=cr_max,
+                        causal=False,
+                        block=B,
+                    )
+                    key_inner = max(key_inner, ck2 or B2)
+                    feature_inner = max(feature_inner, cr2 or r)
+                    f64_terms = max(f64_terms, _float64_terms(n_k, r, ck2 or B2, cr2 or r, False))
                 bound = certified_bound(
                     approx,
                     features=feature_inner,
@@ -709,8 +949,9 @@ def _select(
                     value_absmax=value_absmax,
                     float64_terms=f64_terms,
                     centring_dtype=centring_dtype,
+                    dimension=d,
                 )
-                if bound.total > target:
+                if not bound.total <= target:  # (NaN-safe)
                     continue
                 if r > MAX_FEATURES or r * (dv + 1) * 8 > MAX_STATE_BYTES:
                     return _Selection(
@@ -868,7 +1109,9 @@ def _plan(
         )
         return plan, None
     target = eps * value_absmax
-    dtypes = (torch.float64,) if compute_dtype == torch.float64 else (torch.float32, torch.float64)
+    # float32 products are certified only when they are IEEE float32 (no TF32/bf16 inside)
+    f32 = compute_dtype != torch.float64 and float32_matmul_is_ieee()
+    dtypes = (torch.float32, torch.float64) if f32 else (torch.float64,)
     sel = _select(
         R=R,
         d=d,
@@ -988,12 +1231,13 @@ def _sample_error(
     worst = 0.0
     for sl in torch.unique(flat // n).tolist():
         idx = (flat[flat // n == sl] % n).to(q.device)  # [s]
-        exact = _exact_forward(
+        exact = _exact_wide(
             q[sl : sl + 1, idx].double(),
-            k[sl : sl + 1].double(),
+            centre(k[sl : sl + 1].double()),  # shift invariance: scores that fit float64
             v[sl : sl + 1].double(),
             scale,
             causal=causal,
+            dtype=torch.float64,
             positions=idx,
         )  # [1, s, dv]
         diff = (out[sl : sl + 1, idx].double() - exact).abs().max()
@@ -1080,8 +1324,9 @@ def attention(
     R = stats.radius  # matrix_radius(q3, centre(k3), s)
     value_range = stats.value_range  # exact in float64
     value_absmax = stats.value_absmax
-    # the computed midrange c may miss the true one by u |c|: widen the range accordingly
-    value_range += 4.0 * unit_roundoff(cd) * value_absmax
+    # the computed midrange c may miss the true one by u |c| (plus half the subnormal spacing
+    # when (hi + lo) / 2 underflows): widen the range accordingly
+    value_range += 4.0 * unit_roundoff(cd) * value_absmax + 2.0 * subnormal_spacing(cd)
     plan, cfg = _plan(
         method=method,
         R=R,
@@ -1119,8 +1364,15 @@ def attention(
                 reason=plan.reason.rstrip(".") + "; an intermediate overflowed, so exact was run.",
                 predicted_bound=None,
             )
+        elif value_absmax + bound > float(torch.finfo(out_dtype).max) / 2.0:
+            # near the top of the output dtype: clamp to the column's value range, where the
+            # exact output lies (never increases the error; keeps the rounded output finite)
+            ex = stats.extremes
+            lo = ex.v_lo.to(out3.dtype).unsqueeze(1)  # [L, 1, dv]
+            hi = ex.v_hi.to(out3.dtype).unsqueeze(1)
+            out3 = torch.minimum(torch.maximum(out3, lo), hi)
     if cfg is None:
-        out3 = _exact_forward(q3, k3, v3, s, causal=causal, progress=progress)
+        out3 = _run_exact(q3, k3, v3, stats, s, causal=causal, progress=progress)
     measured = None
     if sample_rows > 0:
         measured = _sample_error(out3.to(out_dtype), q3, k3, v3, s, causal, sample_rows)
@@ -1162,7 +1414,7 @@ def _run_polynomial(
             q3, k3, v3, cfg.approx, scale, causal=causal, progress=progress, extremes=extremes, **kw
         )
     if extremes is not None:  # the query extremes below are of row subsets: reduce them again
-        kw["extremes"] = dataclasses.replace(extremes, q_absmax=None)
+        kw["extremes"] = dataclasses.replace(extremes, q_absmax=None, balance=None)
     # causal, m < n: rows [0, m) are a square causal problem; rows [m, n) see every key
     top = _polynomial_forward(
         q3[:, :m], k3, v3, cfg.approx, scale, causal=True, progress=progress, **kw

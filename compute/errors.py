@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["Cancelled", "CertificationError", "ComputeError", "InvalidInputError"]
+__all__ = [
+    "Cancelled",
+    "CertificationError",
+    "ComputeError",
+    "InvalidInputError",
+    "OutOfRangeError",
+]
 
 
 class ComputeError(Exception):
@@ -16,6 +22,15 @@ class InvalidInputError(ComputeError, ValueError):
         self.argument = argument
         self.problem = problem
         super().__init__(f"{argument}: {problem}")
+
+
+class OutOfRangeError(InvalidInputError):
+    """Finite inputs whose result (or a quantity the exact computation needs) is outside the
+    range of the dtype it must be computed or returned in.
+
+    ``argument`` names the input responsible; the message gives the size that does not fit and
+    what to do (typically: pass float64 inputs, or rescale the named input).
+    """
 
 
 class CertificationError(ComputeError, ValueError):

@@ -45,7 +45,7 @@ from ._cost import Rates, rates
 from ._features import feature_count
 from ._poly import Approximation, tv_factor
 from ._poly import _make as _make_approx
-from ._radius import matrix_radius
+from ._radius import matrix_radius, midrange
 from ._validate import (
     check_count,
     check_dtype_name,
@@ -56,7 +56,7 @@ from ._validate import (
     check_tensor,
     compute_dtype_of,
 )
-from .errors import CertificationError, InvalidInputError
+from .errors import CertificationError, InvalidInputError, OutOfRangeError
 from .result import LoraResult, Plan
 
 __all__ = ["ADAPTER_NAMES", "lora_gradient", "plan_lora_gradient"]
@@ -320,6 +320,14 @@ def _adapter_grads(
         da = s * (b.to(g.dtype).T @ g)  # [r, dh]
         db = s * (g @ a.to(g.dtype).T)  # [dm, r]
         grads[mu] = (da.to(a.dtype), db.to(b.dtype))
+        for i, t in enumerate(grads[mu]):
+            if not bool(torch.isfinite(t).all()):
+                name = f"adapters[{mu!r}][{i}]"
+                raise OutOfRangeError(
+                    name,
+                    f"the gradient d{'AB'[i]}_{mu} does not fit {t.dtype} (it overflows or is "
+                    f"not finite in float64); pass float64 adapters, or rescale x, y or scale",
+                )
     return grads
 
 
@@ -356,7 +364,9 @@ def _exact_qkv_grads(
     for ib in range(nblocks):
         i0, i1 = ib * bq, min(L, (ib + 1) * bq)
         qb = q[:, i0:i1]  # [nb, b, dh]
-        f = torch.bmm(qb, kt).mul_(scale)  # [nb, b, L] scores
+        # scores [nb, b, L]: the scale applied to the queries first, so that Q K^T itself
+        # cannot overflow where the scaled scores fit (a tiny scale on huge projections)
+        f = torch.bmm(qb * scale, kt)
         f.sub_(f.amax(dim=-1, keepdim=True)).exp_()
         f.div_(f.sum(dim=-1, keepdim=True))  # F_b, rows sum to 1
         o = torch.bmm(f, v)  # [nb, b, dh]
@@ -365,16 +375,24 @@ def _exact_qkv_grads(
         dd = (e * o).sum(dim=-1, keepdim=True)  # [nb, b, 1]
         dv.baddbmm_(f.transpose(1, 2), e)  # dV += F_b^T E_b
         g = torch.bmm(e, vt).sub_(dd)  # [nb, b, L]  G - D
-        g.mul_(f)  # dS_b / scale... (scale applied below)
-        dq[:, i0:i1] = torch.bmm(g, k).mul_(scale)
+        g.mul_(f).mul_(scale)  # scale * dS_b: scaled before the products with K and Q, so
+        # that they cannot overflow where the scaled gradients fit (as the scores above)
+        dq[:, i0:i1] = torch.bmm(g, k)
         if dk is not None:
-            dk.baddbmm_(g.transpose(1, 2), qb, alpha=scale)
+            dk.baddbmm_(g.transpose(1, 2), qb)
         _call_progress(progress, ib + 1, nblocks)
     return float(loss), dq, dk, dv
 
 
-def _exact(inp: _Inputs, progress: Progress | None) -> tuple[float, dict[str, torch.Tensor]]:
-    dt = inp.dtype
+def _exact_in(
+    inp: _Inputs, dt: torch.dtype, progress: Progress | None
+) -> tuple[float, dict[str, torch.Tensor]] | None:
+    """The blocked closed form in ``dt``; None when anything it computes is not finite there.
+
+    An overflow anywhere (projections, scores, their running max, gradient terms) shows as an
+    inf or a NaN in the loss or the gradients (``inf - inf`` in the softmax shift), so one
+    finiteness check of the results decides; an ``exp`` that underflows is exact to ``dt``.
+    """
     w = _effective_weights(inp, dt)
     x = inp.x.to(dt)  # [nb, L, dm]
     q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]  # [nb, L, dh] each
@@ -386,7 +404,24 @@ def _exact(inp: _Inputs, progress: Progress | None) -> tuple[float, dict[str, to
     dw = {"q": xf.T @ dq.reshape(-1, dh), "v": xf.T @ dv.reshape(-1, dh)}  # [dm, dh]
     if dk is not None:
         dw["k"] = xf.T @ dk.reshape(-1, dh)
-    return loss, dw
+    ok = math.isfinite(loss) and all(bool(torch.isfinite(t).all()) for t in dw.values())
+    return (loss, dw) if ok else None
+
+
+def _exact(inp: _Inputs, progress: Progress | None) -> tuple[float, dict[str, torch.Tensor]]:
+    """The blocked closed form in the compute dtype, or in float64 when something leaves the
+    compute dtype's range; raises ``OutOfRangeError`` when float64 cannot hold it either."""
+    for dt in (inp.dtype, torch.float64) if inp.dtype != torch.float64 else (torch.float64,):
+        if abs(inp.scale) >= float(torch.finfo(dt).max):
+            continue  # the scale itself is beyond dt: its scores would overflow at once
+        got = _exact_in(inp, dt, progress)
+        if got is not None:
+            return got
+    raise OutOfRangeError(
+        "x",
+        "the projections x @ W, the scores scale * Q K^T, the loss or the gradients leave "
+        "the range of float64 for these inputs; rescale x, y, the weights or scale",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,8 +688,8 @@ def _prepare(inp: _Inputs) -> _Prepared:
         proj[mu] = x @ w  # [nb, L, dh]
         errs[mu] = coef * float((ax @ wabs).amax()) * _BOUND_INFLATE
     q, k, v = proj["q"], proj["k"], proj["v"]
-    ck = (k.amax(dim=1, keepdim=True) + k.amin(dim=1, keepdim=True)) / 2  # [nb, 1, dh]
-    cv = (v.amax(dim=1, keepdim=True) + v.amin(dim=1, keepdim=True)) / 2
+    ck = midrange(k.amax(dim=1, keepdim=True), k.amin(dim=1, keepdim=True))  # [nb, 1, dh]
+    cv = midrange(v.amax(dim=1, keepdim=True), v.amin(dim=1, keepdim=True))
     kc, vc = k - ck, v - cv
     yc = inp.y.to(f64) - cv
     e_q = errs["q"]
@@ -1171,6 +1206,14 @@ def lora_gradient(
         plan, approx = nxt.plan, nxt.approx
     loss, dw = _exact(inp, progress)
     grads = _adapter_grads(inp, dw)
+    used = next(iter(dw.values())).dtype
+    if used != inp.dtype:  # the compute dtype's pass overflowed: say so
+        plan = dataclasses.replace(
+            plan,
+            compute_dtype=str(used).replace("torch.", ""),
+            reason=plan.reason + " The exact pass overflowed in "
+            f"{str(inp.dtype).replace('torch.', '')} and was repeated in float64.",
+        )
     if tries:
         plan = dataclasses.replace(plan, extra={**plan.extra, "tries": tries})
     return LoraResult(loss, grads, None, plan, time.perf_counter() - t0)
@@ -1223,5 +1266,5 @@ def _radius_only(inp: _Inputs) -> float:
     w = _effective_weights(inp, torch.float64)
     x = inp.x.to(torch.float64)
     q, k = x @ w["q"], x @ w["k"]
-    kc = k - (k.amax(dim=1, keepdim=True) + k.amin(dim=1, keepdim=True)) / 2
+    kc = k - midrange(k.amax(dim=1, keepdim=True), k.amin(dim=1, keepdim=True))
     return matrix_radius(q, kc, inp.scale)

@@ -46,12 +46,13 @@ import numpy as np
 import torch
 
 from . import _native
-from ._bound import BoundParts, gamma, unit_roundoff
+from ._bound import BoundParts, gamma, subnormal_spacing, unit_roundoff
 from ._cost import best_time, predict_exact_attention, predict_polynomial_attention, rates
-from ._device import default_device
+from ._device import default_device, float32_matmul_is_ieee
 from ._features import GradedMonomials, feature_count, graded_monomials
 from ._poly import Approximation, certified_best
 from ._radius import _INFLATE as _RADIUS_INFLATE
+from ._radius import guard_norms, mul_up
 from ._validate import (
     check_count,
     check_dtype_name,
@@ -64,7 +65,7 @@ from ._validate import (
     check_tensor,
     compute_dtype_of,
 )
-from .errors import CertificationError, InvalidInputError
+from .errors import CertificationError, InvalidInputError, OutOfRangeError
 from .result import AttentionResult, Plan
 
 __all__ = ["plan_tensor_attention", "tensor_attention"]
@@ -86,6 +87,7 @@ CHUNK_FLOAT64 = 4096
 _EXACT_BLOCK = 1 << 20  # elements of one exact score block [B, bq, b1, n2] (4 MiB fp32)
 _FEATURE_BLOCK = 1 << 23  # entries of one feature block [r, columns] (32 MiB fp32)
 _U64 = 2.0**-53
+_F64 = torch.float64
 # log2 of the smallest subnormal: bounds the absolute error one multiplication (or down-cast)
 # may add on underflow (half of it, with round-to-nearest). Kept as a log: 2^-1074 is the last
 # representable float64 and a product with it would underflow.
@@ -161,19 +163,25 @@ def tensor_rounding_bound(
     6. The division (float64) and the cast to the output dtype: ``((1 + u64)(1 + u_out) - 1)
        (Vabs + E)``, ``u_out = 0`` for a float64 output.
     7. Gradual underflow: each multiplication or down-cast may add an absolute error of at most
-       ``eta`` (half the smallest subnormal). A term passes through at most ``3g + 10`` of them
+       ``eta`` (half the smallest subnormal). A term passes through at most ``3g + 13`` of them
+       (balancing in several exact steps, ``_mul_pow2_``, errs by at most ``2 eta`` per input)
        and every other factor is at most ``W entry_max^{3g}`` (balanced, normalised ``|v'| <= 1``),
        so ``num`` and ``den`` each gain at most ``n1 n2 H`` with
-       ``H = 2 (3g + 10) r eta W entry_max^{3g}``; relative to ``den`` that is
+       ``H = 2 (3g + 13) r eta W entry_max^{3g}``; relative to ``den`` that is
        ``H' = H e^R3 / (1 + dmin)``; with ``|T'| <= 1`` in normalised units the quotient moves by
        at most ``2 H' / (1 - Gamma rho - H')``, in output units times the normalisation factor
        ``2^(e1 + e2)`` (counted as ``8 H' 2^(e1+e2)``; an all-zero column is computed exactly).
        Negligible (about 1e-40) unless the degree is very high.
+    8. The result itself may be subnormal (values near the underflow threshold): the division
+       and the scaling by ``2^(e1 + e2)`` in float64 add at most half the float64 subnormal
+       spacing each, the cast to the output dtype at most half of its own (``sigma_out``, 0 for a
+       float64 output): ``A0 = sigma_64 + sigma_out / 2`` in absolute terms, the part of the
+       output dtype's cost that no relative term covers.
 
     Total, per slice and column::
 
         E     = (2 Gamma rho Vabs + 8 H' 2^(e1+e2)) / (1 - Gamma rho - H')
-        bound = t(dmin, dmax) range + E + ((1 + u64)(1 + u_out) - 1) (Vabs + E)
+        bound = t(dmin, dmax) range + E + ((1 + u64)(1 + u_out) - 1) (Vabs + E) + A0
 
     times ``1 + 1e-9`` for the float64 arithmetic of the bound itself. There is no term for the
     scores: they are never rounded (the features of the exact inputs carry them exactly).
@@ -206,10 +214,11 @@ def _rounding_coefficients(
     weight_max: float,
     entry_max: float,
     chunk: int,
-) -> tuple[float, float] | None:
-    """``(ca, cs)``: per entry, rounding ``= ca Vabs + cs 2^(e1+e2)`` (``tensor_rounding_bound``).
+) -> tuple[float, float, float] | None:
+    """``(ca, cs, c0)``: per entry, rounding ``= ca Vabs + cs 2^(e1+e2) + c0``
+    (``tensor_rounding_bound``).
 
-    Expands ``E + cast (Vabs + E)`` with ``E = (2 Gamma rho Vabs + 8 H' 2^(e1+e2)) / denom``.
+    Expands ``E + cast (Vabs + E) + A0`` with ``E = (2 Gamma rho Vabs + 8 H' 2^(e1+e2)) / denom``.
     None when no rounding bound exists (``dmin <= -1``, non-finite ``t``, ``denom <= 0``).
     """
     if approx.dmin <= -1.0 or not math.isfinite(approx.t):
@@ -244,7 +253,7 @@ def _rounding_coefficients_cached(
     weight_max: float,
     entry_max: float,
     c: int,
-) -> tuple[float, float] | None:
+) -> tuple[float, float, float] | None:
     """``_rounding_coefficients`` on the numbers it depends on (all discrete per shape: cached)."""
     u = unit_roundoff(compute_dtype)
     u_out = 0.0 if out_dtype == torch.float64 else unit_roundoff(out_dtype)
@@ -253,7 +262,7 @@ def _rounding_coefficients_cached(
     big_gamma = (1.0 + gamma(k_c, u)) * (1.0 + gamma(k_64, _U64)) - 1.0
     rho = kappa / (1.0 + dmin)
     log_h = (
-        math.log(2.0 * (3 * g + 10) * r)
+        math.log(2.0 * (3 * g + 13) * r)
         + _LOG2_ETA[compute_dtype] * math.log(2.0)
         + math.log(max(weight_max, 1e-300))
         + 3 * g * math.log(max(entry_max, 1.0))
@@ -267,11 +276,13 @@ def _rounding_coefficients_cached(
     cast = (1.0 + _U64) * (1.0 + u_out) - 1.0
     ca = (1.0 + cast) * (2.0 * big_gamma * rho / denom) + cast
     cs = (1.0 + cast) * (8.0 * h_rel / denom)
-    return ca, cs
+    sigma_out = 0.0 if out_dtype == torch.float64 else subnormal_spacing(out_dtype)
+    c0 = subnormal_spacing(torch.float64) + sigma_out / 2.0  # step 8
+    return ca, cs, c0
 
 
 def _bound_parts(
-    t: float, coef: tuple[float, float] | None, vr: np.ndarray, vavs: np.ndarray
+    t: float, coef: tuple[float, float, float] | None, vr: np.ndarray, vavs: np.ndarray
 ) -> BoundParts:
     """Max over entries of ``t range``, the rounding and their sum (times ``1 + 1e-9``).
 
@@ -284,9 +295,11 @@ def _bound_parts(
     poly_k = t * vr
     if coef is None:
         return BoundParts(float(poly_k.max()), math.inf, math.inf)
-    rounding_k = coef[0] * vavs[0] + coef[1] * vavs[1]
-    total = float((poly_k + rounding_k).max()) * (1.0 + 1e-9)
-    return BoundParts(float(poly_k.max()), float(rounding_k.max()), total)
+    rounding_k = coef[0] * vavs[0] + coef[1] * vavs[1]  # + coef[2], a constant, added below
+    total = (float((poly_k + rounding_k).max()) + coef[2]) * (1.0 + 1e-9)
+    if total < 2.0**-1000:  # the bound's own roundings where it is near float64's subnormals
+        total += 4.0 * subnormal_spacing(_F64)
+    return BoundParts(float(poly_k.max()), float(rounding_k.max()) + coef[2], total)
 
 
 def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -425,6 +438,137 @@ def _exact_forward(
     return out
 
 
+def _exact_is_safe(
+    maxima: list[float],
+    vmax: tuple[float, float],
+    scale: float,
+    d: int,
+    n1: int,
+    n2: int,
+    dtype: torch.dtype,
+) -> bool:
+    """Whether ``_exact_forward`` on the raw inputs keeps every intermediate finite in ``dtype``:
+    the scaled queries, their products with k1, the scores, the row shift (``|scale| d max|q|
+    max|k1| max|k2|`` bounds them all, with each factor at least 1) and the value sums
+    (``n1 n2 max|v1| max|v2|``, the weights being at most 1). The usual case by far."""
+    big = float(torch.finfo(dtype).max) / 64.0
+    qm, am, bm = maxima
+    v1m, v2m = vmax
+    scores = (abs(scale) + 1.0) * d * (qm + 1.0) * (am + 1.0) * (bm + 1.0)
+    return scores < big and n1 * n2 * (v1m + 1.0) * (v2m + 1.0) < big
+
+
+def _exact_wide(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    progress: Progress | None = None,
+) -> torch.Tensor:
+    """Exact tensor attention in ``dtype`` after exact power-of-two rescalings, as float64.
+
+    q, k1, k2 are balanced (``_balance_shifts``, applied by ``_mul_pow2_``: every intermediate
+    of ``_exact_forward`` is then at most ``64 d |scale| max|q| max|k1| max|k2|``), the value
+    columns normalised to ``max |v'| in [1/2, 1)`` (``_normalise_into``), and the result scaled
+    back by ``2^(e1 + e2)`` in float64 (``_times_pow2``). All scores zero (``scale == 0`` or an
+    all-zero input) is computed as such, so huge entries on the other inputs cannot meet a zero.
+    Raises ``OutOfRangeError`` when the balanced entries do not fit ``dtype``.
+    """
+    q, k1, k2, v1, v2 = (x.to(dtype) for x in (q, k1, k2, v1, v2))
+    maxima = [float(x.abs().amax()) for x in (q, k1, k2)]
+    shifts, scale_b, _ = _balance_shifts(maxima, scale, dtype)
+    if scale == 0.0 or min(maxima) == 0.0:
+        q, k1, k2, scale_b = torch.zeros_like(q), torch.zeros_like(k1), torch.zeros_like(k2), 0.0
+    elif shifts is None:
+        raise OutOfRangeError(
+            "q",
+            f"the scores scale * q k1 k2 are beyond the range of {dtype}; rescale q, k1 or k2, "
+            "or pass a smaller scale",
+        )
+    else:
+        q, k1, k2 = (x.clone() for x in (q, k1, k2))
+        for x, sh in zip((q, k1, k2), shifts, strict=True):
+            _mul_pow2_(x, sh)
+    e1, e2 = _value_exponents(v1), _value_exponents(v2)  # [B, 1, dv]
+    v1n, v2n = torch.empty_like(v1), torch.empty_like(v2)
+    _normalise_into(v1n, v1, e1, direct=False)
+    _normalise_into(v2n, v2, e2, direct=False)
+    out = _exact_forward(q, k1, k2, v1n, v2n, scale_b, progress)
+    return _times_pow2(out.double(), e1 + e2)
+
+
+@lru_cache(maxsize=8)
+def _dtype_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def _pow2_up(e: int) -> float:
+    """``2^e`` as a float: inf beyond float64 (2^1024 bounds values near the largest finite)."""
+    return math.ldexp(1.0, e) if e < 1024 else math.inf
+
+
+def _run_exact(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    scale: float,
+    stats: _Stats,
+    progress: Progress | None,
+) -> torch.Tensor:
+    """The exact path of ``tensor_attention``: the blocked kernel on the raw inputs when all its
+    intermediates are safely finite (``_exact_is_safe``), else ``_exact_wide`` in the input's
+    compute dtype when the balanced intermediates (``<= 64 d R3``) fit it, else in float64;
+    ``OutOfRangeError`` when R3 is beyond float64 too. Returns the compute dtype or float64."""
+    dtype = q.dtype
+    d, n1, n2 = q.shape[-1], k1.shape[1], k2.shape[1]
+    vmax = (_pow2_up(int(stats.e1.max())), _pow2_up(int(stats.e2.max())))  # >= max |v1|, |v2|
+    if _exact_is_safe(stats.maxima, vmax, scale, d, n1, n2, dtype):
+        return _exact_forward(q, k1, k2, v1, v2, scale, progress)
+    # P = |scale| max|q| max|k1| max|k2| (in logarithms: it may exceed float64): balanced
+    # entries are at most (16 P)^(1/3), every intermediate at most 64 d P (see _exact_wide)
+    if scale == 0.0 or min(stats.maxima) == 0.0:
+        log_p = -math.inf
+    else:
+        log_p = math.log(abs(scale)) + sum(math.log(m) for m in stats.maxima)
+    log_need = max(
+        math.log(64.0 * d) + log_p,
+        math.log(8.0) + (2.0 / 3.0) * (math.log(16.0) + log_p),
+        math.log(4.0 * n1 * n2),
+    ) + math.log(3.0)
+    for wide in (dtype, torch.float64):
+        if log_need < math.log(float(torch.finfo(wide).max) / 64.0):
+            return _exact_wide(q, k1, k2, v1, v2, scale, wide, progress)
+    raise OutOfRangeError(
+        "q",
+        f"the scores scale * q k1 k2 reach about 1e{log_p / math.log(10.0):.0f} (|scale| "
+        "max|q| max|k1| max|k2|), beyond the range of float64; rescale q, k1 or k2, or pass a "
+        "smaller scale",
+    )
+
+
+def _check_output_range(out: torch.Tensor, top: float) -> None:
+    """Raise ``OutOfRangeError`` when the rounded output is not finite: the products
+    ``v1 ⊘ v2`` (up to ``top``) put the result beyond the largest number of its dtype."""
+    if bool(torch.isfinite(out).all()):
+        return
+    fmax = float(torch.finfo(out.dtype).max)
+    wider = "float64" if out.dtype == torch.float32 else "float32 or float64"
+    if out.dtype == torch.float64:
+        todo = "rescale v1 or v2 (the output is linear in each)"
+    else:
+        todo = f"pass {wider} inputs, or rescale v1 or v2 (the output is linear in each)"
+    raise OutOfRangeError(
+        "v1",
+        f"the products v1 * v2 reach {top:.3g} and the output does not fit {out.dtype} "
+        f"(largest {fmax:.3g}); {todo}",
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Polynomial path
 # --------------------------------------------------------------------------------------------
@@ -478,16 +622,30 @@ def _weights(approx: Approximation, tables: GradedMonomials, scale: float) -> to
 @lru_cache(maxsize=256)
 def _weights_cached(d: int, g: int, coeffs: tuple[float, ...], scale: float) -> torch.Tensor:
     tables = graded_monomials(d, g)
-    coef = np.array([c * scale**m for m, c in enumerate(coeffs)], dtype=np.float64)  # [g+1]
+    with np.errstate(over="ignore", invalid="ignore"):  # an unplanned huge scale: inf, no raise
+        powers = np.power(float(scale), np.arange(len(coeffs), dtype=np.float64))
+        coef = np.asarray(coeffs, dtype=np.float64) * powers  # [g+1]
     return torch.from_numpy(coef[tables.degree] * tables.multinomial)  # [r]
 
 
 def _weight_max(approx: Approximation, scale: float) -> float:
-    """``>= max_a |w_a|`` without building tables: ``|a|!/a! <= |a|!``."""
-    return max(
-        abs(float(approx.coeffs[m])) * abs(scale) ** m * math.factorial(m) * (1.0 + 1e-12)
-        for m in range(approx.degree + 1)
-    )
+    """``>= max_a |w_a|`` without building tables: ``|a|!/a! <= |a|!``; inf when that is beyond
+    float64 (an unbalanced huge scale: such a polynomial is then never planned)."""
+    if 0.125 <= abs(scale) <= 8.0:  # balanced (the usual case): nothing can overflow
+        return max(
+            abs(float(approx.coeffs[m])) * abs(scale) ** m * math.factorial(m) * (1.0 + 1e-12)
+            for m in range(approx.degree + 1)
+        )
+    out = 0.0
+    for m in range(approx.degree + 1):
+        c = abs(float(approx.coeffs[m]))
+        if c == 0.0 or (m and scale == 0.0):
+            continue
+        log_w = math.log(c) + math.lgamma(m + 1) + (m * math.log(abs(scale)) if m else 0.0)
+        if log_w > 709.0:
+            return math.inf
+        out = max(out, math.exp(log_w) * (1.0 + 1e-12))
+    return out
 
 
 def _chunked_moments(f: torch.Tensor, ve: torch.Tensor, chunk: int, acc: torch.Tensor) -> None:
@@ -800,6 +958,14 @@ def _run_native(
     """
     xt = stats.xt.contiguous()  # [d, B, N] float32, balanced in place below
     d, B, N = xt.shape
+    if shifts is not None and not -120 <= min(shifts) <= max(shifts) <= 120:
+        # the kernel applies one normal float32 factor per input: larger shifts (subnormal or
+        # huge inputs with a compensating scale) are applied here, in exact steps
+        n2 = N - n - n1
+        spans = ((0, n), (n, n + n1), (n + n1, n + n1 + n2))
+        for (lo, hi), big in zip(spans, shifts, strict=True):
+            _mul_pow2_(xt[:, :, lo:hi], big)
+        shifts = None
     v1, v2 = v1.contiguous(), v2.contiguous()  # [B, n1, dv], [B, n2, dv]
     e1, e2 = stats.e1.contiguous(), stats.e2.contiguous()  # [B, 1, dv] int64
     dv = v1.shape[-1]
@@ -855,7 +1021,9 @@ def _balance_shifts(
     [1/2, 4)``: features of degree g stay below ``entry_max^g``. Returns
     ``(shifts, scale', entry_max)`` with ``entry_max >= max(1, every balanced |entry|)``;
     ``shifts`` is None (inputs left as they are, ``scale' = scale``) when an input is all
-    zeros, ``scale`` is 0, or a shift would leave the exponent range of ``dtype``.
+    zeros, ``scale`` is 0, or the balanced entries ``2^t`` would not fit ``dtype`` (scores far
+    beyond its range: nothing can be planned there). Shifts of any size are applied exactly by
+    ``_mul_pow2_`` (several normal factors where one would leave the dtype's range).
     """
     plain = max(1.0, *maxima)
     if scale == 0.0 or min(maxima) == 0.0:
@@ -863,11 +1031,26 @@ def _balance_shifts(
     exps = [math.frexp(m)[1] for m in maxima]  # m = f 2^e, f in [1/2, 1)
     big = math.frexp(abs(scale))[1] + sum(exps)
     t = big // 3
-    shifts = [t - e for e in exps]
-    limit = 120 if dtype != torch.float64 else 1000
-    if max(abs(sh) for sh in shifts) > limit:
+    if t >= math.frexp(float(torch.finfo(dtype).max))[1] - 2:
         return None, scale, plain
-    return shifts, math.ldexp(scale, -sum(shifts)), max(1.0, 2.0**t)
+    shifts = [t - e for e in exps]
+    return shifts, math.ldexp(scale, -sum(shifts)), max(1.0, math.ldexp(1.0, t))
+
+
+# powers of two one multiplication applies in each dtype (normal numbers, with margin)
+_POW2_STEP = {torch.float32: 120, torch.float64: 1000}
+
+
+def _mul_pow2_(x: torch.Tensor, sh: int) -> None:
+    """``x *= 2^sh`` in place, in steps whose factors are normal numbers of ``x.dtype``: exact
+    but for underflow, where each step rounds once (at most twice the subnormal spacing in all
+    when scaling down, the later steps shrinking the earlier errors; nothing underflows when
+    scaling up). One step, the same multiplication as before, whenever it fits."""
+    lim = _POW2_STEP.get(x.dtype, 120)
+    while sh != 0:
+        step = max(-lim, min(lim, sh))
+        x.mul_(2.0**step)
+        sh -= step
 
 
 def _value_exponents(v: torch.Tensor) -> torch.Tensor:
@@ -1045,26 +1228,35 @@ def _statistics(
             if not ok:
                 raise InvalidInputError(name, "contains NaN or Inf")
     two = np.sqrt(sq_max)  # [B, 3]: largest row 2-norm of q, k1, k2
-    # the three Hölder splittings of tensor_radius: the inf-norm on one factor, 2-norms on two
-    with np.errstate(over="ignore", invalid="ignore"):
+    if top_abs.min() > 2.0**-200 and top_abs.max() < 2.0**200 and 2.0**-300 < abs(scale) < 2.0**300:
+        # the usual case: no product below can under- or overflow (as in tensor_radius)
         options = np.stack(
             [
-                two[:, 0] * two[:, 1] * top_abs[:, 2],
-                two[:, 0] * top_abs[:, 1] * two[:, 2],
-                top_abs[:, 0] * two[:, 1] * two[:, 2],
+                two[:, 0] * two[:, 1] * top_abs[:, 2] * abs(scale),
+                two[:, 0] * top_abs[:, 1] * two[:, 2] * abs(scale),
+                top_abs[:, 0] * two[:, 1] * two[:, 2] * abs(scale),
             ]
-        )  # [3, B]
-        radius = float(options.min(axis=0).max()) * abs(scale) * _RADIUS_INFLATE
+        )  # [3, B]: the three Hölder splittings (inf-norm on one factor, 2-norms on two)
+    else:  # guarded norms and products formed from mantissas and exponents (tensor_radius)
+        two = guard_norms(two, top_abs, q.shape[-1])
+        options = mul_up(
+            np.stack([two[:, 0], two[:, 0], top_abs[:, 0]]),
+            np.stack([two[:, 1], top_abs[:, 1], two[:, 1]]),
+            np.stack([top_abs[:, 2], two[:, 2], two[:, 2]]),
+            np.full((3, B), abs(scale)),
+        )
+    radius = float(options.min(axis=0).max()) * _RADIUS_INFLATE
+    with np.errstate(over="ignore", invalid="ignore"):  # products beyond float64: inf
         corners = np.stack([h1 * h2, h1 * l2, l1 * h2, l1 * l2])  # [4, B, dv]
-    top, bottom = corners.max(axis=0), corners.min(axis=0)
-    infl = 4.0 * _U64
-    value_range = (top - bottom) * (1.0 + infl) + (np.abs(top) + np.abs(bottom)) * infl
-    value_absmax = np.abs(corners).max(axis=0) * (1.0 + infl)  # [B, dv]
-    e1 = np.frexp(np.maximum(h1, -l1))[1].astype(np.int64)  # [B, dv]
-    e2 = np.frexp(np.maximum(h2, -l2))[1].astype(np.int64)  # [B, dv]
-    value_scale = np.where(
-        value_absmax > 0, np.maximum(np.ldexp(1.0, e1 + e2), 5e-324), 0.0
-    )  # [B, dv]: 2^(e1+e2), never rounded down to 0 for a nonzero column
+        top, bottom = corners.max(axis=0), corners.min(axis=0)
+        infl = 4.0 * _U64
+        value_range = (top - bottom) * (1.0 + infl) + (np.abs(top) + np.abs(bottom)) * infl
+        value_absmax = np.abs(corners).max(axis=0) * (1.0 + infl)  # [B, dv]
+        e1 = np.frexp(np.maximum(h1, -l1))[1].astype(np.int64)  # [B, dv]
+        e2 = np.frexp(np.maximum(h2, -l2))[1].astype(np.int64)  # [B, dv]
+        value_scale = np.where(
+            value_absmax > 0, np.maximum(np.ldexp(1.0, e1 + e2), 5e-324), 0.0
+        )  # [B, dv]: 2^(e1+e2), never rounded down to 0 for a nonzero column
     return _Stats(
         radius=radius if math.isfinite(radius) else math.inf,
         maxima=[float(m) for m in top_abs.max(axis=0)],
@@ -1123,13 +1315,6 @@ def _fmt_seconds(x: float) -> str:
     if x >= 1e-3:
         return f"{x * 1e3:.3g} ms"
     return f"{x * 1e6:.3g} us"
-
-
-def _float32_matmul_is_ieee() -> bool:
-    """False when float32 products may run in TF32/bf16: then only float64 is certified."""
-    if torch.get_float32_matmul_precision() != "highest":
-        return False
-    return not bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def _rho(radius: float, n: int, n1: int, n2: int) -> float:
@@ -1219,7 +1404,7 @@ def _native_rate() -> float:
 
 def _choose(p: _Problem) -> _Choice | None:
     """Cheapest certified (degree, compute dtype); float32 first, float64 when it helps."""
-    if p.exact_dtype == torch.float64 or not _float32_matmul_is_ieee():
+    if p.exact_dtype == torch.float64 or not float32_matmul_is_ieee():
         return _first_certified(p, torch.float64)
     c32 = _first_certified(p, torch.float32)
     if c32 is not None and c32.approx.degree <= 1:
@@ -1483,7 +1668,8 @@ def tensor_attention(
     fq, fa, fb, fv1, fv2 = (flat(x, exact_dtype) for x in (tq, ta, tb, va, vb))
     stats = _statistics(fq, fa, fb, fv1, fv2, sc)  # raises for NaN/Inf
     e1, e2 = stats.e1, stats.e2  # [B, 1, dv] each
-    target = eps * float(stats.value_absmax.max())
+    top = float(stats.value_absmax.max()) if stats.value_absmax.size else 0.0
+    target = eps * top
     shifts, scale_b, entry_max = _balance_shifts(stats.maxima, sc, exact_dtype)
     problem = _Problem(
         n=n,
@@ -1506,7 +1692,7 @@ def tensor_attention(
     )
     plan, choice = _make_plan(problem, method)
     if choice is None:
-        out = _exact_forward(fq, fa, fb, fv1, fv2, sc, progress).to(out_dtype)
+        out = _run_exact(fq, fa, fb, fv1, fv2, sc, stats, progress).to(out_dtype)
         bound = None
     elif (kern := _native_run_ok(choice, stats.xt, fv1, fv2)) is not None:
         out = _run_native(
@@ -1520,7 +1706,7 @@ def tensor_attention(
             spans = ((0, n), (n, n + n1), (n + n1, n + n1 + n2))
             for (lo, hi), sh in zip(spans, shifts, strict=True):
                 if sh != 0:
-                    xt[:, :, lo:hi].mul_(2.0**sh)
+                    _mul_pow2_(xt[:, :, lo:hi], sh)
         ve = torch.empty(batch, n1 + n2, dv + 1, dtype=cd, device=dev)  # [v1; v2 | 1]
         ve[..., dv].fill_(1.0)
         small = exact_dtype == torch.float32  # exponents of float32 data: |e1 + e2| <= 300
@@ -1531,16 +1717,19 @@ def tensor_attention(
         )  # [B, n, dv] float64
         out = _times_pow2(t64, e1 + e2, direct=small).to(out_dtype)  # exact in float64
         bound = choice.bound.total
+    if top * (1.0 + 1e-6) + (bound or 0.0) >= _dtype_max(out_dtype):
+        _check_output_range(out, top)  # the output may not fit its dtype: say so, never inf
     measured = None
     if sample_rows > 0:
         rows = _sample_indices(n, sample_rows, dev)
-        ref = _exact_forward(
+        ref = _exact_wide(
             flat(tq, torch.float64)[:, rows],
             flat(ta, torch.float64),
             flat(tb, torch.float64),
             flat(va, torch.float64),
             flat(vb, torch.float64),
             sc,
+            torch.float64,
         )  # [B, rows, dv]
         measured = float((out[:, rows].double() - ref).abs().max())
     return AttentionResult(

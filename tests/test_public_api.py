@@ -16,6 +16,7 @@ def test_compute_all_is_exactly_the_public_surface() -> None:
             "ComputeError",
             "InvalidInputError",
             "LoraResult",
+            "OutOfRangeError",
             "Plan",
             "attention",
             "default_device",
@@ -77,3 +78,4 @@ def test_errors_are_value_errors() -> None:
     assert issubclass(compute.InvalidInputError, ValueError)
     assert issubclass(compute.CertificationError, ValueError)
     assert issubclass(compute.InvalidInputError, compute.ComputeError)
+    assert issubclass(compute.OutOfRangeError, compute.InvalidInputError)

@@ -19,7 +19,11 @@
  * of depth 4: at most 1 + (chunk - 5) + 4 = chunk roundings per term even without fused
  * multiply-adds (adding the exact zeros of empty lanes rounds nothing, so fewer than 16 keys
  * stay within their own count), and no more float64 additions than ceil(m / chunk). So the
- * bound of the PyTorch route covers this code unchanged. Compile WITHOUT -ffast-math (it would
+ * bound of the PyTorch route covers this code unchanged. Gradual underflow is outside the
+ * relative count and covered by the bound's absolute terms, as for the PyTorch route: each
+ * product or down-cast with a subnormal result (balancing, value normalisation, features,
+ * the cast of Me) is in the model's underflow term H', and the final (float) of a float32
+ * output, possibly subnormal, in its absolute term (half a float32 subnormal spacing). Compile WITHOUT -ffast-math (it would
  * flush subnormals to zero and reassociate sums); -ffp-contract=fast only creates FMAs (in
  * the dot products: no other expression here multiplies and adds).
  *
