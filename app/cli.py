@@ -52,6 +52,18 @@ def _load_inputs(specs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, params
 
 
+def _options(extra: list[str]) -> dict[str, str]:
+    """``--key value`` / ``--key=value`` pairs (the planner's other arguments)."""
+    out: dict[str, str] = {}
+    it = iter(extra)
+    for token in it:
+        if not token.startswith("--"):
+            raise SystemExit(f"attn plan: expected --KEY VALUE, got {token!r}")
+        key, eq, value = token[2:].partition("=")
+        out[key.replace("-", "_")] = value if eq else next(it, "true")
+    return out
+
+
 def _bar(rec: dict[str, Any], start: float) -> None:
     prog = rec.get("progress") or {}
     done, total = prog.get("done", 0), prog.get("total", 0)
@@ -101,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("submit", help="queue a job from .npy / .safetensors files")
-    s.add_argument("op", choices=["attention", "tensor-attention", "lora-gradient"])
+    s.add_argument("op", help="the operation: attention, tensor-attention, lora-gradient, ...")
     s.add_argument("inputs", nargs="+", help="NAME=file.npy or [PREFIX=]file.safetensors")
     s.add_argument("--param", action="append", default=[], help="KEY=VALUE (JSON value)")
     s.add_argument("--binary", action="store_true", help="always send safetensors")
@@ -121,13 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("result", help="fetch a finished job's result")
     r.add_argument("id")
     r.add_argument("--out")
-    pl = sub.add_parser("plan", help="what the planner would do, without running")
-    pl.add_argument("op", choices=["attention", "tensor-attention", "lora-gradient"])
+    pl = sub.add_parser(
+        "plan",
+        help="what the planner would do, without running",
+        description="attn plan OP --n N --d D --radius R [--eps E] [--KEY VALUE ...]: any of "
+        "the operation's planner arguments (GET /v1/plan lists them)",
+    )
+    pl.add_argument("op", help="the operation")
     for flag in ("--n", "--d", "--radius"):
         pl.add_argument(flag, required=True)
     pl.add_argument("--eps", default="0.001")
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd != "plan":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    options = _options(extra) if args.cmd == "plan" else {}
     try:
         with Client(args.url, api_key=args.api_key) as client:
             if args.cmd == "submit":
@@ -156,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             elif args.cmd == "result":
                 _emit(Job(client, {"id": args.id}).result(), args.out)
             elif args.cmd == "plan":
-                q = {"n": args.n, "d": args.d, "radius": args.radius, "eps": args.eps}
+                q = {"n": args.n, "d": args.d, "radius": args.radius, "eps": args.eps, **options}
                 print(json.dumps(client.plan(args.op, **q), indent=2))
     except ClientError as exc:
         print(f"attn: {exc}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Attention, tensor attention and LoRA gradients, with certified error bounds.
 
 One public function per operation; each returns the output, a certified bound on its error and
-the plan (exact or polynomial, and why). PyTorch only: no web or queue imports.
+the plan (exact or polynomial, and why). ``OPERATIONS`` is the registry the service derives its
+routes, models and dispatch from. PyTorch only: no web or queue imports.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from .errors import (
     OutOfRangeError,
 )
 from .lora import lora_gradient, plan_lora_gradient
+from .registry import OPERATIONS, Operation
 from .result import AttentionResult, LoraResult, Plan
 from .tensor_attention import plan_tensor_attention, tensor_attention
 
 __all__ = [
+    "OPERATIONS",
     "AttentionResult",
     "Cancelled",
     "CertificationError",
     "ComputeError",
     "InvalidInputError",
     "LoraResult",
+    "Operation",
     "OutOfRangeError",
     "Plan",
     "attention",

@@ -13,7 +13,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.api.requests import OPS, parse_binary, parse_json
+from app.api.requests import parse_binary, parse_json, specs
 from app.jobs.codec import DATATYPES, decode_safetensors, encode_safetensors, from_array
 from app.jobs.errors import ServiceError, http_status
 
@@ -97,7 +97,7 @@ def test_safetensors_decoder_never_fails_badly(body: bytes) -> None:
     for t in tensors.values():
         assert t.datatype in DATATYPES and len(t.data) == t.nbytes
         assert t.numel <= MAX_ELEMENTS
-    _checked(lambda: parse_binary(OPS["attention"], tensors, meta))
+    _checked(lambda: parse_binary(specs()["attention"], tensors, meta))
 
 
 @st.composite
@@ -133,7 +133,9 @@ def json_bodies(draw: Any) -> bytes:
 @FUZZ
 @given(body=st.one_of(json_bodies(), st.binary(max_size=256), st.text(max_size=64).map(str.encode)))
 def test_json_decoder_never_fails_badly(body: bytes) -> None:
-    got = _bounded(lambda: parse_json(OPS["attention"], body, max_elements=MAX_ELEMENTS), len(body))
+    got = _bounded(
+        lambda: parse_json(specs()["attention"], body, max_elements=MAX_ELEMENTS), len(body)
+    )
     if got is not None:
         _, tensors = got
         assert set(tensors) == {"q", "k", "v"}
@@ -152,7 +154,7 @@ def test_a_valid_body_decodes_to_its_tensors(shape: list[int], dtype: Any, seed:
     arrays = {n: g.standard_normal(shape).astype(dtype) for n in "qkv"}
     body = encode_safetensors({n: from_array(a) for n, a in arrays.items()}, {"eps": "0.01"})
     tensors, meta = decode_safetensors(body, max_elements=MAX_ELEMENTS)
-    params, checked = parse_binary(OPS["attention"], tensors, meta)
+    params, checked = parse_binary(specs()["attention"], tensors, meta)
     assert params["eps"] == 0.01
     for n, a in arrays.items():
         np.testing.assert_array_equal(checked[n].to_numpy(), a)

@@ -16,6 +16,8 @@ def test_compute_all_is_exactly_the_public_surface() -> None:
             "ComputeError",
             "InvalidInputError",
             "LoraResult",
+            "OPERATIONS",
+            "Operation",
             "OutOfRangeError",
             "Plan",
             "attention",
@@ -79,3 +81,10 @@ def test_errors_are_value_errors() -> None:
     assert issubclass(compute.CertificationError, ValueError)
     assert issubclass(compute.InvalidInputError, compute.ComputeError)
     assert issubclass(compute.OutOfRangeError, compute.InvalidInputError)
+
+
+def test_registry_lists_the_three_operations_with_their_public_functions() -> None:
+    assert list(compute.OPERATIONS) == ["attention", "tensor-attention", "lora-gradient"]
+    assert compute.OPERATIONS["attention"].plan is compute.plan_attention
+    assert compute.OPERATIONS["tensor-attention"].plan is compute.plan_tensor_attention
+    assert compute.OPERATIONS["lora-gradient"].plan is compute.plan_lora_gradient

@@ -96,7 +96,7 @@ def test_json_has_its_own_smaller_limit_binary_does_not(api: Any) -> None:
 
 
 def test_declared_shape_over_the_limit_is_refused_before_the_lists_are_built() -> None:
-    from app.api.requests import OPS, parse_json
+    from app.api.requests import parse_json, specs
     from app.jobs.errors import InvalidInput
 
     data = ",".join(["0.5"] * 400_000)
@@ -108,7 +108,7 @@ def test_declared_shape_over_the_limit_is_refused_before_the_lists_are_built() -
     tracemalloc.start()
     try:
         with pytest.raises(InvalidInput, match=r"q\.shape.*MAX_ELEMENTS"):
-            parse_json(OPS["attention"], raw, max_elements=1000)
+            parse_json(specs()["attention"], raw, max_elements=1000)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -32,7 +32,7 @@ import compute
 from app.api.deps import QueueDep, deadline, within
 from app.api.guard import Guard
 from app.api.models import HealthPublic
-from app.api.requests import OPS
+from app.api.requests import specs
 from app.api.responses import error_response
 from app.api.routes import build_router
 from app.jobs import metrics
@@ -42,7 +42,6 @@ from app.jobs.errors import (
 )
 from app.jobs.notify import Completions
 from app.jobs.queue import AsyncQueue
-from app.jobs.records import OPS as QUEUE_OPS
 from app.jobs.settings import Settings, get_settings
 
 __all__ = [
@@ -143,7 +142,7 @@ def create_app(settings: Settings | None = None, *, client: Any = None) -> FastA
     async def ready(queue: QueueDep) -> JSONResponse:
         """Redis reachable, every consumer group present and a worker with a current lease."""
         try:
-            st = await within(deadline(settings), queue.status(QUEUE_OPS))
+            st = await within(deadline(settings), queue.status())
         except (redis.RedisError, ServiceError):
             body = {"status": "unavailable", "redis": False, "workers": 0, "groups": False}
             return JSONResponse(body, status_code=503)
@@ -174,7 +173,7 @@ def create_app(settings: Settings | None = None, *, client: Any = None) -> FastA
     async def prometheus(queue: QueueDep) -> Response:
         """Prometheus text format."""
         try:
-            metrics.set_from_status(await within(deadline(settings), queue.status(QUEUE_OPS)))
+            metrics.set_from_status(await within(deadline(settings), queue.status()))
         except (redis.RedisError, ServiceError) as exc:
             log.warning("metrics: Redis unreachable (%s)", type(exc).__name__)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -186,7 +185,7 @@ def create_app(settings: Settings | None = None, *, client: Any = None) -> FastA
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for spec in OPS.values():
+        for spec in specs().values():
             js = spec.request.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, sub in js.pop("$defs", {}).items():
                 components.setdefault(name, sub)

@@ -1,149 +1,139 @@
-"""The three operations as the API sees them: request models, tensor names, up-front checks.
+"""Requests as the API sees them, derived from the operation registry (``compute.registry``):
+the JSON request and parameter models, the tensor names, and the up-front checks.
 
 A request becomes ``(params, tensors)``: params a JSON-safe dict for the compute call, tensors a
-``{name: RawTensor}`` map (nested LoRA adapters named ``adapters.q.a``). Shapes are checked here,
-before anything is queued, so bad input is a 422 and never a failed job.
+``{name: RawTensor}`` map (nested names such as ``adapters.q.a``). Shapes are checked with the
+operation's own shape rule before anything is queued, so bad input is a 422, never a failed job.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from app.api.models import (
-    AttentionParams,
-    AttentionRequest,
-    LoraGradientParams,
-    LoraGradientRequest,
-    TensorAttentionParams,
-    TensorAttentionRequest,
-    TensorJSON,
-)
+from app.api.models import TensorJSON
 from app.jobs.codec import RawTensor, check_shape, from_json
 from app.jobs.errors import BadRequest, InvalidInput
+from compute.registry import OPERATIONS, REQUIRED, Operation, Scalar
 
 __all__ = [
-    "OPS",
     "OpSpec",
     "parse_binary",
     "parse_json",
+    "plan_model",
+    "specs",
     "validation_message",
 ]
 
 Tensors = dict[str, RawTensor]
 
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"[-_.]", name) if part)
+
+
+def _field(s: Scalar) -> tuple[Any, Any]:
+    tp: Any = Literal[s.choices] if s.choices else s.type
+    if s.nullable:
+        tp = tp | None
+    default = ... if s.default is REQUIRED else s.default
+    return tp, Field(default, description=s.doc or None, gt=s.gt, ge=s.ge, lt=s.lt, le=s.le)
+
+
+def _params_model(op: Operation) -> type[BaseModel]:
+    fields: dict[str, Any] = {s.name: _field(s) for s in op.params}
+    return create_model(f"{_camel(op.name)}Params", __config__=_STRICT, **fields)
+
+
+def plan_model(op: Operation) -> type[BaseModel]:
+    """``/v1/plan``'s query for ``op`` (strings converted; other operations' names ignored)."""
+    fields: dict[str, Any] = {s.name: _field(s) for s in op.plan_params}
+    config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    return create_model(f"{_camel(op.name)}PlanQuery", __config__=config, **fields)
+
+
+def _request_model(op: Operation, params: type[BaseModel]) -> type[BaseModel]:
+    """The JSON body: the parameters and the tensors, dotted names nested. A group whose tensors
+    are all optional may be omitted; when present, all of it is required."""
+    tree: dict[str, Any] = {}
+    for t in op.tensors:
+        node = tree
+        *path, leaf = t.name.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = t
+
+    def build(node: dict[str, Any], prefix: str) -> tuple[type[BaseModel], bool]:
+        fields: dict[str, Any] = {}
+        required_any = False
+        for key, child in node.items():
+            if isinstance(child, dict):
+                model, required = build(child, f"{prefix}.{key}" if prefix else key)
+                fields[key] = (model, ...) if required else (model | None, None)
+            else:
+                required = child.required
+                fields[key] = (
+                    TensorJSON,
+                    Field(..., description=f"{child.name} {child.shape}"),
+                )
+            required_any = required_any or required
+        name = f"{_camel(op.name)}{_camel(prefix)}"
+        return create_model(name, __config__=_STRICT, **fields), required_any
+
+    fields: dict[str, Any] = {}
+    for key, child in tree.items():
+        if isinstance(child, dict):
+            model, required = build(child, key)
+            fields[key] = (model, ...) if required else (model | None, None)
+        else:
+            fields[key] = (
+                TensorJSON,
+                Field(...) if child.required else Field(None),
+            )
+    return create_model(f"{_camel(op.name)}Request", __base__=params, __doc__=op.summary, **fields)
+
 
 @dataclass(frozen=True)
 class OpSpec:
-    name: str
+    """An operation as the API handles it (built from its registry entry)."""
+
+    op: Operation
     request: type[BaseModel]
     params: type[BaseModel]
-    fixed_tensors: tuple[str, ...]
-    check: Callable[[Tensors], None]
+
+    @property
+    def name(self) -> str:
+        return self.op.name
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.op.tensors)
+
+    def check(self, tensors: Tensors) -> None:
+        """The operation's shape rule (raises ``compute.InvalidInputError``: a 422)."""
+        self.op.check_shapes({n: t.shape for n, t in tensors.items()})
 
 
-def _dims(name: str, t: RawTensor, *, exact: int | None = None) -> tuple[int, ...]:
-    if exact is not None and len(t.shape) != exact:
-        raise InvalidInput(
-            f"expected {exact} dimensions, got {list(t.shape)}", field=f"{name}.shape"
-        )
-    if len(t.shape) < 2:
-        raise InvalidInput(
-            f"expected at least 2 dimensions (..., rows, cols), got {list(t.shape)}",
-            field=f"{name}.shape",
-        )
-    if 0 in t.shape:
-        raise InvalidInput(f"empty tensor (shape {list(t.shape)})", field=f"{name}.shape")
-    return t.shape
+_SPECS: dict[str, tuple[Operation, OpSpec]] = {}
 
 
-def _same(names: list[str], values: list[Any], what: str) -> None:
-    for name, value in zip(names[1:], values[1:], strict=True):
-        if value != values[0]:
-            raise InvalidInput(
-                f"{what} {value} does not match {names[0]}'s {values[0]}", field=f"{name}.shape"
-            )
-
-
-def _check_attention(t: Tensors) -> None:
-    q, k, v = (_dims(n, t[n]) for n in ("q", "k", "v"))
-    _same(["q", "k", "v"], [list(x[:-2]) for x in (q, k, v)], "leading dimensions")
-    _same(["q", "k"], [q[-1], k[-1]], "head dimension")
-    _same(["k", "v"], [k[-2], v[-2]], "key count")
-
-
-def _check_tensor_attention(t: Tensors) -> None:
-    names = ["q", "k1", "k2", "v1", "v2"]
-    s = {n: _dims(n, t[n]) for n in names}
-    _same(names, [list(s[n][:-2]) for n in names], "leading dimensions")
-    _same(["q", "k1", "k2"], [s[n][-1] for n in ("q", "k1", "k2")], "head dimension")
-    _same(["k1", "k2", "v1", "v2"], [s[n][-2] for n in ("k1", "k2", "v1", "v2")], "key count")
-    _same(["v1", "v2"], [s["v1"][-1], s["v2"][-1]], "value dimension")
-
-
-def _check_lora(t: Tensors) -> None:
-    x, y = _dims("x", t["x"]), _dims("y", t["y"])
-    w = {m: _dims(f"w_{m}", t[f"w_{m}"], exact=2) for m in "qkv"}
-    _same(["x", "y"], [list(x[:-1]), list(y[:-1])], "leading dimensions")
-    for m in "qkv":
-        if w[m][0] != x[-1]:
-            raise InvalidInput(
-                f"rows {w[m][0]} do not match x's feature dimension {x[-1]}", field=f"w_{m}.shape"
-            )
-    _same(["w_q", "w_k"], [w["q"][1], w["k"][1]], "column count")
-    if w["v"][1] != y[-1]:
-        raise InvalidInput(
-            f"y's last dimension {y[-1]} != w_v's columns {w['v'][1]}", field="y.shape"
-        )
-    adapters = sorted({n.split(".")[1] for n in t if n.startswith("adapters.")})
-    for m in adapters:
-        if m not in ("q", "k", "v"):
-            raise InvalidInput(f"unknown adapter {m!r}; use q, k or v", field="adapters")
-    for m in ("q", "v"):
-        if m not in adapters:
-            raise InvalidInput(
-                f"missing {m!r}: partial adaptation needs 'q' and 'v', full adds 'k'",
-                field="adapters",
-            )
-        for part in ("a", "b"):
-            if f"adapters.{m}.{part}" not in t:
-                raise InvalidInput("missing", field=f"adapters.{m}.{part}")
-        a = _dims(f"adapters.{m}.a", t[f"adapters.{m}.a"], exact=2)
-        b = _dims(f"adapters.{m}.b", t[f"adapters.{m}.b"], exact=2)
-        if b[1] != a[0]:
-            raise InvalidInput(
-                f"B's columns {b[1]} != A's rank (rows) {a[0]}", field=f"adapters.{m}.b.shape"
-            )
-        if (b[0], a[1]) != tuple(w[m]):
-            raise InvalidInput(
-                f"B @ A has shape {[b[0], a[1]]} but w_{m} is {list(w[m])}",
-                field=f"adapters.{m}.a.shape",
-            )
-
-
-OPS: dict[str, OpSpec] = {
-    "attention": OpSpec(
-        "attention", AttentionRequest, AttentionParams, ("q", "k", "v"), _check_attention
-    ),
-    "tensor-attention": OpSpec(
-        "tensor-attention",
-        TensorAttentionRequest,
-        TensorAttentionParams,
-        ("q", "k1", "k2", "v1", "v2"),
-        _check_tensor_attention,
-    ),
-    "lora-gradient": OpSpec(
-        "lora-gradient",
-        LoraGradientRequest,
-        LoraGradientParams,
-        ("x", "y", "w_q", "w_k", "w_v"),
-        _check_lora,
-    ),
-}
+def specs() -> dict[str, OpSpec]:
+    """The registered operations as API specs (built once per registry entry)."""
+    out: dict[str, OpSpec] = {}
+    for name, op in OPERATIONS.items():
+        cached = _SPECS.get(name)
+        if cached is None or cached[0] is not op:
+            params = _params_model(op)
+            cached = (op, OpSpec(op, _request_model(op, params), params))
+            _SPECS[name] = cached
+        out[name] = cached[1]
+    return out
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -195,16 +185,16 @@ def parse_json(
         raise InvalidInput(validation_message(exc)) from None
     params = req.model_dump(include=set(spec.params.model_fields))
     tensors: Tensors = {}
-
-    def add(name: str, tj: TensorJSON) -> None:
-        tensors[name] = from_json(name, tj.shape, tj.datatype, tj.data, max_elements=max_elements)
-
-    for name in spec.fixed_tensors:
-        add(name, getattr(req, name))
-    if isinstance(req, LoraGradientRequest):
-        for m, ad in sorted(req.adapters.items()):
-            add(f"adapters.{m}.a", ad.a)
-            add(f"adapters.{m}.b", ad.b)
+    for name in spec.tensor_names:
+        node: Any = req
+        for part in name.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, TensorJSON):
+            tensors[name] = from_json(
+                name, node.shape, node.datatype, node.data, max_elements=max_elements
+            )
     spec.check(tensors)
     return params, tensors
 
@@ -221,13 +211,11 @@ def parse_binary(
         params = spec.params.model_validate(_meta_params(metadata)).model_dump()
     except ValidationError as exc:
         raise InvalidInput(validation_message(exc)) from None
-    allowed = set(spec.fixed_tensors)
-    if spec.name == "lora-gradient":
-        allowed |= {f"adapters.{m}.{p}" for m in "qkv" for p in "ab"}
+    allowed = set(spec.tensor_names)
     for name in sorted(set(tensors) - allowed):
         raise InvalidInput(f"unexpected tensor; expected {sorted(allowed)}", field=name)
-    for name in spec.fixed_tensors:
-        if name not in tensors:
-            raise InvalidInput("missing tensor", field=name)
+    for t in spec.op.tensors:
+        if t.required and t.name not in tensors:
+            raise InvalidInput("missing tensor", field=t.name)
     spec.check(tensors)
     return params, tensors

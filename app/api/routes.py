@@ -8,16 +8,24 @@ import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import compute
 from app.api.deps import CallerDep, QueueDep, SettingsDep, caller, deadline, within
 from app.api.models import ErrorBody, JobPublic, PlanPublic, ResultPublic
-from app.api.requests import OPS, OpSpec, parse_binary, parse_json
+from app.api.requests import (
+    OpSpec,
+    parse_binary,
+    parse_json,
+    plan_model,
+    specs,
+    validation_message,
+)
 from app.api.responses import job_public
 from app.jobs import metrics
 from app.jobs.codec import DATATYPES, RawTensor, decode_safetensors, encode_safetensors
@@ -302,9 +310,39 @@ def _request_body_doc(spec: OpSpec) -> dict[str, Any]:
     }
 
 
+def _plan_parameters(ops: dict[str, OpSpec]) -> list[dict[str, Any]]:
+    """The OpenAPI query parameters of ``/v1/plan``: ``op`` and every planner argument."""
+    params: dict[str, dict[str, Any]] = {
+        "op": {
+            "name": "op",
+            "in": "query",
+            "required": True,
+            "schema": {"type": "string", "enum": sorted(ops)},
+        }
+    }
+    for name, spec in ops.items():
+        schema = plan_model(spec.op).model_json_schema()
+        required = set(schema.get("required", ()))
+        for arg, sub in schema["properties"].items():
+            entry = params.setdefault(
+                arg,
+                {"name": arg, "in": "query", "required": False, "schema": sub, "ops": []},
+            )
+            entry["ops"].append(name)
+            if arg in required and len(ops) == len(entry["ops"]):
+                entry["required"] = True
+    out = []
+    for entry in params.values():
+        names = entry.pop("ops", None)
+        if names is not None and len(names) < len(ops):
+            entry["description"] = "for " + ", ".join(names)
+        out.append(entry)
+    return out
+
+
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(caller)], responses=_ERRORS)
-    for spec in OPS.values():
+    for spec in specs().values():
         router.add_api_route(
             f"/{spec.name}",
             _submit_route(spec),
@@ -367,46 +405,34 @@ def build_router() -> APIRouter:
             )
         return JSONResponse(job_public(job), status_code=202 if job["status"] == "running" else 200)
 
-    @router.get("/plan", response_model=PlanPublic, tags=["plan"])
-    async def plan(
-        op: Literal["attention", "tensor-attention", "lora-gradient"],
-        n: Annotated[int, Query(ge=1, le=1 << 31)],
-        d: Annotated[int, Query(ge=1, le=1 << 16)],
-        radius: Annotated[float, Query(ge=0, le=1e4, allow_inf_nan=False)],
-        eps: Annotated[float, Query(gt=0, lt=1, allow_inf_nan=False)] = 1e-3,
-        method: Literal["auto", "exact", "polynomial"] = "auto",
-        causal: bool = False,
-        dv: Annotated[int | None, Query(ge=1, le=1 << 16)] = None,
-        rank: Annotated[int, Query(ge=1, le=4096)] = 4,
-        full: bool = False,
-        batch: Annotated[int, Query(ge=1, le=1 << 20)] = 1,
-        dtype: Literal["float16", "bfloat16", "float32", "float64"] = "float32",
-    ) -> Response:
-        """What the planner would do for these sizes, and why, without running anything."""
-        common: dict[str, Any] = {
-            "n": n,
-            "d": d,
-            "radius": radius,
-            "eps": eps,
-            "batch": batch,
-            "dtype": dtype,
-            "method": method,
-        }
-        if op == "attention":
-            inputs = {**common, "causal": causal, "dv": dv}
-            planner: Any = compute.plan_attention
-        elif op == "tensor-attention":
-            inputs = {**common, "dv": dv}
-            planner = compute.plan_tensor_attention
-        else:
-            inputs = {**common, "rank": rank, "full": full}
-            planner = compute.plan_lora_gradient
+    ops = specs()
+
+    @router.get(
+        "/plan",
+        response_model=PlanPublic,
+        tags=["plan"],
+        openapi_extra={"parameters": _plan_parameters(ops)},
+    )
+    async def plan(request: Request) -> Response:
+        """What the planner would do for these sizes, and why, without running anything.
+
+        ``op`` names the operation; the other query parameters are that operation's planner
+        arguments (each listed with the operations that take it)."""
+        query = dict(request.query_params)
+        name = query.pop("op", None)
+        if name not in ops:
+            raise InvalidInput(f"unknown operation {name!r}; one of {sorted(ops)}", field="op")
+        op = ops[name].op
         try:
-            p = await run_in_threadpool(lambda: planner(**inputs))
+            inputs = plan_model(op).model_validate(query).model_dump()
+        except ValidationError as exc:
+            raise InvalidInput(validation_message(exc)) from None
+        try:
+            p = await run_in_threadpool(lambda: op.plan(**inputs))
         except compute.ComputeError:
             raise
         except (ValueError, ArithmeticError) as exc:  # values no plan can be made for
             raise InvalidInput(f"no plan for these values: {exc}") from None
-        return JSONResponse({"op": op, "inputs": inputs, "plan": p.to_dict()})
+        return JSONResponse({"op": name, "inputs": inputs, "plan": p.to_dict()})
 
     return router

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from app.jobs.records import OPS, QueueStatus
+from app.jobs.records import QueueStatus
 
 __all__ = [
     "BYTES_STORED",
@@ -110,7 +110,7 @@ GROUPS_RECREATED = Counter(
 
 def set_from_status(st: QueueStatus) -> None:
     """Set the cluster-wide gauges (queue depth, jobs by status, oldest age) from Redis."""
-    for op in OPS:
+    for op in st.waiting:
         waiting, held = st.waiting.get(op, 0), st.held.get(op, 0)
         QUEUE_DEPTH.labels(op).set(waiting)
         JOBS.labels(op, "queued").set(waiting)

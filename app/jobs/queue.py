@@ -35,7 +35,6 @@ from app.jobs.codec import RawTensor
 from app.jobs.connection import connect, connect_async
 from app.jobs.records import (
     GROUP,
-    OPS,
     WORKERS_KEY,
     Attempt,
     Call,
@@ -45,6 +44,7 @@ from app.jobs.records import (
     checked,
     get_call,
     lease_key,
+    operation_names,
     outputs_of,
     status_call,
     stream_key,
@@ -137,10 +137,10 @@ class Queue(_Settings):
         return reply
 
     # ------------------------------------------------------------------ setup and health
-    def ensure_groups(self, ops: Iterable[str] = OPS) -> int:
+    def ensure_groups(self, ops: Iterable[str] | None = None) -> int:
         """Create the consumer groups that are missing; returns how many were created."""
         made = 0
-        for op in ops:
+        for op in operation_names() if ops is None else ops:
             try:
                 self.r.xgroup_create(stream_key(op), GROUP, id="0", mkstream=True)
                 made += 1
@@ -155,8 +155,8 @@ class Queue(_Settings):
         except redis.RedisError:
             return False
 
-    def status(self, ops: Iterable[str] = OPS) -> QueueStatus:
-        return self._run(status_call(ops))
+    def status(self, ops: Iterable[str] | None = None) -> QueueStatus:
+        return self._run(status_call(operation_names() if ops is None else ops))
 
     def live_workers(self) -> list[str]:
         """Workers whose lease is current (members whose lease is gone are pruned)."""
@@ -472,16 +472,16 @@ class AsyncQueue(_Settings):
         except redis.RedisError:
             return False
 
-    async def ensure_groups(self, ops: Iterable[str] = OPS) -> None:
-        for op in ops:
+    async def ensure_groups(self, ops: Iterable[str] | None = None) -> None:
+        for op in operation_names() if ops is None else ops:
             try:
                 await self.r.xgroup_create(stream_key(op), GROUP, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def status(self, ops: Iterable[str] = OPS) -> QueueStatus:
-        return await self._run(status_call(ops))
+    async def status(self, ops: Iterable[str] | None = None) -> QueueStatus:
+        return await self._run(status_call(operation_names() if ops is None else ops))
 
     async def memory(self, max_age: float = 1.0) -> tuple[int, int]:
         """(used_memory, maxmemory) of Redis, read at most once per ``max_age`` seconds."""

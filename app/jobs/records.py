@@ -27,7 +27,6 @@ __all__ = [
     "BUDGET_KEY",
     "DONE_CHANNEL",
     "GROUP",
-    "OPS",
     "PREFIX",
     "STATS_KEY",
     "TERMINAL",
@@ -45,6 +44,7 @@ __all__ = [
     "input_key",
     "job_key",
     "lease_key",
+    "operation_names",
     "output_key",
     "outputs_of",
     "public_record",
@@ -58,7 +58,16 @@ __all__ = [
 
 PREFIX = "attn"
 GROUP = "workers"
-OPS = ("attention", "tensor-attention", "lora-gradient")
+
+
+def operation_names() -> tuple[str, ...]:
+    """The registered operations (``compute.registry``): one stream and group each. Read at call
+    time, so an operation registered after start-up (a test's toy one) is served too."""
+    from compute.registry import OPERATIONS
+
+    return tuple(OPERATIONS)
+
+
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 WORKERS_KEY = f"{PREFIX}:workers"
 STATS_KEY = f"{PREFIX}:stats"

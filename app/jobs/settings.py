@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     # PyTorch threads of a worker; 0 = the host's cores divided by the workers running on it
     # (counted by host name in Redis, so set it under compose, where each container has its own).
     worker_threads: int = Field(default=0, ge=0)
-    worker_ops: str = "attention,tensor-attention,lora-gradient"
+    # operations a worker consumes, comma-separated; empty: every registered operation
+    worker_ops: str = ""
     # Worker's /metrics and /health port; 0 = a free port (logged).
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     log_level: str = "INFO"
@@ -82,8 +83,13 @@ class Settings(BaseSettings):
 
     @property
     def ops(self) -> list[str]:
-        """The operations a worker consumes, from ``WORKER_OPS``."""
-        return [op.strip() for op in self.worker_ops.split(",") if op.strip()]
+        """The operations a worker consumes: ``WORKER_OPS``, or every registered operation."""
+        named = [op.strip() for op in self.worker_ops.split(",") if op.strip()]
+        if named:
+            return named
+        from compute.registry import OPERATIONS
+
+        return list(OPERATIONS)
 
 
 def _parse_timeouts(text: str) -> dict[str, float]:

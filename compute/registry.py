@@ -1,0 +1,340 @@
+"""The operation registry: for each operation, what it takes, what it gives, its shape rule and
+how to run and plan it — the one table the service derives its routes, request models,
+``/v1/plan``, queue streams, worker dispatch and documentation from.
+
+Adding an operation: its package (the algorithm, its naive reference, its docs) and one
+:func:`register` call; nothing in the service, the worker, the client or the CLI changes
+(docs/architecture.md walks through it). Shape rules look at shapes only (no data), so the
+service checks a request before anything is queued, with the same rule and the same message the
+library applies to tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .attention import attention, plan_attention
+from .errors import InvalidInputError
+from .lora import lora_gradient, plan_lora_gradient
+from .result import Plan
+from .tensor_attention import plan_tensor_attention, tensor_attention
+
+__all__ = [
+    "OPERATIONS",
+    "REQUIRED",
+    "Operation",
+    "Progress",
+    "Scalar",
+    "TensorArg",
+    "register",
+]
+
+Progress = Callable[[int, int], None]
+Shapes = Mapping[str, Sequence[int]]
+Runner = Callable[
+    [Mapping[str, torch.Tensor], Mapping[str, Any], Progress | None],
+    tuple[dict[str, torch.Tensor], dict[str, Any]],
+]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    """An input tensor. Dotted names nest in JSON (``adapters.q.a`` is
+    ``{"adapters": {"q": {"a": T}}}``); a group whose tensors are all optional may be left out,
+    and is then complete or absent."""
+
+    name: str
+    shape: str  # for the docs, e.g. "(..., n, d)"
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A scalar parameter, with the constraints the service validates before queueing."""
+
+    name: str
+    type: type  # float, int, bool or str
+    default: Any = REQUIRED
+    doc: str = ""
+    choices: tuple[str, ...] | None = None
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One operation: ``run`` takes the named input tensors (on the device to compute on) and
+    the validated parameters and returns the named output tensors and a JSON-ready summary;
+    ``check_shapes`` raises :class:`InvalidInputError` naming the tensor (``k.shape``)."""
+
+    name: str  # the route /v1/{name}, the stream, the CLI's and client's operation name
+    summary: str  # one line
+    tensors: tuple[TensorArg, ...]
+    params: tuple[Scalar, ...]
+    outputs: str  # what the outputs are, for the docs
+    check_shapes: Callable[[Shapes], None]
+    run: Runner
+    plan: Callable[..., Plan]
+    plan_params: tuple[Scalar, ...]
+
+
+OPERATIONS: dict[str, Operation] = {}
+
+
+def register(op: Operation) -> Operation:
+    """Add an operation (its name must be new)."""
+    if op.name in OPERATIONS:
+        raise ValueError(f"operation {op.name!r} is already registered")
+    OPERATIONS[op.name] = op
+    return op
+
+
+# ------------------------------------------------------------------------------ shape rules
+def _dims(shapes: Shapes, name: str, *, exact: int | None = None) -> tuple[int, ...]:
+    shape = tuple(shapes[name])
+    if exact is not None and len(shape) != exact:
+        raise InvalidInputError(f"{name}.shape", f"expected {exact} dimensions, got {list(shape)}")
+    if len(shape) < 2:
+        raise InvalidInputError(
+            f"{name}.shape",
+            f"expected at least 2 dimensions (..., rows, cols), got {list(shape)}",
+        )
+    if 0 in shape:
+        raise InvalidInputError(f"{name}.shape", f"empty tensor (shape {list(shape)})")
+    return shape
+
+
+def _same(names: Sequence[str], values: Sequence[Any], what: str) -> None:
+    for name, value in zip(names[1:], values[1:], strict=True):
+        if value != values[0]:
+            raise InvalidInputError(
+                f"{name}.shape", f"{what} {value} does not match {names[0]}'s {values[0]}"
+            )
+
+
+def attention_shapes(shapes: Shapes) -> None:
+    """q (..., n, d), k (..., m, d), v (..., m, dv), one set of leading dimensions."""
+    q, k, v = (_dims(shapes, n) for n in ("q", "k", "v"))
+    _same(["q", "k", "v"], [list(x[:-2]) for x in (q, k, v)], "leading dimensions")
+    _same(["q", "k"], [q[-1], k[-1]], "head dimension")
+    _same(["k", "v"], [k[-2], v[-2]], "key count")
+
+
+def tensor_attention_shapes(shapes: Shapes) -> None:
+    """q (..., n, d); k1 (..., n1, d) with v1 (..., n1, dv); k2 (..., n2, d) with v2
+    (..., n2, dv): the two key sets may differ in length."""
+    names = ["q", "k1", "k2", "v1", "v2"]
+    s = {n: _dims(shapes, n) for n in names}
+    _same(names, [list(s[n][:-2]) for n in names], "leading dimensions")
+    _same(["q", "k1", "k2"], [s[n][-1] for n in ("q", "k1", "k2")], "head dimension")
+    _same(["k1", "v1"], [s["k1"][-2], s["v1"][-2]], "key count")
+    _same(["k2", "v2"], [s["k2"][-2], s["v2"][-2]], "key count")
+    _same(["v1", "v2"], [s["v1"][-1], s["v2"][-1]], "value dimension")
+
+
+LORA_ADAPTERS = ("q", "k", "v")
+
+
+def lora_shapes(shapes: Shapes) -> None:
+    """x (..., L, d_model), y (..., L, d_head); w_q, w_k, w_v (d_model, d_head); for each
+    adapted projection m (q and v, and k for full adaptation) A_m (r, d_head), B_m (d_model, r):
+    B_m A_m has the shape of W_m."""
+    x, y = _dims(shapes, "x"), _dims(shapes, "y")
+    _same(["x", "y"], [list(x[:-1]), list(y[:-1])], "leading dimensions")
+    want = [x[-1], y[-1]]
+    for m in LORA_ADAPTERS:
+        w = _dims(shapes, f"w_{m}", exact=2)
+        if list(w) != want:
+            raise InvalidInputError(
+                f"w_{m}.shape",
+                f"expected (d_model, d_head) = ({want[0]}, {want[1]}) from x and y, got {list(w)}",
+            )
+    present = {n.split(".")[1] for n in shapes if n.startswith("adapters.")}
+    unknown = sorted(present - set(LORA_ADAPTERS))
+    if unknown:
+        raise InvalidInputError("adapters", f"unknown adapter {unknown[0]!r}; use q, k or v")
+    for m in ("q", "v"):
+        if m not in present:
+            raise InvalidInputError(
+                "adapters", f"missing {m!r}: partial adaptation needs 'q' and 'v', full adds 'k'"
+            )
+    for m in sorted(present):
+        for part in ("a", "b"):
+            if f"adapters.{m}.{part}" not in shapes:
+                raise InvalidInputError(f"adapters.{m}.{part}", "missing")
+        a = _dims(shapes, f"adapters.{m}.a", exact=2)
+        b = _dims(shapes, f"adapters.{m}.b", exact=2)
+        if a[1] != want[1]:
+            raise InvalidInputError(
+                f"adapters.{m}.a.shape", f"A must be (r, d_head) = (r, {want[1]}), got {list(a)}"
+            )
+        if b[0] != want[0]:
+            raise InvalidInputError(
+                f"adapters.{m}.b.shape", f"B must be (d_model, r) = ({want[0]}, r), got {list(b)}"
+            )
+        if b[1] != a[0]:
+            raise InvalidInputError(
+                f"adapters.{m}.b.shape", f"B's columns {b[1]} != A's rank (rows) {a[0]}"
+            )
+
+
+# ------------------------------------------------------------------------------ runners
+def _run_attention(
+    t: Mapping[str, torch.Tensor], p: Mapping[str, Any], progress: Progress | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    res = attention(t["q"], t["k"], t["v"], progress=progress, **p)
+    return {"output": res.output}, res.summary()
+
+
+def _run_tensor_attention(
+    t: Mapping[str, torch.Tensor], p: Mapping[str, Any], progress: Progress | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    res = tensor_attention(t["q"], t["k1"], t["k2"], t["v1"], t["v2"], progress=progress, **p)
+    return {"output": res.output}, res.summary()
+
+
+def _run_lora(
+    t: Mapping[str, torch.Tensor], p: Mapping[str, Any], progress: Progress | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    adapters = {
+        m: (t[f"adapters.{m}.a"], t[f"adapters.{m}.b"])
+        for m in LORA_ADAPTERS
+        if f"adapters.{m}.a" in t
+    }
+    res = lora_gradient(
+        t["x"],
+        t["y"],
+        w_q=t["w_q"],
+        w_k=t["w_k"],
+        w_v=t["w_v"],
+        adapters=adapters,
+        progress=progress,
+        **p,
+    )
+    outputs = {"loss": torch.tensor(float(res.loss), dtype=torch.float64)}
+    for m, (d_a, d_b) in res.grads.items():
+        outputs[f"adapters.{m}.a"], outputs[f"adapters.{m}.b"] = d_a, d_b
+    summary = dict(res.summary())
+    summary.setdefault("loss", float(res.loss))
+    return outputs, summary
+
+
+# ------------------------------------------------------------------------------ the entries
+_COMMON = (
+    Scalar(
+        "method",
+        str,
+        "auto",
+        "exact, polynomial, or auto (the planner picks)",
+        choices=("auto", "exact", "polynomial"),
+    ),
+    Scalar(
+        "eps",
+        float,
+        1e-3,
+        "target error bound, a fraction of the output's natural scale",
+        gt=0,
+        lt=1,
+    ),
+    Scalar("scale", float, None, "score scale; null: 1/sqrt(d)", nullable=True),
+)
+_SAMPLE_ROWS = Scalar(
+    "sample_rows", int, 0, "rows recomputed exactly to report a measured error", ge=0, le=65_536
+)
+_PLAN_COMMON = (
+    Scalar("n", int, doc="sequence length", ge=1, le=1 << 31),
+    Scalar("d", int, doc="head dimension", ge=1, le=1 << 16),
+    Scalar("radius", float, doc="certified radius R of the scores", ge=0, le=1e4),
+    Scalar("eps", float, 1e-3, gt=0, lt=1),
+    Scalar("method", str, "auto", choices=("auto", "exact", "polynomial")),
+    Scalar("batch", int, 1, "leading (batch x heads) slices", ge=1, le=1 << 20),
+    Scalar("dtype", str, "float32", choices=("float16", "bfloat16", "float32", "float64")),
+)
+_DV = Scalar("dv", int, None, "value dimension (default d)", ge=1, le=1 << 16, nullable=True)
+
+register(
+    Operation(
+        name="attention",
+        summary="softmax(scale q kᵀ) v, exact or by the polynomial method, with a certified bound",
+        tensors=(
+            TensorArg("q", "(..., n, d)"),
+            TensorArg("k", "(..., m, d)"),
+            TensorArg("v", "(..., m, dv)"),
+        ),
+        params=(
+            *_COMMON,
+            Scalar("causal", bool, False, "causal mask (query i sees keys <= i)"),
+            _SAMPLE_ROWS,
+        ),
+        outputs="output (..., n, dv), dtype of v",
+        check_shapes=attention_shapes,
+        run=_run_attention,
+        plan=plan_attention,
+        plan_params=(*_PLAN_COMMON, Scalar("causal", bool, False), _DV),
+    )
+)
+register(
+    Operation(
+        name="tensor-attention",
+        summary="triple-wise attention softmax(q (k1 ⊘ k2)ᵀ) (v1 ⊘ v2), with a certified bound",
+        tensors=(
+            TensorArg("q", "(..., n, d)"),
+            TensorArg("k1", "(..., n1, d)"),
+            TensorArg("k2", "(..., n2, d)"),
+            TensorArg("v1", "(..., n1, dv)"),
+            TensorArg("v2", "(..., n2, dv)"),
+        ),
+        params=(*_COMMON, _SAMPLE_ROWS),
+        outputs="output (..., n, dv)",
+        check_shapes=tensor_attention_shapes,
+        run=_run_tensor_attention,
+        plan=plan_tensor_attention,
+        plan_params=(*_PLAN_COMMON, _DV),
+    )
+)
+register(
+    Operation(
+        name="lora-gradient",
+        summary="LoRA adapter gradients of an attention layer (partial: q, v; full: q, k, v)",
+        tensors=(
+            TensorArg("x", "(..., L, d_model)"),
+            TensorArg("y", "(..., L, d_head)"),
+            TensorArg("w_q", "(d_model, d_head)"),
+            TensorArg("w_k", "(d_model, d_head)"),
+            TensorArg("w_v", "(d_model, d_head)"),
+            *(
+                TensorArg(f"adapters.{m}.{part}", shape, required=m != "k")
+                for m in LORA_ADAPTERS
+                for part, shape in (("a", "(r, d_head)"), ("b", "(d_model, r)"))
+            ),
+        ),
+        params=(
+            *_COMMON,
+            Scalar("alpha", float, doc="LoRA scaling numerator (s = alpha / rank)", gt=0),
+        ),
+        outputs="loss (0-d, FP64) and adapters.{m}.a, adapters.{m}.b: the gradients of A_m, B_m",
+        check_shapes=lora_shapes,
+        run=_run_lora,
+        plan=plan_lora_gradient,
+        plan_params=(
+            *_PLAN_COMMON,
+            Scalar("rank", int, 4, "adapter rank r", ge=1, le=4096),
+            Scalar("full", bool, False, "full adaptation (q, k, v) instead of partial (q, v)"),
+        ),
+    )
+)
