@@ -461,3 +461,23 @@ def _get(url: str) -> int:
         return httpx.get(url, timeout=2).status_code
     except httpx.HTTPError:
         return 0
+
+
+# ------------------------------------------------------------------------------ clear messages
+def test_messages_say_what_is_wrong_and_what_to_do(api: Any) -> None:
+    client = api()
+    fp16 = body(4, 2)
+    fp16["q"] = {"shape": [4, 2], "datatype": "FP16", "data": [70000.0] + [0.0] * 7}
+    r = post_json(client, fp16)
+    msg = r.json()["error"]["message"]
+    assert r.status_code == 422 and "q.data" in msg and "70000" in msg and "FP16 range" in msg
+    assert "NaN" not in msg
+    nested = body(4, 2)
+    nested["k"]["data"] = [[0.0, 0.0]] * 4
+    r = post_json(client, nested)
+    assert r.status_code == 422 and "flat list" in r.json()["error"]["message"]
+    r = client.get(
+        "/v1/plan",
+        params={"op": "attention", "n": 4096, "d": 8, "radius": 1.0, "dtype": "FP32"},
+    )
+    assert r.status_code == 200 and r.json()["inputs"]["dtype"] == "float32"

@@ -142,6 +142,9 @@ def validation_message(exc: ValidationError) -> str:
     first = errors[0]
     loc = ".".join(str(p) for p in first["loc"] if p not in ("body",))
     msg = f"{loc}: {first['msg']}" if loc else str(first["msg"])
+    path = [p for p in first["loc"] if not isinstance(p, int)]
+    if path and path[-1] == "data" and len(first["loc"]) > len(path):
+        msg += " (data is one flat list of numbers in row-major order; shape gives the dimensions)"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more)"
     return msg

@@ -310,6 +310,9 @@ def _request_body_doc(spec: OpSpec) -> dict[str, Any]:
     }
 
 
+_DTYPE_NAMES = {"FP16": "float16", "BF16": "bfloat16", "FP32": "float32", "FP64": "float64"}
+
+
 def _plan_parameters(ops: dict[str, OpSpec]) -> list[dict[str, Any]]:
     """The OpenAPI query parameters of ``/v1/plan``: ``op`` and every planner argument."""
     params: dict[str, dict[str, Any]] = {
@@ -420,6 +423,8 @@ def build_router() -> APIRouter:
         arguments (each listed with the operations that take it)."""
         query = dict(request.query_params)
         name = query.pop("op", None)
+        if "dtype" in query:  # the tensors' spelling (FP32) is accepted too
+            query["dtype"] = _DTYPE_NAMES.get(query["dtype"].upper(), query["dtype"])
         if name not in ops:
             raise InvalidInput(f"unknown operation {name!r}; one of {sorted(ops)}", field="op")
         op = ops[name].op

@@ -52,6 +52,12 @@ DATATYPES: dict[str, _DType] = {
 _FROM_ST = {d.st: d for d in DATATYPES.values()}
 _FROM_TORCH = {d.torch: d for d in DATATYPES.values()}
 _NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
+_LARGEST = {
+    "FP32": 3.4028234663852886e38,
+    "FP64": 1.7976931348623157e308,
+    "FP16": 65504.0,
+    "BF16": 3.3895313892515355e38,
+}
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,15 @@ def from_json(
         with np.errstate(over="ignore"):
             le = np.dtype(_NUMPY[datatype]).newbyteorder("<")
             raw = RawTensor(datatype, dims, values.astype(le).tobytes())
-    check_finite(field, raw)  # FP16/BF16 overflow turns large values into Inf
+    bits = np.frombuffer(raw.data, dtype=np.dtype(DATATYPES[datatype].uint).newbyteorder("<"))
+    over = np.flatnonzero((bits & DATATYPES[datatype].exp_mask) == DATATYPES[datatype].exp_mask)
+    if over.size:  # finite in the request, too large for the datatype: it rounded to Inf
+        i = int(over[0])
+        raise InvalidInput(
+            f"value {values[i]:g} at flat index {i} is outside the {datatype} range (largest "
+            f"{_LARGEST[datatype]:g}); send it as FP32 or FP64, or rescale",
+            field=f"{field}.data",
+        )
     return raw
 
 
