@@ -9,7 +9,7 @@ operation's own shape rule before anything is queued, so bad input is a 422, nev
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ __all__ = [
     "parse_binary",
     "parse_json",
     "plan_model",
+    "plan_model_of_all",
     "specs",
     "validation_message",
 ]
@@ -56,6 +57,19 @@ def plan_model(op: Operation) -> type[BaseModel]:
     fields: dict[str, Any] = {s.name: _field(s) for s in op.plan_params}
     config = ConfigDict(extra="ignore", allow_inf_nan=False)
     return create_model(f"{_camel(op.name)}PlanQuery", __config__=config, **fields)
+
+
+def plan_model_of_all(ops: Iterable[Operation]) -> type[BaseModel]:
+    """Every operation's planner arguments, each optional: a query's arguments are checked for
+    their type and range whichever operation they belong to (a malformed one is never ignored)."""
+    fields: dict[str, Any] = {}
+    for op in ops:
+        for s in op.plan_params:
+            tp, info = _field(s)
+            info.default = None if s.default is REQUIRED else s.default
+            fields.setdefault(s.name, (tp | None, info))
+    config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    return create_model("PlanQuery", __config__=config, **fields)
 
 
 def _request_model(op: Operation, params: type[BaseModel]) -> type[BaseModel]:

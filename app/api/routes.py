@@ -23,6 +23,7 @@ from app.api.requests import (
     parse_binary,
     parse_json,
     plan_model,
+    plan_model_of_all,
     specs,
     validation_message,
 )
@@ -409,6 +410,7 @@ def build_router() -> APIRouter:
         return JSONResponse(job_public(job), status_code=202 if job["status"] == "running" else 200)
 
     ops = specs()
+    every = plan_model_of_all(op.op for op in ops.values())
 
     @router.get(
         "/plan",
@@ -429,6 +431,7 @@ def build_router() -> APIRouter:
             raise InvalidInput(f"unknown operation {name!r}; one of {sorted(ops)}", field="op")
         op = ops[name].op
         try:
+            every.model_validate(query)  # each documented argument well-formed, used or not
             inputs = plan_model(op).model_validate(query).model_dump()
         except ValidationError as exc:
             raise InvalidInput(validation_message(exc)) from None
