@@ -111,6 +111,7 @@ def test_a_registered_operation_runs_through_the_whole_service(
         res = c.submit("toy-axpy", {"x": x, "y": y}, {"alpha": 0.5}).wait(timeout=60)
     np.testing.assert_array_equal(res.outputs["z"], 0.5 * x + y)
     plan = httpx.get(f"{url}/v1/plan", params={"op": "toy-axpy", "n": 6}).json()
+    assert "plan" in plan, plan
     assert plan["plan"]["reason"] == "axpy of 6 elements with 1.0"
     spec = httpx.get(f"{url}/openapi.json").json()
     assert "/v1/toy-axpy" in spec["paths"] and "ToyAxpyRequest" in spec["components"]["schemas"]

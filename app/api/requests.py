@@ -39,11 +39,12 @@ def _camel(name: str) -> str:
     return "".join(part[:1].upper() + part[1:] for part in re.split(r"[-_.]", name) if part)
 
 
-def _field(s: Scalar) -> tuple[Any, Any]:
+def _field(s: Scalar, *, optional: bool = False) -> tuple[Any, Any]:
+    """A pydantic field for a scalar; ``optional``: never required, None when absent."""
     tp: Any = Literal[s.choices] if s.choices else s.type
-    if s.nullable:
+    if s.nullable or optional:
         tp = tp | None
-    default = ... if s.default is REQUIRED else s.default
+    default = (None if optional else ...) if s.default is REQUIRED else s.default
     return tp, Field(default, description=s.doc or None, gt=s.gt, ge=s.ge, lt=s.lt, le=s.le)
 
 
@@ -65,9 +66,7 @@ def plan_model_of_all(ops: Iterable[Operation]) -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for op in ops:
         for s in op.plan_params:
-            tp, info = _field(s)
-            info.default = None if s.default is REQUIRED else s.default
-            fields.setdefault(s.name, (tp | None, info))
+            fields.setdefault(s.name, _field(s, optional=True))
     config = ConfigDict(extra="ignore", allow_inf_nan=False)
     return create_model("PlanQuery", __config__=config, **fields)
 
