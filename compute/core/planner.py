@@ -196,5 +196,5 @@ def chosen(method: str, claim: str, costs: str) -> str:
 
 
 def exact_cheaper(claim: str, costs: str) -> str:
-    """A polynomial is certified but ``auto`` runs exact: it is predicted faster."""
+    """A polynomial is certified, but ``auto`` runs exact: exact is predicted to be faster."""
     return f"{claim}, but the polynomial path is {costs}, so exact is cheaper."
