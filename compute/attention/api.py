@@ -27,14 +27,8 @@ NAMES = ("q", "k", "v")
 
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """``q [..., n, d]``, ``k [..., m, d]``, ``v [..., m, dv]``: one device, equal leading dims."""
-    if k.shape[-1] != q.shape[-1]:
-        raise InvalidInputError(
-            "k", f"feature dimension {k.shape[-1]} does not match q's d = {q.shape[-1]}"
-        )
-    if v.shape[-2] != k.shape[-2]:
-        raise InvalidInputError(
-            "v", f"sequence length {v.shape[-2]} does not match k's {k.shape[-2]} keys"
-        )
+    validate.check_match("k", "head dimension", k.shape[-1], "q", q.shape[-1])
+    validate.check_match("v", "key count", v.shape[-2], "k", k.shape[-2])
     validate.check_same_batch(NAMES, (q, k, v))
 
 

@@ -60,7 +60,7 @@ def rho(radius: float, *lengths: int) -> float:
     key gives ``R / ln 2``, never a division by zero). Near 0: the near-linear regime; of
     order 1: the regime where only the exact path is certified.
     """
-    log_n = sum(math.log(n) for n in lengths) / len(lengths)
+    log_n = sum(map(math.log, lengths)) / len(lengths)
     return radius / max(log_n, math.log(2.0))
 
 

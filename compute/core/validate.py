@@ -21,6 +21,7 @@ __all__ = [
     "check_dtype_name",
     "check_eps",
     "check_flag",
+    "check_match",
     "check_method",
     "check_progress",
     "check_radius",
@@ -88,6 +89,12 @@ def check_same_batch(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
             )
         if t.device != dev:
             raise InvalidInputError(name, f"on device {t.device}, {names[0]} is on {dev}")
+
+
+def check_match(name: str, what: str, got: int, other: str, want: int) -> None:
+    """A dimension two tensors share: ``name``'s ``what`` must equal ``other``'s."""
+    if got != want:
+        raise InvalidInputError(name, f"{what} {got} does not match {other}'s {want}")
 
 
 def check_method(method: object) -> str:

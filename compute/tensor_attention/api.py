@@ -9,7 +9,6 @@ import time
 import torch
 
 from ..core import validate
-from ..core.errors import InvalidInputError
 from ..core.progress import Progress
 from ..core.result import AttentionResult
 from ..core.scaling import mul_pow2_, times_pow2
@@ -26,28 +25,19 @@ __all__ = ["check_inputs", "sample_indices", "tensor_attention"]
 def check_inputs(
     q: object, k1: object, k2: object, v1: object, v2: object
 ) -> tuple[torch.Tensor, ...]:
+    """Five tensors: ``q [..., n, d]``, ``k1 [..., n1, d]``, ``k2 [..., n2, d]``, ``v1 [..., n1,
+    dv]``, ``v2 [..., n2, dv]``, one device, equal leading dimensions."""
     ts = [
         validate.check_tensor(nm, x, finite=False)
         for nm, x in zip(NAMES, (q, k1, k2, v1, v2), strict=True)
     ]
     validate.check_same_batch(NAMES, ts)
     tq, ta, tb, va, vb = ts
-    d = tq.shape[-1]
-    for nm, t in (("k1", ta), ("k2", tb)):
-        if t.shape[-1] != d:
-            raise InvalidInputError(nm, f"last dimension {t.shape[-1]} does not match q's {d}")
-    if va.shape[-2] != ta.shape[-2]:
-        raise InvalidInputError(
-            "v1", f"has {va.shape[-2]} rows but k1 has {ta.shape[-2]} (they pair row by row)"
-        )
-    if vb.shape[-2] != tb.shape[-2]:
-        raise InvalidInputError(
-            "v2", f"has {vb.shape[-2]} rows but k2 has {tb.shape[-2]} (they pair row by row)"
-        )
-    if vb.shape[-1] != va.shape[-1]:
-        raise InvalidInputError(
-            "v2", f"last dimension {vb.shape[-1]} does not match v1's {va.shape[-1]}"
-        )
+    validate.check_match("k1", "head dimension", ta.shape[-1], "q", tq.shape[-1])
+    validate.check_match("k2", "head dimension", tb.shape[-1], "q", tq.shape[-1])
+    validate.check_match("v1", "key count", va.shape[-2], "k1", ta.shape[-2])  # pair row by row
+    validate.check_match("v2", "key count", vb.shape[-2], "k2", tb.shape[-2])
+    validate.check_match("v2", "value dimension", vb.shape[-1], "v1", va.shape[-1])
     return tq, ta, tb, va, vb
 
 
