@@ -49,7 +49,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HEALTHCHECK_URL=http://127.0.0.1:8000/health/live
 
 # gcc builds the compiled CPU kernel of tensor attention on first use, for the CPU it runs on
-# (-march=native; compute/_native). Without it the PyTorch route runs: same results and bound,
+# (-march=native; compute/tensor_attention/native/). Without it the PyTorch route runs: same results and bound,
 # slower.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -33,7 +33,7 @@ from common import (
 )
 
 import compute
-from compute._radius import centre, matrix_radius
+from compute.core.radius import centre, matrix_radius
 
 SAMPLE_ROWS = 256
 MAX_PREDICTED_SECONDS = 8.0  # skip polynomial runs the planner predicts slower than this

@@ -40,7 +40,8 @@ from benchmarks.common import (
     save_text,
     sync,
 )
-from compute import lora as lora_mod
+from compute.lora.api import radius_only
+from compute.lora.inputs import check_inputs, effective_weights
 
 RADIUS = 0.5
 EPS = 1e-3
@@ -75,9 +76,9 @@ def make_inputs(L: int, dh: int, device: str, dtype: torch.dtype, seed: int) -> 
     w = {mu: rnd(D_MODEL, dh, s=1 / math.sqrt(D_MODEL)) for mu in "qkv"}
     adapters = {mu: (rnd(RANK, dh, s=0.3), rnd(D_MODEL, RANK, s=0.3)) for mu in "qkv"}
     case = dict(x=x, w_q=w["q"], w_k=w["k"], w_v=w["v"], adapters=adapters, alpha=ALPHA)
-    inp = lora_mod._validate(y=torch.zeros(1, L, dh, dtype=torch.float64), scale=None, **case)
-    x = x * math.sqrt(RADIUS / lora_mod._radius_only(inp))
-    v = x @ lora_mod._effective_weights(inp, torch.float64)["v"]
+    inp = check_inputs(y=torch.zeros(1, L, dh, dtype=torch.float64), scale=None, **case)
+    x = x * math.sqrt(RADIUS / radius_only(inp))
+    v = x @ effective_weights(inp, torch.float64)["v"]
     y = rnd(1, L, dh, s=float(v.std()))
     case.update(x=x, y=y)
     return {k: _to(v, device, dtype) for k, v in case.items()}

@@ -11,7 +11,8 @@ subset of the query rows and extrapolated linearly in n (the work is exactly pro
 number of query rows); such entries are marked "extrapolated". The error is measured on all rows
 for n <= 256 and on 64 evenly spaced query rows (recomputed exactly in float64) above.
 
-A second table compares the exact path with a naive einsum (materialised n^3 scores).
+A second table compares the exact path with the naive reference (``compute.tensor_attention.naive``,
+materialised n^3 scores, in the inputs' dtype).
 
 Run: ``flock /tmp/bench.lock python3 benchmarks/tensor_attention.py`` (add ``--quick`` for a
 smoke run). Writes ``tensor_attention.md`` and ``tensor_attention.png`` under ``--out``.
@@ -19,7 +20,6 @@ smoke run). Writes ``tensor_attention.md`` and ``tensor_attention.png`` under ``
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 from pathlib import Path
@@ -37,10 +37,11 @@ from benchmarks.common import (
     plot_path,
     save_text,
 )
-from compute import _native
-from compute._radius import tensor_radius
-
-ta = importlib.import_module("compute.tensor_attention")
+from compute.core.radius import tensor_radius
+from compute.tensor_attention import native as ta_native
+from compute.tensor_attention.api import sample_indices
+from compute.tensor_attention.exact import exact_forward
+from compute.tensor_attention.naive import naive_tensor_attention
 
 TARGET = {"n": 1024, "d": 8, "R": 1.0, "eps": 1e-3, "speedup": 500.0}
 FULL_ERROR_MAX_N = 256
@@ -54,20 +55,6 @@ def make_inputs(
     q, k1, k2, v1, v2 = (torch.randn(1, n, d, generator=gen, dtype=torch.float64) for _ in range(5))
     q = q * (radius / tensor_radius(q, k1, k2, 1.0 / math.sqrt(d)))
     return tuple(x.to(device=device, dtype=dtype) for x in (q, k1, k2, v1, v2))
-
-
-def naive_einsum(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    k2: torch.Tensor,
-    v1: torch.Tensor,
-    v2: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """The textbook form: all n * n1 * n2 scores materialised, softmax over (j1, j2)."""
-    s = torch.einsum("bil,bjl,bkl->bijk", q * scale, k1, k2)  # [B, n, n1, n2]
-    w = torch.softmax(s.flatten(-2), dim=-1).view_as(s)
-    return torch.einsum("bijk,bjc,bkc->bic", w, v1, v2)  # [B, n, dv]
 
 
 def time_exact(
@@ -98,9 +85,9 @@ def reference_rows(inputs: tuple[torch.Tensor, ...], n: int) -> tuple[torch.Tens
     if n <= FULL_ERROR_MAX_N:
         rows = torch.arange(n, device=q.device)
     else:
-        rows = ta._sample_indices(n, ERROR_ROWS, q.device)
+        rows = sample_indices(n, ERROR_ROWS, q.device)
     d = q.shape[-1]
-    ref = ta._exact_forward(q[:, rows], k1, k2, v1, v2, 1.0 / math.sqrt(d))
+    ref = exact_forward(q[:, rows], k1, k2, v1, v2, 1.0 / math.sqrt(d))
     return rows, ref
 
 
@@ -109,14 +96,14 @@ def route_row(args: Any, n: int, dtype: torch.dtype) -> list[Any]:
     inputs = make_inputs(n, 8, 1.0, args.device, dtype)
     times, outs = {}, {}
     for native in (True, False):
-        ta.NATIVE = native
+        ta_native.NATIVE = native
 
         def call() -> torch.Tensor:
             return compute.tensor_attention(*inputs, method="polynomial", eps=1e-3).output
 
         times[native] = median_time(call, args.device, max(args.repeats, 9))
         outs[native] = call()
-    ta.NATIVE = True
+    ta_native.NATIVE = True
     diff = float((outs[True].double() - outs[False].double()).abs().max())
     ratio = times[False] / times[True]
     return [n, 8, times[True], times[False], f"{ratio:.1f}x", diff]
@@ -126,15 +113,18 @@ def naive_row(args: Any, n: int, dtype: torch.dtype) -> list[Any]:
     """One row of the exact-vs-naive table (d = 8, R3 = 1)."""
     q, k1, k2, v1, v2 = make_inputs(n, 8, 1.0, args.device, dtype)
     sc = 1.0 / math.sqrt(8)
-    t_naive = median_time(lambda: naive_einsum(q, k1, k2, v1, v2, sc), args.device, args.repeats)
+
+    def naive() -> torch.Tensor:
+        return naive_tensor_attention(q, k1, k2, v1, v2, sc, dtype=q.dtype)
+
+    t_naive = median_time(naive, args.device, args.repeats)
     t_exact = median_time(
         lambda: compute.tensor_attention(q, k1, k2, v1, v2, method="exact"),
         args.device,
         args.repeats,
     )
-    t_kernel = median_time(lambda: ta._exact_forward(q, k1, k2, v1, v2, sc), args.device, 5)
-    naive = naive_einsum(q, k1, k2, v1, v2, sc)
-    diff = float((naive - ta._exact_forward(q, k1, k2, v1, v2, sc)).abs().max())
+    t_kernel = median_time(lambda: exact_forward(q, k1, k2, v1, v2, sc), args.device, 5)
+    diff = float((naive() - exact_forward(q, k1, k2, v1, v2, sc)).abs().max())
     return [n, 8, t_naive, t_exact, t_kernel, f"{t_naive / t_kernel:.1f}x", diff]
 
 
@@ -247,7 +237,7 @@ def main() -> None:
     ]
     table = markdown_table(headers, rows_out)
 
-    # exact path vs the naive einsum (materialised n^3 scores)
+    # exact path vs the naive reference (materialised n^3 scores)
     naive_rows: list[list[Any]] = []
     for n in [32, 64] if args.quick else [32, 64, 128]:
         naive_rows.append(naive_row(args, n, dtype))
@@ -255,7 +245,7 @@ def main() -> None:
         [
             "n",
             "d",
-            "naive einsum s",
+            "naive s",
             "exact, public call s",
             "exact kernel s",
             "kernel speed-up",
@@ -266,7 +256,7 @@ def main() -> None:
 
     # the two implementations of the float32 CPU polynomial path, side by side
     route_table = ""
-    if torch.device(args.device).type == "cpu" and _native.tensor_poly() is not None:
+    if torch.device(args.device).type == "cpu" and ta_native.tensor_poly() is not None:
         route_rows = [
             route_row(args, n, dtype) for n in ([64, 128] if args.quick else [256, 1024, 2048])
         ]
@@ -284,7 +274,7 @@ def main() -> None:
     header = (
         f"# Tensor attention: exact vs polynomial ({args.device}, {args.dtype}, "
         f"{torch.get_num_threads()} threads)\n\n"
-        f"Polynomial path on the CPU: {_native.status()}.\n\n"
+        f"Polynomial path on the CPU: {ta_native.status()}.\n\n"
         "Times are medians of full public calls (planning included, caches warm). The exact "
         'time depends on (n, d) only and is measured once per (n, d); "extrapolated" = timed '
         "on a subset of query rows and scaled linearly. Errors: max |output - exact float64| "
@@ -296,7 +286,7 @@ def main() -> None:
         + table
         + "\n\n"
         + target_line
-        + "\n\n## Exact path vs naive einsum (materialised n^3 scores)\n\n"
+        + "\n\n## Exact path vs the naive reference (materialised n^3 scores)\n\n"
         + "The public call adds validation, the certified radius and the plan; the kernel is "
         + "the blocked exact computation itself.\n\n"
         + naive_table

@@ -18,10 +18,14 @@ from typing import Any
 import torch
 
 from .attention import attention, plan_attention
-from .errors import InvalidInputError
+from .attention.shapes import check_shapes as attention_rule
+from .core.progress import Progress
+from .core.result import Plan
 from .lora import lora_gradient, plan_lora_gradient
-from .result import Plan
+from .lora.shapes import ADAPTER_NAMES as LORA_ADAPTERS
+from .lora.shapes import check_shapes as lora_rule
 from .tensor_attention import plan_tensor_attention, tensor_attention
+from .tensor_attention.shapes import check_shapes as tensor_attention_rule
 
 __all__ = [
     "OPERATIONS",
@@ -33,7 +37,6 @@ __all__ = [
     "register",
 ]
 
-Progress = Callable[[int, int], None]
 Shapes = Mapping[str, Sequence[int]]
 Runner = Callable[
     [Mapping[str, torch.Tensor], Mapping[str, Any], Progress | None],
@@ -105,92 +108,21 @@ def register(op: Operation) -> Operation:
 
 
 # ------------------------------------------------------------------------------ shape rules
-def _dims(shapes: Shapes, name: str, *, exact: int | None = None) -> tuple[int, ...]:
-    shape = tuple(shapes[name])
-    if exact is not None and len(shape) != exact:
-        raise InvalidInputError(f"{name}.shape", f"expected {exact} dimensions, got {list(shape)}")
-    if len(shape) < 2:
-        raise InvalidInputError(
-            f"{name}.shape",
-            f"expected at least 2 dimensions (..., rows, cols), got {list(shape)}",
-        )
-    if 0 in shape:
-        raise InvalidInputError(f"{name}.shape", f"empty tensor (shape {list(shape)})")
-    return shape
-
-
-def _same(names: Sequence[str], values: Sequence[Any], what: str) -> None:
-    for name, value in zip(names[1:], values[1:], strict=True):
-        if value != values[0]:
-            raise InvalidInputError(
-                f"{name}.shape", f"{what} {value} does not match {names[0]}'s {values[0]}"
-            )
+def _wire(name: str) -> str:
+    """The service names a tensor's shape ``k.shape``; a whole group stays ``adapters``."""
+    return f"{name}.shape"
 
 
 def attention_shapes(shapes: Shapes) -> None:
-    """q (..., n, d), k (..., m, d), v (..., m, dv), one set of leading dimensions."""
-    q, k, v = (_dims(shapes, n) for n in ("q", "k", "v"))
-    _same(["q", "k", "v"], [list(x[:-2]) for x in (q, k, v)], "leading dimensions")
-    _same(["q", "k"], [q[-1], k[-1]], "head dimension")
-    _same(["k", "v"], [k[-2], v[-2]], "key count")
+    attention_rule(shapes, label=_wire)
 
 
 def tensor_attention_shapes(shapes: Shapes) -> None:
-    """q (..., n, d); k1 (..., n1, d) with v1 (..., n1, dv); k2 (..., n2, d) with v2
-    (..., n2, dv): the two key sets may differ in length."""
-    names = ["q", "k1", "k2", "v1", "v2"]
-    s = {n: _dims(shapes, n) for n in names}
-    _same(names, [list(s[n][:-2]) for n in names], "leading dimensions")
-    _same(["q", "k1", "k2"], [s[n][-1] for n in ("q", "k1", "k2")], "head dimension")
-    _same(["k1", "v1"], [s["k1"][-2], s["v1"][-2]], "key count")
-    _same(["k2", "v2"], [s["k2"][-2], s["v2"][-2]], "key count")
-    _same(["v1", "v2"], [s["v1"][-1], s["v2"][-1]], "value dimension")
-
-
-LORA_ADAPTERS = ("q", "k", "v")
+    tensor_attention_rule(shapes, label=_wire)
 
 
 def lora_shapes(shapes: Shapes) -> None:
-    """x (..., L, d_model), y (..., L, d_head); w_q, w_k, w_v (d_model, d_head); for each
-    adapted projection m (q and v, and k for full adaptation) A_m (r, d_head), B_m (d_model, r):
-    B_m A_m has the shape of W_m."""
-    x, y = _dims(shapes, "x"), _dims(shapes, "y")
-    _same(["x", "y"], [list(x[:-1]), list(y[:-1])], "leading dimensions")
-    want = [x[-1], y[-1]]
-    for m in LORA_ADAPTERS:
-        w = _dims(shapes, f"w_{m}", exact=2)
-        if list(w) != want:
-            raise InvalidInputError(
-                f"w_{m}.shape",
-                f"expected (d_model, d_head) = ({want[0]}, {want[1]}) from x and y, got {list(w)}",
-            )
-    present = {n.split(".")[1] for n in shapes if n.startswith("adapters.")}
-    unknown = sorted(present - set(LORA_ADAPTERS))
-    if unknown:
-        raise InvalidInputError("adapters", f"unknown adapter {unknown[0]!r}; use q, k or v")
-    for m in ("q", "v"):
-        if m not in present:
-            raise InvalidInputError(
-                "adapters", f"missing {m!r}: partial adaptation needs 'q' and 'v', full adds 'k'"
-            )
-    for m in sorted(present):
-        for part in ("a", "b"):
-            if f"adapters.{m}.{part}" not in shapes:
-                raise InvalidInputError(f"adapters.{m}.{part}", "missing")
-        a = _dims(shapes, f"adapters.{m}.a", exact=2)
-        b = _dims(shapes, f"adapters.{m}.b", exact=2)
-        if a[1] != want[1]:
-            raise InvalidInputError(
-                f"adapters.{m}.a.shape", f"A must be (r, d_head) = (r, {want[1]}), got {list(a)}"
-            )
-        if b[0] != want[0]:
-            raise InvalidInputError(
-                f"adapters.{m}.b.shape", f"B must be (d_model, r) = ({want[0]}, r), got {list(b)}"
-            )
-        if b[1] != a[0]:
-            raise InvalidInputError(
-                f"adapters.{m}.b.shape", f"B's columns {b[1]} != A's rank (rows) {a[0]}"
-            )
+    lora_rule(shapes, label=_wire)
 
 
 # ------------------------------------------------------------------------------ runners

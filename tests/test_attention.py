@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
@@ -11,30 +10,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compute
-from compute._poly import _make, certified_best
-from compute._radius import centre, matrix_radius
-from compute.attention import (
-    _balance,
-    _exact_forward,
-    _polynomial_forward,
-    _polynomial_reference,
-    _statistics,
-)
+from compute.attention.balance import balance
+from compute.attention.exact import exact_forward
+from compute.attention.naive import naive_attention as reference
+from compute.attention.plan import MAX_FEATURES
+from compute.attention.polynomial import polynomial_forward
+from compute.attention.stats import statistics
+from compute.core.polynomials import approximation, certified_best
+from compute.core.radius import centre, matrix_radius
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
-attention_mod = importlib.import_module("compute.attention")  # compute.attention is the function
-
-
-def reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, causal: bool
-) -> torch.Tensor:
-    """Naive softmax attention in float64 (materialises the n x m scores: small n only)."""
-    q, k, v = q.double(), k.double(), v.double()
-    s = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if causal:
-        n, m = s.shape[-2:]
-        s = s.masked_fill(~torch.ones(n, m, dtype=torch.bool).tril(), -math.inf)
-    return torch.softmax(s, dim=-1) @ v
 
 
 def ref_slack(m: int, d: int, vmax: float) -> float:
@@ -124,7 +109,7 @@ def test_polynomial_error_within_certified_bound(
 ) -> None:
     plan = compute.plan_attention(n=n, d=d, radius=R, eps=eps, dv=dv, method="auto")
     assert plan.degree is not None and plan.features == math.comb(d + plan.degree, d)
-    if plan.features > attention_mod.MAX_FEATURES:  # d = 64 at (R, eps) = (1, 1e-3), (2, *)
+    if plan.features > MAX_FEATURES:  # d = 64 at (R, eps) = (1, 1e-3), (2, *)
         pytest.skip(
             f"r = {plan.features} features exceeds MAX_FEATURES: no polynomial result to check "
             "(the refusal is test_polynomial_beyond_the_feature_cap_is_refused)"
@@ -196,7 +181,7 @@ def adversarial(R: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch
     elsewhere; the counts give the argmax keys the worst-case share of the softmax mass.
     Returns q, k, v and the degree the polynomial was taken from. R is nudged just below itself
     so that the certified radius (inflated by 1e-12 for rounding) rounds up to the fit grid
-    point R itself (``_poly.grid_radius``), where the polynomial's error peaks.
+    point R itself (``core.polynomials.grid_radius``), where the polynomial's error peaks.
     """
     R = R * (1 - 1e-9)
     f64 = torch.float64
@@ -362,41 +347,43 @@ def test_property_auto_falls_back_with_reason_when_radius_is_large(
 # ---- internals ----------------------------------------------------------------------------------
 
 
-def test_polynomial_forward_matches_materialised_reference() -> None:
+def test_polynomial_forward_matches_the_naive_polynomial_attention() -> None:
+    """The streamed factored path is P(S) V / P(S) 1 on the centred keys (naive, float64)."""
     q, k, v = make((3,), 90, 90, 4, 5, torch.float64, 1.0)
-    a = _make("chebyshev", 5, 1.0 + 1e-6)
+    a = approximation("chebyshev", 5, 1.0 + 1e-6)
+    kc = centre(k)
     for causal in (False, True):
-        got = _polynomial_forward(q, k, v, a, 0.5, causal=causal, block=64)
-        want = _polynomial_reference(q, k, v, a, 0.5, causal=causal)
+        got = polynomial_forward(q, k, v, a, 0.5, causal=causal, block=64)
+        want = reference(q, kc, v, 0.5, causal, poly=a.coeffs)
         assert float((got - want).abs().max()) < 1e-12
     # float32 chunked path agrees with the float64 one to float32 accuracy
-    got32 = _polynomial_forward(q.float(), k.float(), v.float(), a, 0.5, key_chunk=64)
-    want = _polynomial_reference(q, k, v, a, 0.5)
+    got32 = polynomial_forward(q.float(), k.float(), v.float(), a, 0.5, key_chunk=64)
+    want = reference(q, kc, v, 0.5, False, poly=a.coeffs)
     assert float((got32.double() - want).abs().max()) < 1e-4
 
 
-def test_reference_is_differentiable() -> None:
+def test_naive_polynomial_attention_is_differentiable() -> None:
     q, k, v = make((), 20, 20, 3, 2, torch.float64, 0.5)
     q.requires_grad_(True)
-    a = _make("taylor", 6, 0.6)
-    out = _polynomial_reference(q, k, v, a, 1 / math.sqrt(3))
+    a = approximation("taylor", 6, 0.6)
+    out = reference(q, k, v, 1 / math.sqrt(3), poly=a.coeffs)
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 def test_exact_forward_loop_matches_fused() -> None:
     q, k, v = make((3,), 300, 200, 5, 4, torch.float64, None)
-    loop = _exact_forward(q, k, v, 0.4, block=64, fused=False)
-    fused = _exact_forward(q, k, v, 0.4, block=64)
+    loop = exact_forward(q, k, v, 0.4, block=64, fused=False)
+    fused = exact_forward(q, k, v, 0.4, block=64)
     assert float((loop - fused).abs().max()) < 1e-13
     assert float((loop - reference(q, k, v, 0.4, False)).abs().max()) < 1e-13
 
 
 def test_exact_forward_positions_give_rows() -> None:
     q, k, v = make((2,), 40, 40, 5, 3, torch.float64, None)
-    full = _exact_forward(q, k, v, 0.4, causal=True, block=16)
+    full = exact_forward(q, k, v, 0.4, causal=True, block=16)
     rows = torch.tensor([0, 7, 39])
-    part = _exact_forward(q[:, rows], k, v, 0.4, causal=True, positions=rows, block=16)
+    part = exact_forward(q[:, rows], k, v, 0.4, causal=True, positions=rows, block=16)
     assert float((full[:, rows] - part).abs().max()) < 1e-14
 
 
@@ -561,7 +548,7 @@ def test_statistics_equal_the_separate_helpers(
     scale: float,
     seed: int,
 ) -> None:
-    """``_statistics`` gives bit for bit what centre / matrix_radius / the value reductions give."""
+    """``statistics`` gives bit for bit what centre / matrix_radius / the value reductions give."""
     gen = torch.Generator().manual_seed(seed)
     size = 2.0**log_size
     q = (torch.randn(L, n, d, generator=gen, dtype=torch.float64) * size).to(dtype)
@@ -571,7 +558,7 @@ def test_statistics_equal_the_separate_helpers(
         q[:, : n // 2] = 0.0
         k[:, m // 2 :] = k[:, :1]
     q0, k0, v0 = q.clone(), k.clone(), v.clone()
-    got = _statistics(q, k, v, scale)
+    got = statistics(q, k, v, scale)
     assert torch.equal(q, q0) and torch.equal(k, k0) and torch.equal(v, v0)  # inputs untouched
     kc = centre(k)
     assert torch.equal(got.kc, kc)
@@ -586,8 +573,8 @@ def test_statistics_equal_the_separate_helpers(
     assert torch.equal(ex.v_hi, v.max(dim=1).values)
     assert torch.equal(ex.v_lo, v.min(dim=1).values)
     # the balancing step is the same with the extremes passed in
-    qt, kt, s1 = _balance(q, kc, scale)
-    qt2, kt2, s2 = _balance(q, kc, scale, ex.q_absmax, ex.k_absmax)
+    qt, kt, s1 = balance(q, kc, scale)
+    qt2, kt2, s2 = balance(q, kc, scale, ex.q_absmax, ex.k_absmax)
     assert s1 == s2 and torch.equal(qt, qt2) and torch.equal(kt, kt2)
     assert qt.shape == (L, d, n) and kt.shape == (L, d, m) and qt.is_contiguous()
 
@@ -596,7 +583,7 @@ def test_statistics_match_radius_of_overflowing_float64() -> None:
     q = torch.full((1, 4, 3), 1e200, dtype=torch.float64)
     k = torch.tensor([[[1e200, 0.0, 0.0], [-1e200, 0.0, 0.0]]], dtype=torch.float64)
     v = torch.ones(1, 2, 1, dtype=torch.float64)
-    got = _statistics(q, k, v, 0.5)
+    got = statistics(q, k, v, 0.5)
     assert got.radius == matrix_radius(q, centre(k), 0.5) == math.inf
 
 

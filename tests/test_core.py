@@ -1,24 +1,28 @@
-"""The shared core (theory §1): polynomials, features, radii and the bound's ingredients."""
+"""The shared core (compute/core): polynomials, monomials, radii, rounding, the planner's
+shared pieces, and attention's bound parts."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from compute._bound import certified_bound, gamma
-from compute._features import (
-    GradedBuilder,
+from compute.attention.bound import certified_bound
+from compute.core import planner
+from compute.core.monomials import (
+    FeatureBuilder,
+    derivative_table,
     feature_count,
-    graded_features_t,
-    graded_monomials,
-    monomial_features_t,
-    monomial_tables,
+    features,
+    monomial_table,
+    weights,
 )
-from compute._poly import _make, best, candidates, tv_factor
-from compute._radius import centre, matrix_radius
+from compute.core.polynomials import approximation, best, candidates, tv_factor
+from compute.core.radius import centre, matrix_radius, tensor_radius, tensor_radius_from
+from compute.core.rounding import gamma
 
 FAMILIES = ("chebyshev", "taylor")
 
@@ -34,8 +38,7 @@ def _poly_eval(coeffs: np.ndarray, s: np.ndarray) -> np.ndarray:
 def test_feature_counts_are_binomial(d: int, g: int) -> None:
     r = math.comb(d + g, g)
     assert feature_count(d, g) == r
-    assert monomial_tables(d, g).r == r
-    plan = graded_monomials(d, g)
+    plan = monomial_table(d, g)
     assert plan.r == r
     expo = plan.exponents()
     assert len({tuple(e) for e in expo}) == r  # every monomial exactly once
@@ -49,36 +52,79 @@ def test_feature_counts_are_binomial(d: int, g: int) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize(("d", "g"), [(1, 3), (3, 4), (5, 5), (8, 3)])
 def test_feature_identity_is_the_polynomial_of_the_score(family: str, d: int, g: int) -> None:
-    """phi(q) . psi(k) == P(scale <q, k>) in float64, for both monomial orderings."""
+    """phi(q) . psi(k) == P(scale <q, k>) in float64 (weights on the query side)."""
     gen = torch.Generator().manual_seed(d * 10 + g)
     q = torch.randn(7, d, generator=gen, dtype=torch.float64)
     k = torch.randn(9, d, generator=gen, dtype=torch.float64)
     scale = 0.7
-    a = _make(family, g, 1.5)
+    a = approximation(family, g, 1.5)
     want = _poly_eval(a.coeffs, (scale * q @ k.T).numpy())  # [7, 9]
-    c = a.coeffs * scale ** np.arange(g + 1)
-    plan = graded_monomials(d, g)
-    w = torch.from_numpy(c[plan.degree] * plan.multinomial)  # [r]
-    u1 = graded_features_t(q.T.contiguous(), plan) * w[:, None]  # [r, 7]
-    u2 = graded_features_t(k.T.contiguous(), plan)  # [r, 9]
+    plan = monomial_table(d, g)
+    w = torch.from_numpy(weights(a.coeffs, plan, scale))  # [r]
+    u1 = features(q.T.contiguous(), plan) * w[:, None]  # [r, 7]
+    u2 = features(k.T.contiguous(), plan)  # [r, 9]
     np.testing.assert_allclose((u1.T @ u2).numpy(), want, rtol=1e-12, atol=1e-12)
-    tables = monomial_tables(d, g)
-    w2 = torch.from_numpy(c[tables.degree] * tables.multinomial)
-    v1 = monomial_features_t(q.T.contiguous(), tables) * w2[:, None]
-    v2 = monomial_features_t(k.T.contiguous(), tables)
-    np.testing.assert_allclose((v1.T @ v2).numpy(), want, rtol=1e-12, atol=1e-12)
+    # the weights written out: c_|a| scale^|a| |a|! / a!
+    expo = plan.exponents()
+    mult = [
+        math.factorial(int(e.sum())) / math.prod(math.factorial(int(x)) for x in e) for e in expo
+    ]
+    want_w = [
+        a.coeffs[int(e.sum())] * scale ** int(e.sum()) * m for e, m in zip(expo, mult, strict=True)
+    ]
+    np.testing.assert_allclose(w.numpy(), want_w, rtol=1e-14)
 
 
-def test_graded_builder_matches_function_and_batches() -> None:
-    plan = graded_monomials(4, 3)
+def test_feature_builder_matches_function_and_batches() -> None:
+    plan = monomial_table(4, 3)
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64)  # [.., d, B]
     out = torch.zeros(2, 3, plan.r + 5, 6, dtype=torch.float64)
-    got = GradedBuilder(plan, x, out).build()
-    want = graded_features_t(x, plan)
+    builder = FeatureBuilder(plan, x, out)
+    got = builder.build()
+    want = features(x, plan)
     assert torch.equal(got[..., : plan.r, :], want)
     assert torch.equal(got[..., plan.r :, :], torch.zeros_like(got[..., plan.r :, :]))
+    x.mul_(2.0)  # refilled inputs: the same builder builds the new block
+    assert torch.equal(builder.build()[..., : plan.r, :], features(x, plan))
     with pytest.raises(ValueError):
-        GradedBuilder(plan, x[..., :3, :], out)
+        FeatureBuilder(plan, x[..., :3, :], out)
+
+
+@pytest.mark.parametrize(("d", "g"), [(1, 3), (3, 1), (3, 4), (5, 3)])
+def test_derivative_table_is_the_gradient_of_the_features(d: int, g: int) -> None:
+    """d x^(beta + e_l) / d x_l = factor[beta, l] x^beta, beta of degree <= g - 1."""
+    plan = monomial_table(d, g)
+    child, factor = derivative_table(d, g)
+    expo = plan.exponents()
+    assert child.shape == factor.shape == (plan.offsets[g], d)
+    for b in range(child.shape[0]):
+        for lv in range(d):
+            up = expo[b].copy()
+            up[lv] += 1
+            assert (expo[child[b, lv]] == up).all() and factor[b, lv] == up[lv]
+
+
+@pytest.mark.parametrize(("d", "g"), [(1, 4), (2, 2), (3, 5), (8, 4)])
+def test_graded_features_multinomial_identity(d: int, g: int) -> None:
+    """sum over |alpha| = m of mult * x^alpha = (sum x)^m, and r = C(d + g, g)."""
+    tables = monomial_table(d, g)
+    assert tables.r == math.comb(d + g, g)
+    x = torch.randn(d, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(d * 10 + g))
+    f = features(x, tables)
+    for m in range(g + 1):
+        rows = slice(tables.offsets[m], tables.offsets[m + 1])
+        lhs = (torch.from_numpy(tables.multinomial)[rows, None] * f[rows]).sum(0)
+        assert torch.allclose(lhs, x.sum(0) ** m, rtol=1e-12, atol=1e-12)
+    # the rows are the monomials x^alpha, |alpha| <= g, each once (compared as sorted rows)
+    want = torch.stack(
+        [
+            x[list(alpha)].prod(dim=0)
+            for m in range(g + 1)
+            for alpha in itertools.combinations_with_replacement(range(d), m)
+        ]
+    )  # [r, 11]
+    assert want.shape == f.shape
+    assert torch.allclose(f[f[:, 0].argsort()], want[want[:, 0].argsort()], rtol=1e-12, atol=0)
 
 
 # ---- polynomials --------------------------------------------------------------------------------
@@ -89,7 +135,7 @@ def test_graded_builder_matches_function_and_batches() -> None:
 @pytest.mark.parametrize("g", [1, 3, 5, 8])
 def test_certified_range_contains_the_true_relative_error(family: str, R: float, g: int) -> None:
     """[dmin, dmax] contains P(s) e^-s - 1 on a grid 50x finer than the one that built it."""
-    a = _make(family, g, R)
+    a = approximation(family, g, R)
     s = np.linspace(-R, R, 200_001)
     delta = _poly_eval(a.coeffs, s) * np.exp(-s) - 1.0
     assert a.dmin <= delta.min() + 1e-15
@@ -103,7 +149,7 @@ def test_certified_range_contains_the_true_relative_error(family: str, R: float,
 def test_closed_form_taylor_bound_holds() -> None:
     for R in (0.5, 1.0, 3.0):
         for g in (2, 4, 7):
-            a = _make("taylor", g, R)
+            a = approximation("taylor", g, R)
             assert a.max_abs_delta <= math.exp(R) * R ** (g + 1) / math.factorial(g + 1) * (
                 1 + 1e-9
             )
@@ -124,7 +170,7 @@ def test_theory_table_of_degrees(eps: float, R: float, g_cheb: int, g_taylor: in
     """Theory §2's table: the smallest degree with certified max |delta| <= eps, per family."""
 
     def smallest(family: str) -> int:
-        return next(g for g in range(25) if _make(family, g, R).max_abs_delta <= eps)
+        return next(g for g in range(25) if approximation(family, g, R).max_abs_delta <= eps)
 
     assert smallest("chebyshev") == g_cheb
     assert smallest("taylor") == g_taylor
@@ -134,7 +180,7 @@ def test_candidates_pick_the_better_family_per_degree() -> None:
     cands = candidates(1.0, 8)
     assert [a.degree for a in cands] == list(range(9))
     for a in cands:
-        other = [_make(f, a.degree, 1.0) for f in FAMILIES]
+        other = [approximation(f, a.degree, 1.0) for f in FAMILIES]
         assert a.t == min(o.t for o in other)
         assert best(1.0, a.degree) is a
 
@@ -171,6 +217,31 @@ def test_radius_bounds_every_centred_score(seed: int) -> None:
     assert float(absdot.max()) <= R
     # centring by the midrange shrinks the largest key entry
     assert float(kc.abs().max()) <= float((k - k.mean(dim=1, keepdim=True)).abs().max()) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tensor_radius_bounds_every_triple_score(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    q, k1, k2 = (torch.randn(2, n, 4, generator=gen, dtype=torch.float64) for n in (5, 6, 7))
+    R3 = tensor_radius(q, k1, k2, -0.6)
+    s = 0.6 * torch.einsum("bil,bjl,bkl->bijk", q.abs(), k1.abs(), k2.abs())
+    assert float(s.max()) <= R3
+    # the usual case and the guarded one (mantissas and exponents) give the same number
+    two = np.array([[3.0, 5.0, 7.0]])
+    top = np.array([[1.5, 2.5, 0.75]])
+    usual = tensor_radius_from(two, top, 4, 0.5)
+    assert usual == tensor_radius_from(two * 2.0**-250, top * 2.0**-250, 4, 0.5 * 2.0**750)
+    assert usual == min(3 * 5 * 0.75, 3 * 2.5 * 7, 1.5 * 5 * 7) * 0.5 * (1 + 1e-12)
+
+
+def test_rho_is_the_radius_over_the_log_of_the_mean_length() -> None:
+    """One convention for every operation: rho = R / ln n_eff, n_eff the geometric mean of the
+    lengths the scores range over, at least 2."""
+    assert planner.rho(1.5, 1000) == 1.5 / math.log(1000)
+    assert planner.rho(1.5, 8, 27, 125) == 1.5 / ((math.log(8) + math.log(27) + math.log(125)) / 3)
+    assert planner.rho(1.5, 1) == planner.rho(1.5, 2) == 1.5 / math.log(2)
+    assert planner.rho(1.5, 1, 1, 3) == 1.5 / math.log(2)  # n_eff = 3^(1/3) < 2
+    assert planner.rho(0.0, 1) == 0.0
 
 
 # ---- bound --------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ Any other exception type fails the test (it propagates), as does NaN/inf with a 
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -49,11 +48,10 @@ from strategies import (
 )
 
 import compute
-from compute import _poly
-from compute._poly import certified_best, grid_radius, tv_factor
-
-att = importlib.import_module("compute.attention")
-ta = importlib.import_module("compute.tensor_attention")
+from compute.attention import polynomial as att_poly
+from compute.core.monomials import monomial_table, weight_max, weights
+from compute.core.polynomials import approximation, certified_best, grid_radius, tv_factor
+from compute.tensor_attention import native as ta_native
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 SETTINGS = settings(
@@ -208,8 +206,8 @@ def run_tensor_case(case: TensorCase, native: bool) -> None:
     names = ("q", "k1", "k2", "v1", "v2")
     ref, s_abs = ref_tensor_attention(*(plain[nm] for nm in names), case.scale)
     fmax = float(torch.finfo(dt).max)
-    saved = ta.NATIVE
-    ta.NATIVE = native
+    saved = ta_native.NATIVE
+    ta_native.NATIVE = native
     try:
         res = compute.tensor_attention(
             *(args[nm] for nm in names),
@@ -229,7 +227,7 @@ def run_tensor_case(case: TensorCase, native: bool) -> None:
         )
         return
     finally:
-        ta.NATIVE = saved
+        ta_native.NATIVE = saved
     assert case.kind not in BAD_KINDS, "a sparse/meta tensor was accepted"
     check_output(res.output, dt, (*case.lead, case.n, case.dv))
     out = res.output.double().numpy().astype(LD)
@@ -504,14 +502,14 @@ def test_polynomial_products_see_normalised_values(
     monomials in the products are normalised per column (largest magnitude in [1/4, 1)),
     however small or large the inputs' values are (subnormal ones included)."""
     seen: list[torch.Tensor] = []
-    name = "_causal_blocks" if causal else "_noncausal_blocks"
-    real = getattr(att, name)
+    name = "causal_blocks" if causal else "noncausal_blocks"
+    real = getattr(att_poly, name)
 
-    def spy(qb: torch.Tensor, kb: torch.Tensor, vc: torch.Tensor, *args: Any, **kw: Any) -> Any:
-        seen.append(vc.abs().amax(dim=1).double())  # [lg, dv]
-        return real(qb, kb, vc, *args, **kw)
+    def spy(work: Any, **kw: Any) -> Any:
+        seen.append(work.vc.abs().amax(dim=1).double())  # [lg, dv]
+        return real(work, **kw)
 
-    monkeypatch.setattr(att, name, spy)
+    monkeypatch.setattr(att_poly, name, spy)
     gen = torch.Generator().manual_seed(13)
     q, k = (torch.randn(2, 96, 3, generator=gen, dtype=F64).to(dtype) * 0.5 for _ in range(2))
     v = build(gen, (2, 96, 2), dtype, Entries("ints", exponent))
@@ -586,7 +584,7 @@ def test_issue_extreme_scale_float64() -> None:
 def test_issue_tensor_subnormal_values(dtype: torch.dtype, native: bool, monkeypatch: Any) -> None:
     """v1 = small integers times the smallest subnormal: the output's cast is absolute there,
     on both CPU routes (the compiled kernel writes the float32 output itself)."""
-    monkeypatch.setattr(ta, "NATIVE", native)
+    monkeypatch.setattr(ta_native, "NATIVE", native)
     lo, _ = EXPONENTS[dtype]
     gen = torch.Generator().manual_seed(3)
     q, k1, k2 = (torch.randn(2, m, 2, generator=gen).to(dtype) * 0.5 for m in (7, 9, 8))
@@ -606,7 +604,7 @@ def test_issue_tensor_output_overflow_is_refused(
 ) -> None:
     """float16 v1 = v2 = 300 (products 9e4 > 65504), float32 1e20 x 1e20: once inf with a finite
     bound; now OutOfRangeError naming v1 and the dtype to pass. float64 holds 1e40."""
-    monkeypatch.setattr(ta, "NATIVE", native)
+    monkeypatch.setattr(ta_native, "NATIVE", native)
     gen = torch.Generator().manual_seed(4)
     q, k1, k2 = (torch.randn(1, 5, 2, generator=gen) * 0.3 for _ in range(3))
     for dtype, size, wider in ((F16, 300.0, "float32"), (F32, 1e20, "float64")):
@@ -701,17 +699,14 @@ def test_issue_inputs_that_require_grad() -> None:
 
 def test_weights_of_any_scale_never_raise() -> None:
     """The weight helpers once raised OverflowError for an unbalanced huge scale (attention's
-    _weights with float32 scale = 1e45, tensor attention's _weight_max on subnormal inputs):
+    weights with float32 scale = 1e45, tensor attention's weight bound on subnormal inputs):
     they now return inf, which the planner treats as "not certified"."""
-    from compute._features import graded_monomials
-
     a = certified_best(1.0, 8)
-    w = att._weights(a, graded_monomials(2, 8), 1e45)
+    w = weights(a.coeffs, monomial_table(2, 8), 1e45)
     assert np.isinf(w).any() and not np.isnan(w[np.isfinite(w)]).any()
-    assert ta._weight_max(a, 1e300) == math.inf
-    assert math.isfinite(ta._weight_max(a, 0.7)) and ta._weight_max(a, 0.0) == abs(a.coeffs[0]) * (
-        1 + 1e-12
-    )
+    assert weight_max(a, 1e300) == math.inf
+    assert math.isfinite(weight_max(a, 0.7))
+    assert weight_max(a, 0.0) == abs(a.coeffs[0]) * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("kind", ["sparse", "meta"])
@@ -804,6 +799,32 @@ def test_issue_lora_overflow_in_float32_is_recomputed_in_float64(full: bool) -> 
             ) <= 1e-3 * max(float(np.abs(want).max()), 1e-300)
 
 
+def test_issue_lora_surrogate_weights_overflow_is_not_certified() -> None:
+    """scale 9e102 on tiny projections (found by test_lora_every_finite_input): the scores fit,
+    but the surrogate's weights c_m scale^m overflow float64, so its gradients are NaN. That is
+    "not certified" (CertificationError for method="polynomial"; auto computes exactly), never
+    an OutOfRangeError for gradients that fit."""
+    gen = torch.Generator().manual_seed(0)
+    dt = F16
+    x = build(gen, (2, 1), dt, Entries("normal", 0))
+    y = build(gen, (2, 1), dt, Entries("ints", -24))
+    w = {mu: build(gen, (1, 1), dt, Entries("wide", -16)) for mu in "qkv"}
+    a = Entries("normal", -2)
+    adapters = {mu: (build(gen, (1, 1), dt, a), build(gen, (1, 1), dt, a)) for mu in "qv"}
+    scale = 8.958978968711217e102
+    args = dict(w_q=w["q"], w_k=w["k"], w_v=w["v"], adapters=adapters, alpha=1.0, scale=scale)
+    with pytest.raises(compute.CertificationError):
+        compute.lora_gradient(x, y, **args, method="polynomial", eps=0.3)
+    res = compute.lora_gradient(x, y, **args, method="auto", eps=0.3)
+    assert res.plan.method == "exact" and res.error_bounds is None
+    _, grads, _ = ref_lora(x, y, w, adapters, 1.0, scale)
+    for mu, pair in res.grads.items():
+        for got, want in zip(pair, grads[mu], strict=True):
+            assert bool(torch.isfinite(got).all())
+            err = float(np.abs(got.double().numpy() - want.astype(np.float64)).max())
+            assert err <= 1e-2 * max(float(np.abs(want).max()), 1e-6)
+
+
 # ---- the three gaps of the rounding argument (issue item 6) ----------------------------------
 
 
@@ -815,7 +836,7 @@ def test_causal_rows_beyond_the_keys_run_what_is_certified(
     keys; the plan's certified inner lengths must cover every product that actually runs
     (once 512-key float32 chunks ran under a bound certified for 32)."""
     seen: list[tuple[int, int]] = []
-    real = att._geometry
+    real = att_poly.geometry
 
     def spy(r: int, n_max: int, **kw: Any) -> Any:
         out = real(r, n_max, **kw)
@@ -824,7 +845,7 @@ def test_causal_rows_beyond_the_keys_run_what_is_certified(
         seen.append((key_inner, cr or r))
         return out
 
-    monkeypatch.setattr(att, "_geometry", spy)
+    monkeypatch.setattr(att_poly, "geometry", spy)
     gen = torch.Generator().manual_seed(9)
     n, m = 1500, 600
     q = torch.randn(1, n, 2, generator=gen, dtype=dtype) * 0.4
@@ -863,7 +884,7 @@ def test_certified_range_holds_for_the_float64_coefficients(g: int, R: float, fa
     """The truncation bound is for the exact series; the float64 coefficients differ (g = 24,
     R = 4 Chebyshev: certified +-2.98e-16, actual [-1.37e-13, 3.2e-15]). The certified range must
     contain the actual one, and t must not round to 0 (it did at g = 24, R = 3.36)."""
-    a = _poly._make(family, g, R)
+    a = approximation(family, g, R)
     lo, hi = _delta_range_ld(a.coeffs, R)
     assert a.dmin <= lo and hi <= a.dmax, (a.dmin, lo, hi, a.dmax)
     t_true = (hi - lo) / (math.sqrt(1.0 + hi) + math.sqrt(1.0 + lo)) ** 2  # no cancellation

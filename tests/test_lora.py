@@ -1,6 +1,7 @@
-"""compute.lora_gradient: exact path vs autograd through SDPA and finite differences; the
-polynomial path's closed-form backward vs autograd through the surrogate; measured error <=
-certified bound (hypothesis, random and adversarial); threshold behaviour; bad input."""
+"""compute.lora_gradient: exact path vs the naive reference (autograd through materialised
+attention) and finite differences; the polynomial path's closed-form backward vs autograd through
+the naive surrogate; measured error <= certified bound (hypothesis, random and adversarial);
+threshold behaviour; bad input."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as nnf
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import compute
-from compute import lora as lora_mod
-from compute._cost import Rates
-from compute._poly import _make
+from compute.attention.naive import naive_attention
+from compute.core.cost import Rates
+from compute.core.polynomials import approximation
+from compute.lora import api as lora_api
+from compute.lora import certificate as lora_cert
+from compute.lora import exact as lora_exact
+from compute.lora import plan as lora_plan
+from compute.lora import polynomial as lora_poly
+from compute.lora.inputs import check_inputs
+from compute.lora.naive import naive_lora_gradient
 
 F64 = torch.float64
 
@@ -46,7 +53,7 @@ def make_case(
     adapters = {mu: (rnd(rank, dh, s=0.5), rnd(dm, rank, s=0.5)) for mu in names}
     case = dict(x=x, y=y, w_q=w["q"], w_k=w["k"], w_v=w["v"], adapters=adapters, alpha=2.0)
     if radius is not None:
-        r0 = lora_mod._radius_only(lora_mod._validate(**_vargs(case)))
+        r0 = lora_api.radius_only(check_inputs(**_vargs(case)))
         case["x"] = (x.double() * math.sqrt(radius / r0)).to(dtype)
     return case
 
@@ -59,23 +66,10 @@ def _vargs(case: dict) -> dict:
 
 
 def sdpa_reference(case: dict, scale: float | None = None) -> tuple[float, dict]:
-    """Loss and adapter gradients by torch.autograd through SDPA, in float64."""
-    leaves = {
-        mu: (a.detach().double().requires_grad_(), b.detach().double().requires_grad_())
-        for mu, (a, b) in case["adapters"].items()
-    }
-    x, y = case["x"].double(), case["y"].double()
-    w = {}
-    for mu in "qkv":
-        wm = case[f"w_{mu}"].double()
-        if mu in leaves:
-            a, b = leaves[mu]
-            wm = wm + case["alpha"] / a.shape[0] * (b @ a)
-        w[mu] = wm
-    out = nnf.scaled_dot_product_attention(x @ w["q"], x @ w["k"], x @ w["v"], scale=scale)
-    loss = 0.5 * (out - y).square().sum()
-    loss.backward()
-    return float(loss.detach()), {mu: (a.grad, b.grad) for mu, (a, b) in leaves.items()}
+    """Loss and adapter gradients by autograd through attention in float64 (the naive
+    reference; ``scale`` defaults to 1/sqrt(d_head), as SDPA's)."""
+    args = {k: v for k, v in _vargs(case).items() if k != "scale"}
+    return naive_lora_gradient(**args, scale=scale)
 
 
 def run(case: dict, **kw) -> compute.LoraResult:
@@ -87,7 +81,7 @@ def run(case: dict, **kw) -> compute.LoraResult:
 
 @pytest.mark.parametrize("full", [False, True], ids=["partial", "full"])
 @pytest.mark.parametrize("lead", [(), (3,), (2, 2)], ids=["B0", "B3", "B2-H2"])
-def test_exact_equals_autograd_through_sdpa(full: bool, lead: tuple[int, ...]) -> None:
+def test_exact_equals_the_naive_reference(full: bool, lead: tuple[int, ...]) -> None:
     case = make_case(lead=lead, L=37, dm=7, dh=4, rank=3, full=full, seed=1)
     res = run(case, method="exact")
     loss, ref = sdpa_reference(case)
@@ -102,7 +96,7 @@ def test_exact_equals_autograd_through_sdpa(full: bool, lead: tuple[int, ...]) -
 
 
 def test_exact_custom_scale_and_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_mod, "_EXACT_BLOCK_ELEMS", 64)  # many query blocks
+    monkeypatch.setattr(lora_exact, "EXACT_BLOCK_ELEMS", 64)  # many query blocks
     case = make_case(lead=(2,), L=45, dm=5, dh=3, seed=2)
     case["scale"] = 0.7
     calls: list[tuple[int, int]] = []
@@ -153,9 +147,7 @@ def test_exact_matches_finite_differences(full: bool) -> None:
 def _surrogate_autograd(q, kc, vc, yc, approx, scale):
     """Autograd through the dense surrogate: P(scale Q Kc^T) instead of exp (tiny L only)."""
     q, kc, vc = (t.clone().requires_grad_() for t in (q, kc, vc))
-    s = scale * q @ kc.transpose(-1, -2)
-    p = sum(float(c) * s**m for m, c in enumerate(approx.coeffs))
-    o = (p @ vc) / p.sum(-1, keepdim=True)
+    o = naive_attention(q, kc, vc, scale, poly=approx.coeffs)
     loss = 0.5 * (o - yc).square().sum()
     loss.backward()
     return float(loss.detach()), q.grad, kc.grad, vc.grad
@@ -164,12 +156,12 @@ def _surrogate_autograd(q, kc, vc, yc, approx, scale):
 @pytest.mark.parametrize("family", ["chebyshev", "taylor"])
 @pytest.mark.parametrize("g", [1, 2, 4])
 def test_factored_backward_is_the_chain_rule(family: str, g: int, monkeypatch) -> None:
-    monkeypatch.setattr(lora_mod, "_POLY_BLOCK_ELEMS", 200)  # several blocks per pass
+    monkeypatch.setattr(lora_poly, "POLY_BLOCK_ELEMS", 200)  # several blocks per pass
     gen = torch.Generator().manual_seed(g)
     nb, L, d = 2, 19, 3
     q, kc, vc, yc = (torch.randn(nb, L, d, generator=gen, dtype=F64) * 0.6 for _ in range(4))
-    approx = _make(family, g, 1.5)
-    loss, dq, dk, dv, errs = lora_mod._poly_qkv_grads(q, kc, vc, yc, approx, 0.8, None)
+    approx = approximation(family, g, 1.5)
+    loss, dq, dk, dv, errs = lora_poly.poly_qkv_grads(q, kc, vc, yc, approx, 0.8, None)
     assert errs is None
     loss_ref, dq_ref, dk_ref, dv_ref = _surrogate_autograd(q, kc, vc, yc, approx, 0.8)
     assert loss == pytest.approx(loss_ref, rel=1e-10)
@@ -218,7 +210,7 @@ def _adversarial(kind: str, seed: int, radius: float) -> dict:
     elif kind == "sign-aligned":  # x rows of equal sign pattern: no cancellation in X^T dQ
         x = x.abs()
     case["x"] = x
-    r0 = lora_mod._radius_only(lora_mod._validate(**_vargs(case)))
+    r0 = lora_api.radius_only(check_inputs(**_vargs(case)))
     case["x"] = case["x"] * math.sqrt(radius / r0)
     return case
 
@@ -257,10 +249,10 @@ def test_low_degree_error_is_visible_and_bounded() -> None:
 
 def _run_degree(case: dict, family: str, g: int) -> tuple[dict, object]:
     """One polynomial run at a fixed degree (bypassing the eps check) and its certificate."""
-    inp = lora_mod._validate(**_vargs(case))
-    prep = lora_mod._prepare(inp)
-    approx = _make(family, g, prep.radius)
-    _, grads, cert = lora_mod._run_polynomial(inp, prep, approx, None)
+    inp = check_inputs(**_vargs(case))
+    prep = lora_cert.prepare(inp)
+    approx = approximation(family, g, prep.radius)
+    _, grads, cert = lora_poly.run_polynomial(inp, prep, approx, None)
     return grads, cert
 
 
@@ -292,7 +284,7 @@ CERTIFIABLE = [
     for radius in (0.3, 1.0, 2.5)
     for family in ("chebyshev", "taylor")
     for g in range(1, 6)
-    if _make(family, g, 1.01 * radius).dmin > -1.0
+    if approximation(family, g, 1.01 * radius).dmin > -1.0
 ]
 
 
@@ -327,7 +319,7 @@ def test_bound_is_near_tight_at_low_degree() -> None:
 
 def test_auto_polynomial_meets_eps_honestly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Whenever auto returns polynomial: measured <= bound <= eps * max|G_exact| per gradient."""
-    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
+    monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
     seen = 0
     for seed, radius, eps, full in [
         (20, 0.2, 1e-3, True), (21, 0.5, 1e-2, False), (22, 1.0, 1e-3, True),
@@ -343,13 +335,13 @@ def test_auto_polynomial_meets_eps_honestly(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_failed_certificate_sends_auto_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
-    monkeypatch.setattr(lora_mod, "PREDICT_FACTOR", 1e-12)  # predicts degree 1 certifies
-    monkeypatch.setattr(lora_mod, "MAX_TRIES", 1)
+    monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
+    monkeypatch.setattr(lora_plan, "PREDICT_FACTOR", 1e-12)  # predicts degree 1 certifies
+    monkeypatch.setattr(lora_api, "MAX_TRIES", 1)
     case = make_case(lead=(2,), L=40, dm=5, dh=2, radius=1.0, seed=13)
     res = run(case, method="auto", eps=1e-4)
     assert res.plan.method == "exact" and res.error_bounds is None
-    assert "certificate failed" in res.plan.reason and "> eps=0.0001" in res.plan.reason
+    assert "certificate failed" in res.plan.reason and "> eps = 0.0001" in res.plan.reason
     assert res.plan.extra["tries"][0]["degree"] == 1
     first = res.plan.extra["tries"][0]["relative_bound"]
     assert first is None or first > 1e-4  # None: the bound exceeds max|G~|
@@ -358,8 +350,8 @@ def test_failed_certificate_sends_auto_exact(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_failed_certificate_raises_the_degree(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
-    monkeypatch.setattr(lora_mod, "PREDICT_FACTOR", 1e-12)
+    monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
+    monkeypatch.setattr(lora_plan, "PREDICT_FACTOR", 1e-12)
     case = make_case(lead=(2,), L=40, dm=5, dh=2, radius=0.5, seed=14)
     res = run(case, method="auto", eps=1e-3)
     tries = res.plan.extra["tries"]
@@ -390,18 +382,18 @@ def test_polynomial_progress_and_cancel() -> None:
 
 def test_large_norms_make_auto_exact_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     # exact "infinitely slow": only the certificate can send auto to exact
-    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
+    monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
     case = make_case(lead=(1,), L=32, dm=6, dh=3, radius=60.0, seed=9)
     res = run(case, method="auto", eps=1e-3)
     assert res.plan.method == "exact" and res.error_bounds is None
-    assert "No polynomial" in res.plan.reason and "R=" in res.plan.reason
+    assert "no polynomial" in res.plan.reason and "R = " in res.plan.reason
     assert res.plan.rho == pytest.approx(res.plan.radius / math.log(32))
     with pytest.raises(compute.CertificationError):
         run(case, method="polynomial", eps=1e-3)
 
 
 def test_auto_is_certified_whenever_polynomial(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lora_mod, "_cost_exact", lambda *a, **k: math.inf)
+    monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
     for radius in (0.05, 0.5, 3.0, 20.0):
         case = make_case(lead=(2,), L=64, dm=6, dh=2, radius=radius, seed=10)
         res = run(case, method="auto", eps=1e-3)
@@ -414,16 +406,16 @@ def test_auto_is_certified_whenever_polynomial(monkeypatch: pytest.MonkeyPatch) 
 def test_plan_lora_gradient_regimes(monkeypatch: pytest.MonkeyPatch) -> None:
     # fixed throughputs: the decision logic, not this machine's momentary load, is under test
     fixed = Rates(gemm=5e10, skinny=2e10, elems=5e8, exps=1e9, stream=2e9)
-    monkeypatch.setattr(lora_mod, "rates", lambda device, dtype: fixed)
+    monkeypatch.setattr(lora_plan, "rates", lambda device, dtype: fixed)
     small = compute.plan_lora_gradient(n=65536, d=8, radius=0.25, eps=1e-3, full=True)
     assert small.op == "lora-gradient" and small.method == "polynomial"
     assert small.degree is not None and small.features == math.comb(8 + small.degree, 8)
     assert small.predicted_bound is not None and small.predicted_bound <= 1e-3
     big = compute.plan_lora_gradient(n=65536, d=8, radius=40.0, eps=1e-3)
     assert big.method == "exact"
-    assert "No polynomial" in big.reason or "not predicted to certify" in big.reason
+    assert "is predicted to certify it" in big.reason  # no degree below the one tried
     short = compute.plan_lora_gradient(n=64, d=8, radius=0.25, eps=1e-3)
-    assert short.method == "exact" and "slower" in short.reason
+    assert short.method == "exact" and "exact is cheaper" in short.reason
     assert compute.plan_lora_gradient(n=64, d=8, radius=0.25, method="exact").method == "exact"
     with pytest.raises(compute.CertificationError):
         compute.plan_lora_gradient(n=64, d=8, radius=40.0, method="polynomial")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+import torch
+
 import compute
 
 
@@ -88,3 +91,31 @@ def test_registry_lists_the_three_operations_with_their_public_functions() -> No
     assert compute.OPERATIONS["attention"].plan is compute.plan_attention
     assert compute.OPERATIONS["tensor-attention"].plan is compute.plan_tensor_attention
     assert compute.OPERATIONS["lora-gradient"].plan is compute.plan_lora_gradient
+
+
+def test_plan_functions_take_the_same_device_argument() -> None:
+    """One convention (docs/contract.md): ``device=None`` prices the paths with the calibrated
+    rates of compute.default_device(); a named device is used as given; a bad one is named."""
+    plans = (compute.plan_attention, compute.plan_tensor_attention, compute.plan_lora_gradient)
+    for plan in plans:
+        assert _keyword_defaults(plan)["device"] is None
+        default = plan(n=64, d=4, radius=0.5, method="polynomial", eps=0.1)
+        explicit = plan(
+            n=64, d=4, radius=0.5, method="polynomial", eps=0.1, device=compute.default_device()
+        )
+        assert explicit.degree == default.degree and explicit.method == "polynomial"
+        with pytest.raises(compute.InvalidInputError) as info:
+            plan(n=64, d=4, radius=0.5, device="no-such-device")
+        assert info.value.argument == "device"
+
+
+def test_output_dtype_is_the_inputs_promoted_dtype() -> None:
+    """One rule for both attentions (docs/contract.md): the inputs' promoted dtype."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    mixed = compute.attention(q, k, v.half(), method="exact")
+    assert mixed.output.dtype == torch.float64
+    assert compute.attention(q.half(), k.half(), v.bfloat16()).output.dtype == torch.float32
+    assert compute.attention(q.float(), k.float(), v.float()).output.dtype == torch.float32
+    ta = compute.tensor_attention(q, k.float(), k.float(), v.half(), v.half(), method="exact")
+    assert ta.output.dtype == torch.float64

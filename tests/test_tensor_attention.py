@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import itertools
 import math
 import shutil
 from pathlib import Path
@@ -15,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compute
-from compute import _native
-from compute._cost import Rates
-from compute._poly import (
+from compute.core import native as core_native
+from compute.core.cost import Rates
+from compute.core.monomials import features, monomial_table, weight_max, weights
+from compute.core.polynomials import (
     Approximation,
     certified_best,
     grid_radius,
@@ -25,9 +24,17 @@ from compute._poly import (
     relative_error_range,
     taylor_coeffs,
 )
-from compute._radius import tensor_radius
-
-ta = importlib.import_module("compute.tensor_attention")  # the module (the name is the function)
+from compute.core.radius import tensor_radius
+from compute.core.scaling import times_pow2
+from compute.tensor_attention import balance as ta_balance
+from compute.tensor_attention import bound as ta_bound
+from compute.tensor_attention import exact as ta_exact
+from compute.tensor_attention import kernel_status
+from compute.tensor_attention import native as ta_native
+from compute.tensor_attention import plan as ta_plan
+from compute.tensor_attention import polynomial as ta_poly
+from compute.tensor_attention import stats as ta_stats
+from compute.tensor_attention.naive import naive_tensor_attention
 
 F64 = torch.float64
 HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
@@ -36,9 +43,9 @@ HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
 @pytest.fixture(params=["native", "pytorch"])
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both implementations of the float32 CPU path: the compiled kernel and PyTorch ops."""
-    if request.param == "native" and ta._kernel() is None:
-        pytest.skip(f"compiled kernel unavailable: {_native.status()}")
-    monkeypatch.setattr(ta, "NATIVE", request.param == "native")
+    if request.param == "native" and ta_native.kernel() is None:
+        pytest.skip(f"compiled kernel unavailable: {ta_native.status()}")
+    monkeypatch.setattr(ta_native, "NATIVE", request.param == "native")
     return str(request.param)
 
 
@@ -51,22 +58,9 @@ def brute_force(
     scale: float,
     poly: np.ndarray | None = None,
 ) -> torch.Tensor:
-    """float64 reference with the materialised ``[..., n, n1 * n2]`` scores.
-
-    With ``poly`` (monomial coefficients), ``exp`` is replaced by that polynomial: the output
-    the polynomial path computes in exact arithmetic.
-    """
-    q, k1, k2, v1, v2 = (x.to(F64) for x in (q, k1, k2, v1, v2))
-    kk = (k1.unsqueeze(-2) * k2.unsqueeze(-3)).flatten(-3, -2)  # [..., n1*n2, d]
-    vv = (v1.unsqueeze(-2) * v2.unsqueeze(-3)).flatten(-3, -2)  # [..., n1*n2, dv]
-    s = scale * q @ kk.transpose(-1, -2)  # [..., n, n1*n2]
-    if poly is None:
-        w = torch.softmax(s, dim=-1)
-    else:
-        p = sum(float(c) * s**m for m, c in enumerate(poly))
-        assert isinstance(p, torch.Tensor)
-        w = p / p.sum(dim=-1, keepdim=True)
-    return w @ vv  # [..., n, dv]
+    """The float64 reference (``compute.tensor_attention.naive``), with ``poly``: ``exp``
+    replaced by that polynomial, the output the polynomial path computes in exact arithmetic."""
+    return naive_tensor_attention(q, k1, k2, v1, v2, scale, poly=poly)
 
 
 def make_inputs(
@@ -125,11 +119,11 @@ def test_worked_example_factorisation() -> None:
     """P(Q (K1 ⊘ K2)^T) from the three feature maps, weights on the query side."""
     q, k1, k2, _, _ = _example()
     approx = _taylor2(1.0)
-    tables = ta._graded(2, 2)
-    w = ta._weights(approx, tables, 1.0)  # [r]
-    u1 = w[:, None] * ta._graded_features_t(q.T.contiguous(), tables)  # [r, n]
-    u2 = ta._graded_features_t(k1.T.contiguous(), tables)  # [r, n1]
-    u3 = ta._graded_features_t(k2.T.contiguous(), tables)  # [r, n2]
+    tables = monomial_table(2, 2)
+    w = torch.from_numpy(weights(approx.coeffs, tables, 1.0))  # [r]
+    u1 = w[:, None] * features(q.T.contiguous(), tables)  # [r, n]
+    u2 = features(k1.T.contiguous(), tables)  # [r, n1]
+    u3 = features(k2.T.contiguous(), tables)  # [r, n2]
     p = torch.einsum("ai,aj,ak->ijk", u1, u2, u3).reshape(2, 4)  # column (i1, i2) = i1*n2 + i2
     expected = torch.tensor(
         [[1.05125, 1.12496, 0.99005, 0.91042], [0.99302, 1.02736, 0.96465, 0.98807]], dtype=F64
@@ -139,8 +133,8 @@ def test_worked_example_factorisation() -> None:
 
 def test_worked_example_outputs() -> None:
     q, k1, k2, v1, v2 = _example()
-    approx_out = ta._polynomial_forward(
-        q[None], k1[None], k2[None], v1[None], v2[None], _taylor2(1.0), 1.0
+    approx_out = ta_poly.polynomial_forward(
+        q[None], k1[None], k2[None], v1[None], v2[None], _taylor2(1.0), 1.0, chunk=4096
     )[0]
     assert (
         approx_out - torch.tensor([[0.80977, 0.01663], [0.76710, 0.02318]], dtype=F64)
@@ -197,7 +191,7 @@ def test_exact_large_scores_use_running_max(dt: str) -> None:
 
 def test_exact_blocks_many(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny blocks: many query and j1 blocks, same result; progress reaches its total."""
-    monkeypatch.setattr(ta, "_EXACT_BLOCK", 40)
+    monkeypatch.setattr(ta_exact, "EXACT_BLOCK", 40)
     q, k1, k2, v1, v2 = make_inputs((2,), 13, 6, 10, 3, 2, dtype=F64, seed=5)
     calls: list[tuple[int, int]] = []
     res = compute.tensor_attention(
@@ -355,7 +349,7 @@ def test_measured_error_never_exceeds_bound(p: dict[str, object]) -> None:
     q, k1, k2, v1, v2 = (x.to(dtype) for x in (q, k1, k2, v1, v2))
     ref = brute_force(q, k1, k2, v1, v2, sc)
     vmax = float((v1.to(F64).abs().amax(-2) * v2.to(F64).abs().amax(-2)).max())
-    ta.NATIVE = bool(p["native"])  # the compiled kernel or the PyTorch route (float32 on CPU)
+    ta_native.NATIVE = bool(p["native"])  # the compiled kernel or the PyTorch route (float32 CPU)
     try:
         res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=eps, scale=scale)
     except compute.CertificationError:
@@ -363,7 +357,7 @@ def test_measured_error_never_exceeds_bound(p: dict[str, object]) -> None:
         assert auto.plan.method == "exact" and "certifies" in auto.plan.reason
         return
     finally:
-        ta.NATIVE = True
+        ta_native.NATIVE = True
     err = float((res.output.to(F64) - ref).abs().max())
     assert res.error_bound is not None
     assert err <= res.error_bound, (err, res.error_bound, res.plan.to_dict())
@@ -377,7 +371,7 @@ def test_auto_picks_polynomial_when_it_pays() -> None:
     q, k1, k2, v1, v2 = make_inputs((), 300, 300, 300, 4, 4, seed=1, radius=0.5)
     res = compute.tensor_attention(q, k1, k2, v1, v2, eps=1e-2, sample_rows=5)
     assert res.plan.method == "polynomial", res.plan.reason
-    assert "beats the exact path" in res.plan.reason
+    assert "is certified by" in res.plan.reason and "exact is cheaper" not in res.plan.reason
     assert res.plan.cost_polynomial is not None and res.plan.cost_exact is not None
     assert res.plan.cost_polynomial < res.plan.cost_exact
     assert res.measured_error is not None and res.error_bound is not None
@@ -399,11 +393,11 @@ def test_tiny_problem_runs_exact_because_cheaper(monkeypatch: pytest.MonkeyPatch
     # fixed throughputs (this machine's unloaded rates): the decision, not the load during the
     # once-per-process calibration, is under test (a busy calibration flipped it now and then)
     fixed = Rates(gemm=2e11, skinny=1.7e11, elems=5.6e9, exps=2.4e9, stream=1.3e10)
-    monkeypatch.setattr(ta, "rates", lambda device, dtype: fixed)
-    monkeypatch.setattr(ta, "_native_rate", lambda: 2.8e10)
+    monkeypatch.setattr(ta_plan, "rates", lambda device, dtype: fixed)
+    monkeypatch.setattr(ta_native, "native_rate", lambda: 2.8e10)
     q, k1, k2, v1, v2 = make_inputs((), 3, 3, 3, 8, 2, seed=4, radius=0.5)
     res = compute.tensor_attention(q, k1, k2, v1, v2)
-    assert res.plan.method == "exact" and "not below the exact path" in res.plan.reason
+    assert res.plan.method == "exact" and "exact is cheaper" in res.plan.reason
 
 
 def test_constant_rows_and_zero_query() -> None:
@@ -448,7 +442,7 @@ def test_polynomial_progress_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Feature blocks smaller than the problem: several blocks, same output."""
     q, k1, k2, v1, v2 = make_inputs((2,), 21, 19, 17, 3, 2, dtype=F64, seed=12, radius=1.0)
     whole = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial").output
-    monkeypatch.setattr(ta, "_FEATURE_BLOCK", 400)
+    monkeypatch.setattr(ta_poly, "FEATURE_BLOCK", 400)
     calls: list[tuple[int, int]] = []
     res = compute.tensor_attention(
         q, k1, k2, v1, v2, method="polynomial", progress=lambda a, b: calls.append((a, b))
@@ -544,29 +538,6 @@ def test_bad_inputs_raise(mutate: object, argument: str) -> None:
 # ------------------------------------------------------------------- features and the bound
 
 
-@pytest.mark.parametrize(("d", "g"), [(1, 4), (2, 2), (3, 5), (8, 4)])
-def test_graded_features_multinomial_identity(d: int, g: int) -> None:
-    """sum over |alpha| = m of mult * x^alpha = (sum x)^m, and r = C(d + g, g)."""
-    tables = ta._graded(d, g)
-    assert tables.r == math.comb(d + g, g)
-    x = torch.randn(d, 11, dtype=F64, generator=torch.Generator().manual_seed(d * 10 + g))
-    f = ta._graded_features_t(x, tables)
-    for m in range(g + 1):
-        rows = slice(tables.offsets[m], tables.offsets[m + 1])
-        lhs = (torch.from_numpy(tables.multinomial)[rows, None] * f[rows]).sum(0)
-        assert torch.allclose(lhs, x.sum(0) ** m, rtol=1e-12, atol=1e-12)
-    # the rows are the monomials x^alpha, |alpha| <= g, each once (compared as sorted rows)
-    want = torch.stack(
-        [
-            x[list(alpha)].prod(dim=0)
-            for m in range(g + 1)
-            for alpha in itertools.combinations_with_replacement(range(d), m)
-        ]
-    )  # [r, 11]
-    assert want.shape == f.shape
-    assert torch.allclose(f[f[:, 0].argsort()], want[want[:, 0].argsort()], rtol=1e-12, atol=0)
-
-
 def test_rounding_bound_structure() -> None:
     approx = certified_best(1.0, 4)
     common: dict[str, object] = {
@@ -579,15 +550,17 @@ def test_rounding_bound_structure() -> None:
         "value_range": np.array([2.0, 1.0]),
         "value_absmax": np.array([1.0, 0.5]),
     }
-    b16 = ta.tensor_rounding_bound(approx, compute_dtype=torch.float32, chunk=16, **common)
-    b512 = ta.tensor_rounding_bound(approx, compute_dtype=torch.float32, chunk=512, **common)
-    b64 = ta.tensor_rounding_bound(approx, compute_dtype=F64, chunk=4096, **common)
+    b16 = ta_bound.tensor_rounding_bound(approx, compute_dtype=torch.float32, chunk=16, **common)
+    b512 = ta_bound.tensor_rounding_bound(approx, compute_dtype=torch.float32, chunk=512, **common)
+    b64 = ta_bound.tensor_rounding_bound(approx, compute_dtype=F64, chunk=4096, **common)
     assert b16.rounding < b512.rounding  # longer compute-dtype products round more
     assert b64.rounding < b16.rounding
     assert b16.polynomial == b512.polynomial == b64.polynomial == approx.t * 2.0
     assert b64.total >= b64.polynomial + b64.rounding  # nothing is dropped
     bad = Approximation("taylor", 1, 3.0, taylor_coeffs(1), -1.5, 0.5)  # P not positive
-    assert ta.tensor_rounding_bound(bad, compute_dtype=F64, chunk=16, **common).total == math.inf
+    assert (
+        ta_bound.tensor_rounding_bound(bad, compute_dtype=F64, chunk=16, **common).total == math.inf
+    )
 
 
 def test_minimax_is_certified_and_better() -> None:
@@ -613,18 +586,18 @@ def test_chunked_products_match_plain_products(m: int) -> None:
     f = torch.randn(7, m + 3, generator=gen, dtype=F64)[:, 2 : 2 + m]  # a strided column slice
     ve = torch.randn(m, 3, generator=gen, dtype=F64)
     acc = torch.zeros(7, 3, dtype=F64)
-    ta._chunked_moments(f, ve, 16, acc)
+    ta_poly.chunked_moments(f, ve, 16, acc)
     assert torch.allclose(acc, f @ ve, rtol=1e-12, atol=1e-12)
     feats = torch.randn(m, 5 + 2, generator=gen, dtype=F64)[:, 1:6]  # m features, 5 queries
     me = torch.randn(m, 3, generator=gen, dtype=F64)
-    out = ta._chunked_readout(feats, me, 4)  # [3, 5]
+    out = ta_poly.chunked_readout(feats, me, 4)  # [3, 5]
     assert torch.allclose(out, me.T @ feats, rtol=1e-12, atol=1e-12)
 
 
 def test_float32_feature_blocks_within_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     """float32 with several key and query feature blocks and chunked products (PyTorch route)."""
-    monkeypatch.setattr(ta, "NATIVE", False)
-    monkeypatch.setattr(ta, "_FEATURE_BLOCK", 2000)
+    monkeypatch.setattr(ta_native, "NATIVE", False)
+    monkeypatch.setattr(ta_poly, "FEATURE_BLOCK", 2000)
     q, k1, k2, v1, v2 = make_inputs((2,), 150, 140, 130, 2, 3, seed=14, radius=1.0)
     calls: list[tuple[int, int]] = []
     res = compute.tensor_attention(
@@ -693,21 +666,31 @@ def test_non_finite_entry_is_named(
 def test_statistics_match_the_separate_helpers(
     lengths: tuple[int, int, int], dt: str, route: str
 ) -> None:
-    """``_statistics`` gives what ``tensor_radius``, ``_value_stats``, ... give one by one."""
+    """``statistics`` gives what ``tensor_radius``, the value extremes and the exponents give
+    one by one (the documented rules written out again)."""
     dtype = F64 if dt == "fp64" else torch.float32
     n, n1, n2 = lengths
     q, k1, k2, v1, v2 = make_inputs((3,), n, n1, n2, 4, 3, dtype=dtype, seed=22)
     v1[1, :, 2] = 0.0  # an all-zero column
     v2[2] *= 1e-20  # small values
-    st = ta._statistics(q, k1, k2, v1, v2, 0.7)
+    st = ta_stats.statistics(q, k1, k2, v1, v2, 0.7, ta_native.reductions)
     r3 = tensor_radius(q, k1, k2, 0.7)
     assert r3 <= st.radius <= r3 * (1 + 1e-13)
     assert st.maxima == [float(x.abs().max()) for x in (q, k1, k2)]
-    vr, va = ta._value_stats(v1, v2)
+    # range and largest magnitude of v1 ⊘ v2 per slice and column: the extremes of a product
+    # over a product set are among the four products of the extremes, inflated by 4 u64
+    a, b = v1.double(), v2.double()
+    corners = torch.stack(
+        [x * y for x in (a.amax(1), a.amin(1)) for y in (b.amax(1), b.amin(1))]
+    )  # [4, B, dv]
+    top, bottom = corners.amax(dim=0), corners.amin(dim=0)
+    infl = 4.0 * 2.0**-53
+    vr = (top - bottom) * (1.0 + infl) + (top.abs() + bottom.abs()) * infl
+    va = corners.abs().amax(dim=0) * (1.0 + infl)
     assert np.array_equal(st.value_range, vr.reshape(-1).numpy())
     assert np.array_equal(st.value_absmax, va.reshape(-1).numpy())
-    assert torch.equal(st.e1, ta._value_exponents(v1))
-    assert torch.equal(st.e2, ta._value_exponents(v2))
+    assert torch.equal(st.e1, torch.frexp(v1.abs().amax(dim=1, keepdim=True).double())[1].long())
+    assert torch.equal(st.e2, ta_balance.value_exponents(v2))
     scale = torch.exp2((st.e1 + st.e2).double()).reshape(-1)
     expected = torch.where(va.reshape(-1) > 0, scale, 0.0).numpy()
     assert np.array_equal(st.value_scale, expected)
@@ -730,8 +713,8 @@ def test_times_pow2_direct_equals_split(e_shift: int) -> None:
     x = torch.randn(2, 50, 3, generator=gen) * torch.tensor([1e-30, 1.0, 1e30])  # [2, 50, 3]
     e = torch.randint(-20, 20, (2, 1, 3), generator=gen) + e_shift  # [2, 1, 3]
     e = e.clamp(-200, 200)
-    split = ta._times_pow2(x, e)
-    direct = ta._times_pow2(x, e, direct=True)
+    split = times_pow2(x, e)
+    direct = times_pow2(x, e, direct=True)
     assert direct.dtype == torch.float32
     assert torch.equal(direct, split)
 
@@ -742,7 +725,7 @@ def test_fused_moments_match_float64_polynomial(n2: int) -> None:
     q, k1, k2, v1, v2 = make_inputs((2,), 20, 32, n2, 3, 2, dtype=F64, seed=25, radius=1.0)
     approx = certified_best(1.0, 3)
     sc = 0.5
-    out = ta._polynomial_forward(
+    out = ta_poly.polynomial_forward(
         *(x.float() for x in (q, k1, k2, v1, v2)), approx, sc, chunk=16
     )  # [2, 20, 2] float64
     s = torch.einsum("bil,bjl,bkl->bijk", q * sc, k1, k2)  # [2, 20, 32, n2]
@@ -755,14 +738,14 @@ def test_fused_moments_match_float64_polynomial(n2: int) -> None:
 @pytest.mark.parametrize("shift", [0, 140], ids=["one-multiply", "split"])
 @pytest.mark.parametrize("out_dt", ["fp32", "fp64"])
 def test_normalise_into_rounds_like_times_pow2(shift: int, out_dt: str) -> None:
-    """Writing ``v * 2^-e`` into the value buffer rounds once, exactly like ``_times_pow2``."""
+    """Writing ``v * 2^-e`` into the value buffer rounds once, exactly like ``times_pow2``."""
     gen = torch.Generator().manual_seed(26)
     v = torch.randn(2, 40, 3, generator=gen) * torch.tensor([1e-30, 1.0, 1e30])  # [2, 40, 3]
-    e = ta._value_exponents(v) + shift  # [2, 1, 3]; +140: 2^-e is no normal float32
+    e = ta_balance.value_exponents(v) + shift  # [2, 1, 3]; +140: 2^-e is no normal float32
     dt = torch.float32 if out_dt == "fp32" else F64
     out = torch.empty(2, 40, 3, dtype=dt)
-    ta._normalise_into(out, v, e, direct=True)
-    assert torch.equal(out, ta._times_pow2(v.to(dt), -e, direct=True))
+    ta_balance.normalise_into(out, v, e, direct=True)
+    assert torch.equal(out, times_pow2(v.to(dt), -e, direct=True))
 
 
 def test_planned_bound_is_the_rounding_bound() -> None:
@@ -772,18 +755,18 @@ def test_planned_bound_is_the_rounding_bound() -> None:
     )
     res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=1e-3)
     sc = 1.0 / math.sqrt(4)
-    st = ta._statistics(q, k1, k2, v1, v2, sc)
-    _, scale_b, entry_max = ta._balance_shifts(st.maxima, sc, torch.float32)
+    st = ta_stats.statistics(q, k1, k2, v1, v2, sc, ta_native.reductions)
+    _, scale_b, entry_max = ta_balance.balance_shifts(st.maxima, sc, torch.float32)
     approx = certified_best(st.radius, res.plan.degree)
     assert res.plan.family == approx.family
-    bound = ta.tensor_rounding_bound(
+    bound = ta_bound.tensor_rounding_bound(
         approx,
         features=res.plan.features,
         n1=48,
         n2=40,
         compute_dtype=getattr(torch, res.plan.compute_dtype),
         out_dtype=torch.float32,
-        weight_max=ta._weight_max(approx, scale_b),
+        weight_max=weight_max(approx, scale_b),
         entry_max=entry_max,
         value_range=st.value_range,
         value_absmax=st.value_absmax,
@@ -800,19 +783,19 @@ def test_planned_bound_is_the_rounding_bound() -> None:
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler on this machine")
 def test_compiled_kernel_builds_where_a_compiler_exists() -> None:
     """CI machines have a C compiler: the fast path must really be the compiled one there."""
-    assert _native.tensor_poly() is not None, _native.status()
-    assert _native.status().startswith("native ("), _native.status()
-    kern = _native.tensor_poly()
-    assert kern is not None and ta._self_test(kern)  # and it computes what PyTorch computes
-    assert ta._kernel() is kern
-    assert ta.kernel_status() == _native.status()
+    assert ta_native.tensor_poly() is not None, ta_native.status()
+    assert ta_native.status().startswith("native ("), ta_native.status()
+    kern = ta_native.tensor_poly()
+    assert kern is not None and ta_native.self_test(kern)  # and it computes what PyTorch does
+    assert ta_native.kernel() is kern
+    assert kernel_status() == ta_native.status()  # the worker logs this at start-up
 
 
 def test_kernel_that_fails_its_self_test_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ta, "_CHECKED", {})
-    monkeypatch.setattr(ta, "_self_test", lambda kern: False)
-    assert ta._kernel() is None
-    assert ta.kernel_status() == "PyTorch route: the compiled kernel failed its self-test"
+    monkeypatch.setattr(ta_native, "_CHECKED", {})
+    monkeypatch.setattr(ta_native, "self_test", lambda kern: False)
+    assert ta_native.kernel() is None
+    assert ta_native.kernel_status() == "PyTorch route: the compiled kernel failed its self-test"
     q, k1, k2, v1, v2 = make_inputs((2,), 20, 30, 25, 3, 2, seed=34, radius=1.0)
     calls: list[tuple[int, int]] = []
     res = compute.tensor_attention(
@@ -826,7 +809,7 @@ def test_kernel_that_fails_its_self_test_is_not_used(monkeypatch: pytest.MonkeyP
 
 def test_compiled_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COMPUTE_NATIVE", "0")
-    assert _native._build() == "disabled by COMPUTE_NATIVE=0"
+    assert core_native.build(ta_native.SOURCE) == "disabled by COMPUTE_NATIVE=0"
 
 
 def test_failed_build_is_reported_and_not_cached(
@@ -835,10 +818,10 @@ def test_failed_build_is_reported_and_not_cached(
     """A compiler that fails leaves no library behind and says why; the call still works."""
     monkeypatch.setenv("COMPUTE_NATIVE_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # exits 1
-    got = _native._build()
+    got = core_native.build(ta_native.SOURCE)
     assert isinstance(got, str) and "failed" in got
     assert not list(tmp_path.glob("*.so"))
-    monkeypatch.setattr(_native, "tensor_poly", lambda: None)  # as on a machine without cc
+    monkeypatch.setattr(ta_native, "tensor_poly", lambda: None)  # as on a machine without cc
     q, k1, k2, v1, v2 = make_inputs((), 30, 20, 25, 3, 2, seed=30, radius=1.0)
     res = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial")
     ref = brute_force(q, k1, k2, v1, v2, 1 / math.sqrt(3))
@@ -878,16 +861,19 @@ def test_compiled_kernel_matches_pytorch_route_within_bound(
     chunk: int,
 ) -> None:
     """Same plan, same bound; both outputs within the rounding part of the exact polynomial."""
-    monkeypatch.setattr(ta, "CHUNKS_FLOAT32", (chunk,))  # the planner may only use this chunk
+    monkeypatch.setattr(ta_plan, "FLOAT32_CHUNKS", (chunk,))  # the planner may only use this
     q, k1, k2, v1, v2 = make_inputs(lead, n, n1, n2, d, dv, seed=31, radius=radius)
     v1, v2 = v1.abs() + 0.5, v2.abs() + 0.5  # one sign: rounding errors cannot cancel
     res = {}
     for native in (True, False):
-        monkeypatch.setattr(ta, "NATIVE", native)
+        monkeypatch.setattr(ta_native, "NATIVE", native)
         res[native] = compute.tensor_attention(q, k1, k2, v1, v2, method="polynomial", eps=eps)
     a, b = res[True], res[False]
     plan_a, plan_b = a.plan.to_dict(), b.plan.to_dict()
     cost_a, cost_b = plan_a.pop("cost_polynomial"), plan_b.pop("cost_polynomial")
+    # the reasons say the same but for the predicted time of each route
+    reason_a, reason_b = plan_a.pop("reason"), plan_b.pop("reason")
+    assert reason_a.split("; predicted")[0] == reason_b.split("; predicted")[0]
     if d > 8:  # the float64 sums of d squares in another order: R3 may differ in the last bits
         for key in ("radius", "rho"):
             assert plan_a.pop(key) == pytest.approx(plan_b.pop(key), rel=1e-13)
@@ -895,7 +881,7 @@ def test_compiled_kernel_matches_pytorch_route_within_bound(
     # each route's predicted time: the kernel's calibrated rate, or the PyTorch cost model
     slices = math.prod(lead)
     work = slices * (n + n1 + n2) * a.plan.features * (dv + 1)
-    assert cost_a == pytest.approx(work / ta._native_rate(), rel=1e-12)
+    assert cost_a == pytest.approx(work / ta_native.native_rate(), rel=1e-12)
     assert cost_b != cost_a
     assert a.plan.extra["chunk"] == chunk and a.plan.compute_dtype == "float32"
     assert a.output.dtype == torch.float32 and a.output.shape == (*lead, n, dv)
@@ -922,8 +908,8 @@ def test_compiled_statistics_equal_pytorch_statistics(
     v1[0] = -v1[0].abs() - 1  # all-negative columns: the maximum is below zero
     stats = {}
     for native in (True, False):
-        monkeypatch.setattr(ta, "NATIVE", native)
-        stats[native] = ta._statistics(q, k1, k2, v1, v2, -0.3)
+        monkeypatch.setattr(ta_native, "NATIVE", native)
+        stats[native] = ta_stats.statistics(q, k1, k2, v1, v2, -0.3, ta_native.reductions)
     a, b = stats[True], stats[False]
     assert torch.equal(a.xt, b.xt) and a.maxima == b.maxima
     assert abs(a.radius - b.radius) <= 1e-15 * b.radius

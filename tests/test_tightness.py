@@ -26,7 +26,6 @@ float loses at most half an ulp, which is between ``u |S|/2`` and ``u |S|``.
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -35,12 +34,19 @@ import pytest
 import torch
 
 import compute
-from compute import lora as lora_mod
-from compute._bound import certified_bound, gamma, unit_roundoff
-from compute._poly import _make, certified_best
-from compute._radius import centre, matrix_radius, tensor_radius
-
-ta = importlib.import_module("compute.tensor_attention")  # the module (the name is the function)
+from compute.attention.bound import certified_bound
+from compute.attention.naive import naive_attention
+from compute.core.polynomials import approximation, certified_best
+from compute.core.radius import centre, matrix_radius, tensor_radius
+from compute.core.rounding import gamma, unit_roundoff
+from compute.lora import certificate as lora_cert
+from compute.lora import plan as lora_plan
+from compute.lora import polynomial as lora_poly
+from compute.lora.inputs import check_inputs
+from compute.lora.naive import naive_lora_gradient
+from compute.tensor_attention import bound as ta_bound
+from compute.tensor_attention import native as ta_native
+from compute.tensor_attention.naive import naive_tensor_attention
 
 F32, F64 = torch.float32, torch.float64
 U32 = unit_roundoff(F32)  # 2^-24
@@ -49,27 +55,9 @@ U32 = unit_roundoff(F32)  # 2^-24
 # ------------------------------------------------------------------------------- references
 
 
-def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Softmax attention of the given (rounded) inputs in float64, materialised."""
-    s = scale * (q.double() @ k.double().transpose(-1, -2))
-    return torch.softmax(s, dim=-1) @ v.double()
-
-
-def tensor_reference(
-    q: torch.Tensor,
-    k1: torch.Tensor,
-    k2: torch.Tensor,
-    v1: torch.Tensor,
-    v2: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Tensor attention in float64 with the materialised ``[..., n, n1 * n2]`` scores."""
-    q, k1, k2, v1, v2 = (x.double() for x in (q, k1, k2, v1, v2))
-    kk = (k1.unsqueeze(-2) * k2.unsqueeze(-3)).flatten(-3, -2)  # [..., n1*n2, d]
-    vv = (v1.unsqueeze(-2) * v2.unsqueeze(-3)).flatten(-3, -2)  # [..., n1*n2, dv]
-    return torch.softmax(scale * q @ kk.transpose(-1, -2), dim=-1) @ vv
+# the float64 references of the given (rounded) inputs: compute.<op>.naive
+attention_reference = naive_attention
+tensor_reference = naive_tensor_attention
 
 
 def _sequential_float32() -> bool:
@@ -192,12 +180,12 @@ def test_polynomial_term_is_reached(
 ) -> None:
     """err / bound >= 0.9 where the polynomial term dominates (R = 0.5, eps = 1e-2).
 
-    Measured: 0.993 in float64 (the rest is the certification guard of ``_poly``), 0.96
+    Measured: 0.993 in float64 (the rest is the certification guard of ``core.polynomials``), 0.96
     (attention) and 0.93 (tensor) in float32, where rounding is 3-6 % of the bound.
     """
-    if op == "tensor" and native and ta._kernel() is None:
+    if op == "tensor" and native and ta_native.kernel() is None:
         pytest.skip("compiled kernel unavailable: the PyTorch route case covers float32")
-    monkeypatch.setattr(ta, "NATIVE", native)
+    monkeypatch.setattr(ta_native, "NATIVE", native)
     res, err = adversarial_1d(op, 0.5, 1e-2, dtype)
     assert res.plan.method == "polynomial" and res.plan.compute_dtype == str(dtype)[6:]
     assert res.error_bound is not None
@@ -344,7 +332,7 @@ def test_tensor_float32_key_sums_round_as_modelled(
     side, one key on the other, so that side's key-sum length dominates ``Kc``. PyTorch route
     only: the compiled kernel splits every key sum over 16 vector lanes (a depth of about
     chunk / 16 plus a tree of 4), so a sequential construction does not steer it."""
-    monkeypatch.setattr(ta, "NATIVE", False)
+    monkeypatch.setattr(ta_native, "NATIVE", False)
     steered = torch.from_numpy(steered_values(512)).view(-1, 1)
     steered[-1] = 0.0  # no centring in tensor attention: keep the values positive but one
     one = torch.ones(1, 1)
@@ -405,9 +393,9 @@ def tensor_readout_case(
 def test_tensor_float32_readout_rounds_as_modelled(
     native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if native and ta._kernel() is None:
+    if native and ta_native.kernel() is None:
         pytest.skip("compiled kernel unavailable: the PyTorch route case covers the readout")
-    monkeypatch.setattr(ta, "NATIVE", native)
+    monkeypatch.setattr(ta_native, "NATIVE", native)
     args, res = tensor_readout_case()
     p = res.plan
     assert p.method == "polynomial" and p.degree == 1 and p.compute_dtype == "float32"
@@ -461,7 +449,7 @@ def test_tensor_rounding_counts_every_inner_length() -> None:
     approx = certified_best(0.5, 3)
 
     def rounding(features: int, n1: int, n2: int, chunk: int = 512) -> float:
-        b = ta.tensor_rounding_bound(
+        b = ta_bound.tensor_rounding_bound(
             approx,
             features=features,
             n1=n1,
@@ -538,20 +526,10 @@ def lora_case(kind: str, L: int, R: float, dtype: torch.dtype) -> dict[str, Any]
 
 
 def lora_reference(case: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """dA of every adapter by autograd through softmax attention in float64."""
-    x, y = case["x"].double(), case["y"].double()
-    adapters = case["adapters"]
-    leaves = {mu: a.detach().double().clone().requires_grad_() for mu, (a, _) in adapters.items()}
-    w = {}
-    for mu in "qkv":
-        w[mu] = case[f"w_{mu}"].double()
-        if mu in leaves:
-            b = case["adapters"][mu][1].double()
-            w[mu] = w[mu] + case["alpha"] / b.shape[1] * (b @ leaves[mu])
-    s = case["scale"] * (x @ w["q"]) @ (x @ w["k"]).T
-    loss = 0.5 * (torch.softmax(s, -1) @ (x @ w["v"]) - y).square().sum()
-    loss.backward()
-    return {mu: a.grad for mu, a in leaves.items() if a.grad is not None}
+    """dA of every adapter by autograd through softmax attention in float64 (the naive
+    reference, ``compute.lora.naive``)."""
+    _, grads = naive_lora_gradient(**case)
+    return {mu: ga for mu, (ga, _) in grads.items()}
 
 
 LORA_CASES = [
@@ -569,10 +547,10 @@ def test_lora_row_bounds_are_reached(
 ) -> None:
     """err / bound >= 0.9 for dA of the adapter whose per-row bound the input attains."""
     case = lora_case(kind, L, R, dtype)
-    inp = lora_mod._validate(**case)
-    prep = lora_mod._prepare(inp)
-    approx = _make("taylor", g, prep.radius)
-    _, grads, cert = lora_mod._run_polynomial(inp, prep, approx, None)
+    inp = check_inputs(**case)
+    prep = lora_cert.prepare(inp)
+    approx = approximation("taylor", g, prep.radius)
+    _, grads, cert = lora_poly.run_polynomial(inp, prep, approx, None)
     assert not isinstance(cert, str), cert
     ref = lora_reference(case)
     mu = kind[1].lower()
@@ -591,7 +569,9 @@ def test_lora_public_bound_is_reached(monkeypatch: pytest.MonkeyPatch) -> None:
     Taylor's relative errors are extreme; measured 0.953 at degree 6). Every adapter has
     ``B = e2`` and a tiny ``A`` so that no gradient is zero (the certificate is relative to
     ``max |G|``), which leaves the construction intact."""
-    monkeypatch.setattr(lora_mod, "_families", lambda radius, g: [_make("taylor", g, radius)])
+    monkeypatch.setattr(
+        lora_plan, "families", lambda radius, g: [approximation("taylor", g, radius)]
+    )
     case = lora_case("dK", 512, 0.25, F64)
     e2 = torch.eye(3, dtype=F64)[:, 2:]
     case["adapters"] = {mu: (torch.full((1, 1), 1e-3, dtype=F64), e2) for mu in "qkv"}

@@ -1,28 +1,43 @@
-"""Argument checks shared by every operation; each error names the argument and the problem."""
+"""Argument checks shared by every operation; each error names the argument and the problem.
+
+Each rule and its message exist once, here: a check written again in an operation would drift.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from .errors import InvalidInputError
+from .progress import Progress
 
 __all__ = [
     "DTYPE_NAMES",
     "METHODS",
     "SUPPORTED_DTYPES",
+    "Label",
+    "Shapes",
     "check_count",
     "check_dtype_name",
     "check_eps",
+    "check_flag",
+    "check_match",
     "check_method",
+    "check_progress",
     "check_radius",
     "check_same_batch",
+    "check_same_device",
+    "check_same_leading",
     "check_sample_rows",
     "check_scale",
     "check_tensor",
+    "compute_dtype_for",
     "compute_dtype_of",
+    "dtype_name",
+    "output_dtype_of",
+    "shape_of",
 ]
 
 METHODS = ("auto", "exact", "polynomial")
@@ -81,6 +96,53 @@ def check_same_batch(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
             raise InvalidInputError(name, f"on device {t.device}, {names[0]} is on {dev}")
 
 
+Shapes = Mapping[str, Sequence[int]]
+Label = Callable[[str], str]
+
+
+def _plain(name: str) -> str:
+    return name
+
+
+def shape_of(
+    shapes: Shapes, name: str, label: Label = _plain, *, exact: int | None = None
+) -> tuple[int, ...]:
+    """A tensor's shape for a data-free shape rule: at least 2 dimensions (``exact`` when
+    given), none empty. ``label`` names the tensor in the caller's words (``k``, ``k.shape``)."""
+    shape = tuple(int(s) for s in shapes[name])
+    if exact is not None and len(shape) != exact:
+        raise InvalidInputError(label(name), f"expected {exact} dimensions, got shape {shape}")
+    if len(shape) < 2:
+        raise InvalidInputError(label(name), f"expected at least 2 dimensions, got shape {shape}")
+    if 0 in shape:
+        raise InvalidInputError(label(name), f"empty tensor (shape {shape})")
+    return shape
+
+
+def check_same_leading(names: Sequence[str], shapes: Shapes, label: Label = _plain) -> None:
+    """Equal leading (batch / head) dimensions: all but the last two."""
+    lead = tuple(shapes[names[0]])[:-2]
+    for name in names[1:]:
+        got = tuple(shapes[name])[:-2]
+        if got != lead:
+            raise InvalidInputError(
+                label(name), f"leading dimensions {got} do not match {names[0]}'s {lead}"
+            )
+
+
+def check_same_device(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    dev = tensors[0].device
+    for name, t in zip(names[1:], tensors[1:], strict=True):
+        if t.device != dev:
+            raise InvalidInputError(name, f"on device {t.device}, {names[0]} is on {dev}")
+
+
+def check_match(name: str, what: str, got: int, other: str, want: int) -> None:
+    """A dimension two tensors share: ``name``'s ``what`` must equal ``other``'s."""
+    if got != want:
+        raise InvalidInputError(name, f"{what} {got} does not match {other}'s {want}")
+
+
 def check_method(method: object) -> str:
     if method not in METHODS:
         raise InvalidInputError("method", f"unknown method {method!r}; use one of {METHODS}")
@@ -108,15 +170,51 @@ def check_scale(scale: object, d: int) -> float:
     return s
 
 
+def check_flag(name: str, x: object) -> bool:
+    """A plain ``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(x, bool):
+        raise InvalidInputError(name, f"expected True or False, got {x!r}")
+    return x
+
+
+def check_progress(progress: object) -> Progress | None:
+    """None or a callable ``progress(done, total)``."""
+    if progress is not None and not callable(progress):
+        raise InvalidInputError(
+            "progress", f"expected a callable progress(done, total) or None, got {progress!r}"
+        )
+    return progress
+
+
 def check_sample_rows(sample_rows: object) -> int:
     if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 0:
         raise InvalidInputError("sample_rows", f"expected an integer >= 0, got {sample_rows!r}")
     return sample_rows
 
 
+def compute_dtype_for(*dtypes: torch.dtype) -> torch.dtype:
+    """The compute dtype of inputs of these dtypes: float64 if any is float64, else float32
+    (float16 and bfloat16 are computed in float32)."""
+    return torch.float64 if any(dt == torch.float64 for dt in dtypes) else torch.float32
+
+
 def compute_dtype_of(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 if any input is float64, else float32 (fp16/bf16 are computed in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    """``compute_dtype_for`` the dtypes of these tensors."""
+    return compute_dtype_for(*(t.dtype for t in tensors))
+
+
+def output_dtype_of(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype of a result computed from these inputs: their promoted dtype (PyTorch's type
+    promotion, the dtype of any product of them; the inputs' own dtype when they share one)."""
+    out = tensors[0].dtype
+    for t in tensors[1:]:
+        out = torch.promote_types(out, t.dtype)
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (the spelling of plans and of the plan functions)."""
+    return str(dtype).removeprefix("torch.")
 
 
 # ---- arguments of the plan functions (no data, only sizes and names) ----------------------------

@@ -1,10 +1,10 @@
-/* Fused float32 core of the polynomial tensor-attention path (compute/tensor_attention.py).
+/* Fused float32 core of the polynomial tensor-attention path (compute/tensor_attention/).
  *
  * Computes the steps that `tensor_rounding_bound` certifies, in the arithmetic the PyTorch
- * route (`_poly_core`) uses, with every block of features kept in cache:
+ * route (`polynomial.poly_core`) uses, with every block of features kept in cache:
  *
  *   features  x^alpha: degree m built from degree m-1 by one float32 multiplication (the
- *             graded steps of compute._features: rows [dst, end) = rows [src, ...) * x_var);
+ *             steps of compute/core/monomials.py: rows [dst, end) = rows [src, ...) * x_var);
  *             the top degree is formed in registers right where it is consumed;
  *   moments   A[col][alpha] = float64 sum over chunks of float32 dot products of depth
  *             <= chunk over the keys: sum_j x_j^alpha * ve[j][col];
@@ -349,7 +349,7 @@ static void readout(const Problem *p, QueryWork *w, const float *me, int i0, int
 
 /* One slice. xt: d rows of N = n + n1 + n2 float32 columns (q | k1 | k2, balanced), row l at
  * xt + l * xs; ve: [n1 + n2][e] float32 ([v1; v2 | 1], normalised); steps: nsteps x (dst, end,
- * src, var) for every degree >= 1 in graded order (compute._features.graded_monomials), of
+ * src, var) for every degree >= 1 (compute.core.monomials.monomial_table), of
  * which the first nlow build the rows below top (top: the first row of the highest degree,
  * 1 when there are no steps); w: [r] float64 weights; out: [n][e - 1] float64; chunk: the
  * float32 dot-product length (>= 6). */

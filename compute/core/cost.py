@@ -1,9 +1,10 @@
-"""A cost model calibrated on the machine it runs on (theory §5).
+"""A cost model calibrated on the machine it runs on, and the timing helper behind it.
 
 ``rates(device, dtype)`` times a few small kernels once per process (about 0.1 s) and returns
 sustained throughputs; each operation turns its operation counts into predicted seconds with
-them. Feature construction is memory-bound, which is why it gets its own rate: counting GEMM
-flops alone would make the factored path look cheaper than it is.
+them (docs/attention.md, "Planner and cost model"). Feature construction is memory-bound, which
+is why it gets its own rates: counting GEMM flops alone would make the factored path look
+cheaper than it is.
 """
 
 from __future__ import annotations
@@ -15,14 +16,23 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["Rates", "best_time", "predict_exact_attention", "predict_polynomial_attention", "rates"]
+from .monomials import FeatureBuilder, monomial_table
+
+__all__ = [
+    "Rates",
+    "best_time",
+    "feature_rate",
+    "predict_exact_attention",
+    "predict_polynomial_attention",
+    "rates",
+]
 
 
 @dataclass(frozen=True)
 class Rates:
     gemm: float  # flop/s, square-ish blocks (exact attention's Q K^T and P V)
     skinny: float  # flop/s, [r, b] @ [b, dv] with small dv (the factored path's products)
-    elems: float  # elements/s of a gather-multiply (monomial features)
+    elems: float  # elements/s of a gather-multiply (the feature term of the cost models)
     exps: float  # elements/s of exp + row max/sum bookkeeping (exact path softmax)
     stream: float  # elements/s of one read-modify-write pass over a 4M-element block
 
@@ -110,3 +120,16 @@ def predict_polynomial_attention(
     feats = float(batch) * (n_q + n_k) * r
     flops = float(batch) * 2.0 * (n_q + n_k) * r * (dv + 1) * (2.0 if causal else 1.0)
     return feats / rt.elems + flops / rt.skinny
+
+
+@lru_cache(maxsize=16)
+def feature_rate(device: str, dtype: torch.dtype) -> float:
+    """Elements/s of the feature builder (``monomials.FeatureBuilder``) on one cache-sized block
+    (d = 8, degree 4, 2048 columns), measured once per process. ``Rates.elems`` times a
+    gather-multiply, which the builder's contiguous products beat several times over."""
+    dev = torch.device(device)
+    table = monomial_table(8, 4)
+    x = torch.rand((1, 8, 2048), device=dev, dtype=dtype)
+    out = torch.zeros((1, table.r, 2048), device=dev, dtype=dtype)
+    builder = FeatureBuilder(table, x, out)
+    return table.r * 2048 / best_time(builder.build, dev, reps=3)

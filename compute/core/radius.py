@@ -1,4 +1,4 @@
-"""Certified score radii in O(n d) (theory §1.3 and §3).
+"""Certified score radii in O(n d) (docs/attention.md step 2, docs/tensor_attention.md "Radius").
 
 All radii bound ``|scale| * sum_l |q_l| |k_l|`` (and so ``|s|``), which is also what the
 floating-point rounding analysis needs. They are computed in float64 and inflated by a few ulps
@@ -17,12 +17,14 @@ import torch
 
 __all__ = [
     "centre",
+    "column_midrange",
     "guard_norms",
     "matrix_radius",
     "midrange",
     "mul_up",
     "radius_from",
     "tensor_radius",
+    "tensor_radius_from",
 ]
 
 _INFLATE = 1.0 + 1e-12
@@ -88,15 +90,20 @@ def midrange(hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
     return hi * 0.5 + lo * 0.5
 
 
+def column_midrange(x: torch.Tensor) -> torch.Tensor:
+    """Per-column midrange over the sequence axis (dim -2), keepdim: ``[..., 1, d]``."""
+    hi = x.max(dim=-2, keepdim=True).values  # (max/min .values: several times faster than
+    lo = x.min(dim=-2, keepdim=True).values  # amax/amin over a strided axis on CPU)
+    return midrange(hi, lo)
+
+
 def centre(x: torch.Tensor) -> torch.Tensor:
     """``x - xbar`` with ``xbar`` the per-column midrange over the sequence axis (dim -2).
 
-    Softmax is invariant to ``k -> k - kbar`` (theory §1.3); the midrange minimises the largest
-    entry, which is what the Hölder radius sees.
+    Softmax is invariant to ``k -> k - kbar`` (docs/attention.md, step 1); the midrange
+    minimises the largest entry, which is what the Hölder radius sees.
     """
-    hi = x.max(dim=-2, keepdim=True).values  # (max/min .values: several times faster than
-    lo = x.min(dim=-2, keepdim=True).values  # amax/amin over a strided axis on CPU)
-    return x - midrange(hi, lo)
+    return x - column_midrange(x)
 
 
 def matrix_radius(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
@@ -115,28 +122,42 @@ def matrix_radius(q: torch.Tensor, k: torch.Tensor, scale: float) -> float:
     return radius_from(qn_, kn_, hs_, qt_, kt_, d, scale)
 
 
+def tensor_radius_from(two: np.ndarray, top: np.ndarray, d: int, scale: float) -> float:
+    """R3 from per-slice largest row 2-norms ``two`` and largest entries ``top`` of q, k1, k2
+    (``[L, 3]`` float64 each): the best of the three Hölder splittings (the inf-norm on one
+    factor, 2-norms on the other two) per slice, the max over slices, inflated; with the guards
+    of the module docstring where a product could under- or overflow."""
+    if top.size == 0:
+        return 0.0
+    L = top.shape[0]
+    if top.min() > 2.0**-200 and top.max() < 2.0**200 and 2.0**-300 < abs(scale) < 2.0**300:
+        # the usual case: no product below can under- or overflow (the same numbers as mul_up)
+        options = np.stack(
+            [
+                two[:, 0] * two[:, 1] * top[:, 2] * abs(scale),
+                two[:, 0] * top[:, 1] * two[:, 2] * abs(scale),
+                top[:, 0] * two[:, 1] * two[:, 2] * abs(scale),
+            ]
+        )  # [3, L]
+    else:  # guarded norms, products formed from mantissas and exponents
+        two = guard_norms(two, top, d)
+        options = mul_up(
+            np.stack([two[:, 0], two[:, 0], top[:, 0]]),
+            np.stack([two[:, 1], top[:, 1], two[:, 1]]),
+            np.stack([top[:, 2], two[:, 2], two[:, 2]]),
+            np.full((3, L), abs(scale)),
+        )
+    return float(options.min(axis=0).max()) * _INFLATE
+
+
 def tensor_radius(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float) -> float:
-    """R3 of theory §3: the best of the three Hölder splittings, per slice, max over slices.
+    """R3 (docs/tensor_attention.md, "Radius and rho"), per slice, max over slices.
 
     Bounds ``|scale| * sum_l |q_l k1_l k2_l|`` for every triple (i, j1, j2).
     """
-    q64, a64, b64 = q.double().abs(), k1.double().abs(), k2.double().abs()
-    d = q.shape[-1]
-
-    def host(x: torch.Tensor) -> np.ndarray:
-        return x.reshape(-1).cpu().numpy()
-
-    tops = [host(x.amax(dim=(-2, -1))) for x in (q64, a64, b64)]
-    two = [
-        guard_norms(host(x.norm(dim=-1).amax(dim=-1)), t, d)
-        for x, t in zip((q64, a64, b64), tops, strict=True)
-    ]
-    sc = np.full((3, *tops[0].shape), abs(scale))
-    options = mul_up(  # [3, ...]: the three splittings
-        np.stack([two[0], two[0], tops[0]]),
-        np.stack([two[1], tops[1], two[1]]),
-        np.stack([tops[2], two[2], two[2]]),
-        sc,
-    )
-    r = options.min(axis=0)
-    return float(r.max()) * _INFLATE if r.size else 0.0
+    xs = [x.double().abs() for x in (q, k1, k2)]
+    tops = [x.amax(dim=(-2, -1)).reshape(-1) for x in xs]  # [L] each
+    twos = [x.norm(dim=-1).amax(dim=-1).reshape(-1) for x in xs]  # [L] each
+    top = torch.stack(tops, dim=1).cpu().numpy()  # [L, 3]
+    two = torch.stack(twos, dim=1).cpu().numpy()  # [L, 3]
+    return tensor_radius_from(two, top, q.shape[-1], scale)

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["default_device", "float32_matmul_is_ieee"]
+from .errors import InvalidInputError
+
+__all__ = ["default_device", "float32_matmul_is_ieee", "resolve_device"]
 
 
 def default_device() -> torch.device:
     """``cuda`` when a CUDA device is available, else ``cpu``."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a plan function prices: ``device``, or :func:`default_device` when None."""
+    if device is None:
+        return default_device()
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError("device", f"unknown device {device!r} ({exc})") from None
 
 
 def float32_matmul_is_ieee() -> bool:

@@ -19,9 +19,9 @@ def _json_float(x: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Plan:
-    """What an operation did (or would do) and why.
+    """What an operation did (or would do) and why (docs/contract.md, "Conventions").
 
-    ``rho = radius / ln n`` places the input on the phase-transition axis: near 0 is the
+    ``rho = radius / ln n_eff`` places the input on the phase-transition axis: near 0 is the
     near-linear regime, of order 1 the SETH-hard regime where only the exact path is certified.
     """
 
@@ -29,11 +29,11 @@ class Plan:
     method: str  # "exact" | "polynomial"
     reason: str  # one plain sentence
     radius: float  # certified score radius R
-    rho: float  # R / ln n
+    rho: float  # R / ln n_eff (core.planner.rho)
     n: int
     d: int
     eps: float
-    family: str | None = None  # "chebyshev" | "taylor"
+    family: str | None = None  # "chebyshev" | "taylor" | "minimax"
     degree: int | None = None
     features: int | None = None  # r
     cost_exact: float | None = None  # predicted seconds
@@ -41,6 +41,18 @@ class Plan:
     compute_dtype: str | None = None
     predicted_bound: float | None = None  # certified bound the plan expects (output units)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self, seconds: float | None) -> dict[str, Any]:
+        """The part of a result's JSON-safe summary that comes from its plan."""
+        return {
+            "degree": self.degree,
+            "features": self.features,
+            "radius": _json_float(self.radius),
+            "rho": _json_float(self.rho),
+            "reason": self.reason,
+            "seconds": seconds,
+            "plan": self.to_dict(),
+        }
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -65,18 +77,12 @@ class AttentionResult:
     seconds: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        p = self.plan
+        """JSON-safe: the method, the bound and the measured error, then the plan's summary."""
         return {
-            "method": p.method,
+            "method": self.plan.method,
             "error_bound": _json_float(self.error_bound),
             "measured_error": _json_float(self.measured_error),
-            "degree": p.degree,
-            "features": p.features,
-            "radius": _json_float(p.radius),
-            "rho": _json_float(p.rho),
-            "reason": p.reason,
-            "seconds": self.seconds,
-            "plan": p.to_dict(),
+            **self.plan.summary(self.seconds),
         }
 
 
@@ -102,11 +108,5 @@ class LoraResult:
             "method": p.method,
             "loss": self.loss,
             "error_bounds": bounds,
-            "degree": p.degree,
-            "features": p.features,
-            "radius": _json_float(p.radius),
-            "rho": _json_float(p.rho),
-            "reason": p.reason,
-            "seconds": self.seconds,
-            "plan": p.to_dict(),
+            **p.summary(self.seconds),
         }

@@ -1,11 +1,12 @@
-"""Polynomials for ``exp`` on ``[-R, R]`` with certified relative error (theory §1.5).
+"""Polynomials for ``exp`` on ``[-R, R]`` with a certified relative error.
 
 Every approximation carries ``dmin, dmax`` with ``P(s) = e^s (1 + delta(s))`` and
-``delta(s) in [dmin, dmax]`` for all ``|s| <= R``, where ``P`` is the polynomial with the float64
-coefficients actually used. The range is computed on a dense grid and made rigorous by a
-guard (first or second order in the grid spacing, ``relative_error_range``), then intersected
-with the closed-form truncation bound of the *exact* series plus the distance of the float64
-coefficients from it (``_coefficient_error``: exact rational arithmetic): tight and safe.
+``delta(s) in [dmin, dmax]`` for all ``|s| <= R``, for the float64 coefficients actually used:
+a dense grid made rigorous by a guard, intersected with the closed-form truncation bound of the
+exact series plus the exactly computed distance of the float64 coefficients from it. Three
+families (truncated Taylor and Chebyshev series, a relative-error minimax fit); every operation
+takes the one with the smallest total-variation factor ``t`` (``certified_best``). The
+derivation is in docs/attention.md, "Certified polynomial ranges".
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import numpy as np
 from numpy.polynomial import chebyshev as npcheb
 
 __all__ = [
+    "MAX_CERTIFIED_RADIUS",
     "Approximation",
+    "abs_sum",
+    "approximation",
     "bessel_i",
     "best",
     "candidates",
@@ -35,13 +39,11 @@ __all__ = [
 ]
 
 GRID_POINTS = 4097
-# Radii above this are never certified (see _make); keeps the Bessel series finite.
-MAX_RADIUS = 64.0
+# Radii above this are never certified (``approximation`` reports dmin = -1 there): the Bessel
+# series stay finite and e^R far inside float64. The planners stop earlier (planner.MAX_RADIUS).
+MAX_CERTIFIED_RADIUS = 64.0
 # Slack for float64 evaluation of the polynomial and exp on the grid (relative to kappa).
 _EVAL_SLACK = 64 * np.finfo(np.float64).eps
-
-
-_U64 = 2.0**-53
 
 
 def exp_up(x: float) -> float:
@@ -115,6 +117,12 @@ def chebyshev_coeffs(g: int, R: float) -> np.ndarray:
     return scaled
 
 
+def abs_sum(coeffs: np.ndarray, s: float) -> float:
+    """``sum_m |c_m| s^m`` (``s >= 0``): bounds ``|P(x)|`` for ``|x| <= s``; inf beyond float64."""
+    with np.errstate(over="ignore"):
+        return float(np.sum(np.abs(coeffs) * s ** np.arange(len(coeffs), dtype=np.float64)))
+
+
 def derivative(coeffs: np.ndarray) -> np.ndarray:
     """Coefficients of ``P'``."""
     if len(coeffs) <= 1:
@@ -174,7 +182,7 @@ def _coefficient_error(family: str, g: int, R: float, coeffs: np.ndarray) -> flo
 
 def _truncation_bound(family: str, g: int, R: float) -> float:
     """Closed-form bound on ``|S_g(s) e^-s - 1|`` for the *exact* truncated series ``S_g``
-    (theory §1.5), rounded up."""
+    (docs/attention.md, "Certified polynomial ranges"), rounded up."""
     if family == "taylor":
         return exp_up(R) * R ** (g + 1) / math.factorial(g + 1) * (1.0 + 1e-12)
     tail = 0.0
@@ -211,13 +219,13 @@ def relative_error_range(coeffs: np.ndarray, R: float) -> tuple[float, float]:
     ``|delta''| <= e^R sum |c''_m - 2 c'_m + c_m| R^m``), which is tight at the extremes where
     ``delta'`` vanishes. Both add the float64 evaluation slack.
 
-    ``(-inf, inf)`` (not certified) beyond ``MAX_RADIUS``, where ``e^R`` leaves float64 soon, or
-    for coefficients that are not finite.
+    ``(-inf, inf)`` (not certified) beyond ``MAX_CERTIFIED_RADIUS``, where ``e^R`` leaves
+    float64 soon, or for coefficients that are not finite.
     """
     if R == 0.0:
         d = float(coeffs[0]) - 1.0
         return d, d
-    if not (0.0 < R <= MAX_RADIUS and np.isfinite(coeffs).all()):
+    if not (0.0 < R <= MAX_CERTIFIED_RADIUS and np.isfinite(coeffs).all()):
         return -math.inf, math.inf
     s = np.linspace(-R, R, GRID_POINTS)
     ex = np.exp(-s)
@@ -233,7 +241,7 @@ def relative_error_range(coeffs: np.ndarray, R: float) -> tuple[float, float]:
     diff2[: len(diff)] -= diff
 
     def bound(c: np.ndarray) -> float:  # e^R sum |c_m| R^m >= max |(sum c_m s^m) e^-s|
-        return exp_up(R) * float(np.sum(np.abs(c) * R ** np.arange(len(c), dtype=np.float64)))
+        return exp_up(R) * abs_sum(c, R)
 
     kappa, lipschitz, curvature = bound(coeffs), bound(diff), bound(diff2)
     slack = _EVAL_SLACK * (kappa + 1.0)
@@ -251,7 +259,8 @@ def relative_error_range(coeffs: np.ndarray, R: float) -> tuple[float, float]:
 
 
 def tv_factor(dmin: float, dmax: float) -> float:
-    """``t(dmin, dmax)`` of theory §1.4: output error <= t * column range of V.
+    """The total-variation factor ``t(dmin, dmax)``: output error <= t * column range of V when
+    every weight is off by a factor in ``[1 + dmin, 1 + dmax]`` (docs/attention.md, "The bound").
 
     Evaluated as ``(dmax - dmin) / (sqrt(1 + dmax) + sqrt(1 + dmin))^2`` (the same number:
     multiply ``a - b`` and ``a + b``), which has no cancellation: the textbook form
@@ -283,7 +292,7 @@ class Approximation:
 
     @cached_property
     def t(self) -> float:
-        """Total-variation factor of theory §1.4."""
+        """Total-variation factor (``tv_factor``)."""
         return tv_factor(self.dmin, self.dmax)
 
     @property
@@ -292,20 +301,13 @@ class Approximation:
 
     @cached_property
     def kappa(self) -> float:
-        """Rounding amplification ``e^R sum_m |c_m| R^m`` (theory §1.5)."""
-        R = self.radius
-        with np.errstate(over="ignore"):
-            total = float(
-                np.sum(np.abs(self.coeffs) * R ** np.arange(len(self.coeffs), dtype=np.float64))
-            )
-        return exp_up(R) * total
+        """Rounding amplification ``e^R sum_m |c_m| R^m`` (docs/attention.md, "The bound")."""
+        return exp_up(self.radius) * self.abs_sum
 
     @cached_property
     def abs_sum(self) -> float:
         """``sum_m |c_m| R^m``: bounds ``sum_alpha |w_alpha q^alpha k^alpha|`` when ``R`` does."""
-        R = self.radius
-        with np.errstate(over="ignore"):
-            return float(np.sum(np.abs(self.coeffs) * R ** np.arange(len(self.coeffs))))
+        return abs_sum(self.coeffs, self.radius)
 
     def derivative_range(self) -> tuple[float, float]:
         """Certified range of ``P'(s) e^{-s} - 1`` on ``[-R, R]`` (for autograd through P)."""
@@ -313,8 +315,11 @@ class Approximation:
 
 
 @lru_cache(maxsize=4096)
-def _make(family: str, g: int, R: float) -> Approximation:
-    if not R <= MAX_RADIUS:
+def approximation(family: str, g: int, R: float) -> Approximation:
+    """The degree-``g`` Chebyshev or Taylor polynomial for ``exp`` on ``[-R, R]``, certified
+    (cached). Beyond ``MAX_CERTIFIED_RADIUS``: Taylor coefficients, ``dmin = -1`` (not
+    certified)."""
+    if not R <= MAX_CERTIFIED_RADIUS:
         # Far past any certifiable radius (no degree <= 24 stays positive beyond R ~ 12), and
         # the series below would overflow: report "not certified" (dmin = -1, t = inf).
         return Approximation(family, g, R, taylor_coeffs(g), -1.0, math.inf)
@@ -333,7 +338,7 @@ def _make(family: str, g: int, R: float) -> Approximation:
 
 def best(R: float, g: int) -> Approximation:
     """The better certified family (smaller t) at degree g on ``[-R, R]`` (cached)."""
-    return min((_make(f, g, float(R)) for f in ("chebyshev", "taylor")), key=lambda a: a.t)
+    return min((approximation(f, g, float(R)) for f in ("chebyshev", "taylor")), key=lambda a: a.t)
 
 
 def candidates(R: float, max_degree: int = 24) -> list[Approximation]:
@@ -345,7 +350,7 @@ def candidates(R: float, max_degree: int = 24) -> list[Approximation]:
     return [best(R, g) for g in range(max_degree + 1)]
 
 
-# --- Relative-error minimax fits (moved here from tensor_attention; shared by every op) --------
+# --- Relative-error minimax fits ----------------------------------------------------------------
 
 MINIMAX_MAX_DEGREE = 7  # above this the truncated Chebyshev series is as good or better
 
@@ -361,7 +366,7 @@ def minimax(g: int, radius: float) -> Approximation | None:
     smaller ``t`` than the truncated Chebyshev series, often one degree less (``r`` 2.6x smaller
     at d = 8, g = 5 -> 4). None when the fit is not positive on the interval.
     """
-    if g < 1 or not 0.0 < radius <= MAX_RADIUS:
+    if g < 1 or not 0.0 < radius <= MAX_CERTIFIED_RADIUS:
         return None
     nodes = np.cos(np.linspace(0.0, np.pi, 8 * (g + 1) + 1))  # [N] in [-1, 1]
     basis = npcheb.chebvander(nodes, g) * np.exp(-radius * nodes)[:, None]  # [N, g+1]
@@ -410,8 +415,8 @@ def certified_best(R: float, g: int) -> Approximation:
 
     Built on ``[-R', R']`` with ``R' = grid_radius(R) >= R`` (valid on the smaller interval,
     cached across inputs; ``approx.radius`` is ``R'``, conservative wherever the radius enters a
-    bound). Radii above ``MAX_RADIUS`` are never certified.
+    bound). Radii above ``MAX_CERTIFIED_RADIUS`` are never certified.
     """
-    if not R <= MAX_RADIUS:
-        return _make("chebyshev", g, float(R))
+    if not R <= MAX_CERTIFIED_RADIUS:
+        return approximation("chebyshev", g, float(R))
     return _certified_best_at(grid_radius(float(R)), g)

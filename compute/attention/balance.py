@@ -1,0 +1,103 @@
+"""Exact power-of-two rescaling of attention's inputs (docs/attention.md, steps 4 and 4b).
+
+``balance``: q and k per coordinate, with the scale's whole power of two, so that every
+balanced entry is at most ``2 sqrt(R)`` (monomials neither overflow nor, for the coordinates
+that matter, underflow, whatever the scale's exponent). ``normalise_values``: every centred value
+column to ``max |V - c|`` in ``[1/2, 1)``, scaled back exactly at the end (``times_pow2``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..core.scaling import pow2_factors
+
+__all__ = ["balance", "balance_exponents", "normalise_values"]
+
+
+def _to_device(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(x).to(device=like.device, dtype=like.dtype)
+
+
+def balance(
+    q: torch.Tensor,
+    kc: torch.Tensor,
+    scale: float,
+    q_absmax: torch.Tensor | None = None,
+    k_absmax: torch.Tensor | None = None,
+    known: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Exact power-of-two rescaling: ``scale <q, k> == s' <q', k'>`` with balanced q', k'.
+
+    ``q: [L, n, d]``, ``kc: [L, m, d]``; returns ``q'`` and ``k'`` transposed, ``[L, d, n]`` and
+    ``[L, d, m]`` contiguous (the layout of a feature block's input), and ``s' = sign(scale)
+    mant`` (``|scale| = mant 2^E``, mant in [1/2, 1)): per slice and coordinate l, q is
+    multiplied by ``2^a_l`` and k by ``2^(E - a_l)`` (``balance_exponents``). Entries far below
+    the others may be flushed, by at most twice the subnormal spacing (docs/attention.md, step
+    7 of the rounding model). A coordinate that is zero on one side contributes nothing to the
+    scores and is zeroed on both (so the other side cannot overflow), as is everything when
+    ``scale == 0``.
+    ``q_absmax, k_absmax: [L, d]``: ``max |q|`` and ``max |kc|`` per slice and column when
+    already known (``statistics``); ``known``: their host copies (float64) when ``statistics``
+    transferred them; else they are reduced and transferred here (one host sync).
+    """
+    mant = math.frexp(abs(scale))[0]
+    if known is None:  # one host sync: the column extremes
+        qa = q.abs().max(dim=1).values if q_absmax is None else q_absmax  # [L, d]
+        ka = kc.abs().max(dim=1).values if k_absmax is None else k_absmax  # [L, d]
+        known = (qa.double().cpu().numpy(), ka.double().cpu().numpy())
+    a, b, zero = balance_exponents(*known, scale)  # [L, d] each, on the host
+    fq, fk = pow2_factors(a, q.dtype), pow2_factors(b, q.dtype)
+    if zero.any():
+        fq[0][zero] = 0.0
+        fk[0][zero] = 0.0
+    signed = math.copysign(mant, scale) if scale != 0.0 else 0.0
+    # written straight into the transposed layout the feature blocks load: [L, d, n], [L, d, m]
+    qt = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=q.dtype, device=q.device)
+    kt = torch.empty((kc.shape[0], kc.shape[2], kc.shape[1]), dtype=kc.dtype, device=kc.device)
+    torch.mul(q.transpose(1, 2), _to_device(fq[0], q).unsqueeze(2), out=qt)  # [L, d, n]
+    torch.mul(kc.transpose(1, 2), _to_device(fk[0], kc).unsqueeze(2), out=kt)  # [L, d, m]
+    for f in fq[1:]:
+        qt.mul_(_to_device(f, q).unsqueeze(2))
+    for f in fk[1:]:
+        kt.mul_(_to_device(f, kc).unsqueeze(2))
+    return qt, kt, signed
+
+
+def balance_exponents(
+    qa: np.ndarray, ka: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``balance``'s exponents from ``max |q|`` and ``max |kc|`` (``[L, d]`` float64, host):
+    ``a_l = round((log2 max|k_l| - log2 max|q_l| + E) / 2)`` for q, ``b = E - a`` for k, and the
+    coordinates to zero on both sides. The largest entries of ``q'_l`` and ``k'_l`` then meet at
+    ``sqrt(2^E max|q_l| max|k_l|) <= sqrt(R)``, within a factor sqrt(2)."""
+    expo = math.frexp(abs(scale))[1]
+    ok = (qa > 0) & (ka > 0) & (scale != 0.0)
+    lq = np.log2(np.where(ok, qa, 1.0))
+    lk = np.log2(np.where(ok, ka, 1.0))
+    a = np.round((lk - lq + expo) / 2)  # [L, d]
+    return a, expo - a, ~ok
+
+
+def normalise_values(
+    vc: torch.Tensor, vmax: torch.Tensor, exps: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vc * 2^-e`` per slice and column with ``max |vc| = vmax in [2^(e-1), 2^e)`` (in place)
+    and ``e`` (float64, ``[L, 1, dv]``) to scale results back (``times_pow2``).
+
+    ``vc: [L, m, dv]`` centred values, ``vmax: [L, 1, dv]`` their largest magnitude (0 for a
+    constant column: factor 1). Exact but for underflow of entries far below their column's
+    largest: value products then never underflow for the entries that matter.
+    ``exps``: exponents with ``max |vc| < 2^e`` computed on the host by the caller (``[L, 1,
+    dv]``, from the columns' ranges: ``max |vc|`` is then in ``[2^(e-2), 2^e)``), saving the
+    reduction and its host sync.
+    """
+    if exps is None:  # one host sync
+        exps = torch.frexp(vmax.double())[1].double().cpu().numpy()  # [L, 1, dv]
+    for f in pow2_factors(-exps, vc.dtype):
+        vc.mul_(_to_device(f, vc))
+    e = torch.from_numpy(exps).to(vc.device)
+    return vc, e

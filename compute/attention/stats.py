@@ -1,0 +1,145 @@
+"""The data-dependent numbers of one ``attention`` call, from one host sync.
+
+Finiteness, the centred keys, the certified radius R (docs/attention.md, step 2) and the value
+statistics the bound needs, from one set of reductions per tensor whose results cross to the
+host together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..core.errors import InvalidInputError
+from ..core.radius import midrange, radius_from
+from ..core.rounding import subnormal_spacing
+
+__all__ = ["Extremes", "Stats", "statistics"]
+
+
+@dataclass(frozen=True)
+class Extremes:
+    """Column extremes reduced once by ``statistics`` (exact values, input compute dtype)."""
+
+    q_absmax: torch.Tensor | None  # [L, d] max |q| per slice and column (None: reduce again)
+    k_absmax: torch.Tensor  # [L, d] max |centre(k)| per slice and column
+    v_hi: torch.Tensor  # [L, dv] max v per slice and column
+    v_lo: torch.Tensor  # [L, dv] min v
+    # from statistics' one sync (None: balance / normalise_values reduce and sync themselves)
+    balance: tuple[np.ndarray, np.ndarray] | None = None  # q_absmax, k_absmax on the host
+    value_exp: np.ndarray | None = None  # [L, 1, dv] float64: normalisation exponents (host)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """The data-dependent numbers of one call (see ``statistics``)."""
+
+    kc: torch.Tensor  # [L, m, d] centre(k), bit for bit
+    radius: float  # as matrix_radius(q, centre(k), scale), bit for bit
+    value_range: float  # max over slices and columns of max v - min v (float64, exact)
+    value_absmax: float  # max |v| (exact)
+    extremes: Extremes
+    q_peak: float = 0.0  # max |q| (exact)
+    k_peak: float = 0.0  # max |k| of the uncentred keys (exact)
+
+
+_INPUT_NAMES = ("q", "k", "v")
+
+
+def statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Stats:
+    """Finiteness, centred keys, the certified radius and the value statistics, one host sync.
+
+    ``q: [L, n, d]``, ``k: [L, m, d]``, ``v: [L, m, dv]``, all in the compute dtype. On the
+    device: the column extremes of q, k and v (``[L, d]``, ``[L, dv]``; exact), the centred
+    keys ``kc = k - midrange(hi, lo)`` exactly as :func:`compute.core.radius.centre`, and the three
+    per-slice factors of :func:`compute.core.radius.matrix_radius` (largest row 2-norm of q and
+    of kc, accumulated in float64 without a float64 copy; largest Hölder sum
+    ``sum_l |q_il| max_j |kc_jl|`` in float64). ``max_j |kc_jl|`` needs no pass over kc:
+    ``x -> fl(x - c)`` is monotone, so the column extremes of kc are ``fl(hi - c)`` and
+    ``fl(lo - c)``. These ``3 L + 2 L dv + 3`` numbers cross to the host once; the radius is
+    then the same float64 arithmetic as ``matrix_radius`` (so equal bit for bit), the value
+    range and ``max |v|`` the same as ``attention`` computed before.
+
+    Finiteness comes from the same reductions: max/min propagate NaN and an infinite entry
+    makes a column extreme infinite, so a tensor is finite exactly when its extremes are.
+    Raises ``InvalidInputError`` naming the first non-finite tensor (q, k, v order).
+    """
+    f64 = torch.float64
+    L, dv = q.shape[0], v.shape[2]
+    q_hi, q_lo = q.max(dim=1).values, q.min(dim=1).values  # [L, d] (max/min: see centre)
+    k_hi, k_lo = k.max(dim=1).values, k.min(dim=1).values  # [L, d]
+    v_hi, v_lo = v.max(dim=1).values, v.min(dim=1).values  # [L, dv]
+    mid = midrange(k_hi, k_lo)  # [L, d], as centre()
+    kc = k - mid.unsqueeze(1)  # [L, m, d]
+    qa = torch.maximum(q_hi.abs(), q_lo.abs())  # [L, d] max |q|
+    ka = torch.maximum((k_hi - mid).abs(), (k_lo - mid).abs())  # [L, d] max |kc|, exact
+    q_two = torch.linalg.vector_norm(q, dim=-1, dtype=f64).amax(dim=-1)  # [L]
+    k_two = torch.linalg.vector_norm(kc, dim=-1, dtype=f64).amax(dim=-1)  # [L]
+    holder = (q.abs().double().mul_(ka.double().unsqueeze(1))).sum(dim=-1).amax(dim=-1)  # [L]
+    # (q.abs() is a fresh tensor in either dtype, so the in-place product never touches q)
+    peaks = torch.stack(
+        [
+            qa.amax(),
+            torch.maximum(k_hi.abs(), k_lo.abs()).amax(),
+            torch.maximum(v_hi.abs(), v_lo.abs()).amax(),
+        ]
+    ).double()  # [3]: NaN or Inf exactly when the tensor has one
+    host = (
+        torch.cat(
+            [
+                peaks,
+                qa.double().reshape(-1),
+                ka.double().reshape(-1),
+                q_two,
+                k_two,
+                holder,
+                v_hi.double().reshape(-1),
+                v_lo.double().reshape(-1),
+            ]
+        )
+        .cpu()
+        .numpy()
+    )  # the one host sync
+    for name, peak in zip(_INPUT_NAMES, host[:3], strict=True):
+        if not math.isfinite(float(peak)):
+            raise InvalidInputError(name, "contains NaN or Inf")
+    d = q.shape[-1]
+    qa_h = host[3 : 3 + L * d].reshape(L, d)  # exact
+    ka_h = host[3 + L * d : 3 + 2 * L * d].reshape(L, d)
+    at = 3 + 2 * L * d
+    qn, kn, hs = (host[at + i * L : at + (i + 1) * L] for i in range(3))
+    hi = host[at + 3 * L : at + 3 * L + L * dv]  # [L dv] float64, exact
+    lo = host[at + 3 * L + L * dv :]  # [L dv]
+    qt, kt = qa_h.max(axis=1), ka_h.max(axis=1)  # [L]: largest |q|, |kc| per slice
+    # as matrix_radius (also float64 inputs whose squares or products under- or overflow)
+    radius = radius_from(qn, kn, hs, qt, kt, q.shape[-1], scale)
+    with np.errstate(over="ignore"):  # float64 values near the top: range inf, path exact
+        spans = hi - lo  # [L dv]
+        value_range = float(spans.max())
+    value_exp = None
+    if math.isfinite(value_range):
+        # max |v - c| <= (hi - lo)/2 (1 + 2u) + the centre's rounding (half a subnormal spacing)
+        # < 2^e, e the exponent of the column's range (plus two spacings): 2^e <= 2 range (+4
+        # spacings), within the widened range the bound uses; 0 (factor 1) for a constant column
+        sig = 2.0 * subnormal_spacing(q.dtype)
+        raw = np.frexp(spans * (1.0 + 2.0**-20) + sig)[1].astype(np.float64)
+        value_exp = np.where(spans > 0.0, raw, 0.0).reshape(L, 1, dv)
+    return Stats(
+        kc=kc,
+        radius=radius,
+        value_range=value_range,
+        value_absmax=float(np.maximum(np.abs(hi), np.abs(lo)).max()),
+        extremes=Extremes(
+            q_absmax=qa,
+            k_absmax=ka,
+            v_hi=v_hi,
+            v_lo=v_lo,
+            balance=(qa_h, ka_h),
+            value_exp=value_exp,
+        ),
+        q_peak=float(host[0]),
+        k_peak=float(host[1]),
+    )
