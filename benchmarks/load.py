@@ -16,12 +16,8 @@ import argparse
 import json
 import os
 import random
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -36,121 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from app.client import ApiError, Client, ClientError, JobCancelled, JobFailed  # noqa: E402
 from benchmarks.common import markdown_table, plot_path, save_text  # noqa: E402
+from benchmarks.stack import Stack  # noqa: E402
 
-HOST = "127.0.0.1"
 LEASE = 2.0
-
-
-def free_port() -> int:
-    """A port below the ephemeral range (no outgoing connection is given one of these)."""
-    import socket
-
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-
-
-class Stack:
-    """redis-server (AOF) + the API (uvicorn) + workers, as subprocesses on loopback."""
-
-    def __init__(self, workers: int) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="attn-load-"))
-        self.redis_port, self.api_port = free_port(), free_port()
-        self.env = {
-            **os.environ,
-            "REDIS_URL": f"redis://{HOST}:{self.redis_port}/0",
-            "METRICS_PORT": "0",
-            "LEASE_SECONDS": str(LEASE),
-            "WORKER_DEVICE": "cpu",
-            "MAX_CONCURRENT_UPLOADS": "64",
-            "PYTHONPATH": str(ROOT),
-            "LOG_LEVEL": "WARNING",
-        }
-        self.start_redis()
-        self.api = self._spawn(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--host",
-                HOST,
-                "--port",
-                str(self.api_port),
-                "--log-level",
-                "warning",
-            ],
-            "api",
-        )
-        self.workers = [self.spawn_worker() for _ in range(workers)]
-        self.url = f"http://{HOST}:{self.api_port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the stack did not become ready")
-
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
-        return subprocess.Popen(argv, env=self.env, stdout=log, stderr=log, cwd=ROOT)
-
-    def start_redis(self) -> None:
-        argv = ["redis-server", "--port", str(self.redis_port), "--bind", HOST, "--save", ""]
-        argv += ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.tmp)]
-        argv += ["--maxmemory-policy", "noeviction"]
-        self.redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-        import redis
-
-        r = redis.Redis(host=HOST, port=self.redis_port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                r.ping()
-                return
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def crash_redis(self) -> float:
-        """kill -9 and restart on the same port and data; returns the seconds it was away."""
-        t0 = time.monotonic()
-        self.redis.kill()
-        self.redis.wait()
-        self.start_redis()
-        return time.monotonic() - t0
-
-    def spawn_worker(self) -> subprocess.Popen[bytes]:
-        return self._spawn([sys.executable, "-m", "workers"], f"worker-{time.monotonic_ns()}")
-
-    def kill_worker(self) -> None:
-        victim = self.workers.pop(0)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
-        self.workers.append(self.spawn_worker())
-
-    def stats(self) -> dict[str, int]:
-        import redis
-
-        r = redis.Redis(host=HOST, port=self.redis_port)
-        return {k.decode(): int(v) for k, v in r.hgetall("attn:stats").items()}
-
-    def close(self) -> None:
-        for p in [*self.workers, self.api, self.redis]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class Counting(httpx.HTTPTransport):
@@ -189,7 +73,8 @@ def job_inputs(kind: str, rng: np.random.Generator) -> tuple[str, dict[str, Any]
 
 
 def run(jobs: int, clients: int, out: Path) -> dict[str, Any]:
-    stack = Stack(workers=2)
+    stack = Stack(aof=True, env={"LEASE_SECONDS": str(LEASE)})
+    stack.scale(2)
     statuses: Counter[int] = Counter()
     lock = threading.Lock()
     records: list[dict[str, Any]] = []

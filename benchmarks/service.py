@@ -16,13 +16,8 @@ import argparse
 import asyncio
 import json
 import os
-import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,131 +29,9 @@ ROOT = Path(os.path.abspath(__file__)).parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.jobs.codec import encode_safetensors, from_array  # noqa: E402
+from benchmarks.stack import HOST, STAGES, Stack  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
-HOST = "127.0.0.1"
-STAGES = ("start", "decode", "compute", "encode", "write")
-
-
-def free_port() -> int:
-    """A port below the kernel's ephemeral range (no outgoing connection is given one)."""
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
-
-
-class Stack:
-    """redis-server + API + N workers, all subprocesses on loopback."""
-
-    def __init__(self) -> None:
-        self.tmp = tempfile.mkdtemp(prefix="attn-bench-")
-        self.redis_port, self.api_port = free_port(), free_port()
-        self.redis = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.redis_port), "--bind", HOST),
-                *("--save", "", "--appendonly", "no", "--dir", self.tmp),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        self.env = {
-            **os.environ,
-            "REDIS_URL": f"redis://{HOST}:{self.redis_port}/0",
-            "METRICS_PORT": "0",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONPATH": str(ROOT),
-            "WORKER_DEVICE": "cpu",
-            "MAX_CONCURRENT_UPLOADS": "64",
-            # the JSON limit (16 MiB by default) raised to compare JSON and safetensors uploads
-            "MAX_JSON_BODY_BYTES": str(1 << 30),
-            "OMP_WAIT_POLICY": "PASSIVE",
-        }
-        self.api = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "uvicorn", "app.main:app", "--host", HOST),
-                *("--port", str(self.api_port), "--log-level", "warning", "--no-access-log"),
-            ],
-            env=self.env,
-            cwd=ROOT,
-        )
-        self.url = f"http://{HOST}:{self.api_port}"
-        wait_http(self.url + "/health/live")
-        self.workers: list[tuple[subprocess.Popen[bytes], Path]] = []
-
-    def scale(self, n: int) -> None:
-        while len(self.workers) > n:
-            w, _ = self.workers.pop()
-            w.terminate()
-            w.wait(30)
-        while len(self.workers) < n:
-            log = Path(self.tmp) / f"worker-{len(self.workers)}-{time.monotonic_ns()}.log"
-            env = {**self.env, "LOG_LEVEL": "INFO"}
-            with log.open("wb") as fh:
-                p = subprocess.Popen(
-                    [sys.executable, "-m", "workers"], env=env, cwd=ROOT, stdout=fh, stderr=fh
-                )
-            self.workers.append((p, log))
-        deadline = time.monotonic() + 120
-        while n and time.monotonic() < deadline:
-            r = httpx.get(self.url + "/health/ready", timeout=5)
-            if r.status_code == 200 and r.json()["workers"] == n:
-                time.sleep(0.5)  # thread counts settle (each worker divides the cores)
-                return
-            time.sleep(0.1)
-
-    def worker_stages(self) -> dict[str, tuple[float, float]]:
-        """Per stage: (total seconds, jobs) summed over the workers' /metrics."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        totals = {s: [0.0, 0.0] for s in STAGES}
-        for _, log in self.workers:
-            ports = [
-                ln.rsplit(" ", 1)[-1]
-                for ln in log.read_text().splitlines()
-                if "/health on port" in ln
-            ]
-            if not ports:
-                continue
-            text = httpx.get(f"http://{HOST}:{ports[-1]}/metrics", timeout=5).text
-            for fam in text_string_to_metric_families(text):
-                for smp in fam.samples:
-                    stage = smp.labels.get("stage")
-                    if fam.name == "attn_worker_stage_seconds" and stage in totals:
-                        if smp.name.endswith("_sum"):
-                            totals[stage][0] += smp.value
-                        elif smp.name.endswith("_count"):
-                            totals[stage][1] += smp.value
-        return {s: (v[0], v[1]) for s, v in totals.items()}
-
-    def close(self) -> None:
-        procs = [w for w, _ in self.workers] + [self.api]
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        self.redis.terminate()
-        self.redis.wait(10)
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def small_body(seed: int = 0) -> bytes:
@@ -300,7 +173,8 @@ def main() -> None:
     jobs = 300 if args.quick else args.jobs
     worker_counts = (1, 2) if args.quick else (1, 2, 4)
     OUT.mkdir(parents=True, exist_ok=True)
-    stack = Stack()
+    # the JSON limit (16 MiB by default) raised to compare JSON and safetensors uploads
+    stack = Stack(env={"MAX_JSON_BODY_BYTES": str(1 << 30)})
     results: dict[str, Any] = {"overhead": {}, "throughput": {}, "stages": {}, "upload": {}}
     try:
         stack.scale(1)
