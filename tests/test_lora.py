@@ -476,6 +476,24 @@ def test_bound_within_eps_of_the_scale(kind, seed, radius, eps, eps_mode, full) 
     _check_bounds(case, res)
 
 
+@pytest.mark.parametrize("eps_mode", ["scale", "strict"])
+def test_lora_initialisation_b_zero_certifies(eps_mode: str) -> None:
+    """LoRA's usual initialisation B = 0: dA is exactly 0 (bound 0, ratio 0), dB is not; the
+    polynomial certifies in both modes (a zero gradient does not make the ratio infinite)."""
+    case = make_case(lead=(2,), L=32, dm=5, dh=2, radius=0.3, seed=16)
+    case["adapters"] = {mu: (a, torch.zeros_like(b)) for mu, (a, b) in case["adapters"].items()}
+    res = run(case, method="polynomial", eps=1e-2, eps_mode=eps_mode)
+    assert res.error_bounds is not None and res.conditioning is not None
+    _, ref = sdpa_reference(case)
+    for mu, (da, db) in res.grads.items():
+        assert float(ref[mu][0].abs().max()) == 0.0 and float(da.abs().max()) == 0.0
+        assert res.error_bounds[mu][0] == 0.0 and res.plan.extra["relative_bounds"][mu]["a"] == 0
+        assert res.conditioning[mu][0] is None  # 0 / 0
+        err = float((db.double() - ref[mu][1]).abs().max())
+        assert err <= res.error_bounds[mu][1]
+    assert res.plan.extra["kappa_max"] is not None
+
+
 def test_strict_planner_measures_and_does_not_overshoot(monkeypatch) -> None:
     """strict: the first run is the pilot at the scale-mode degree; the degree then chosen
     is the lowest that certifies (the one below it does not), not the a-priori L model's."""

@@ -247,14 +247,13 @@ def _kappa(n: tuple[float, float], m: tuple[float, float]) -> tuple[float | None
 
 
 def _kmax(d: Mapping[str, tuple[float | None, float | None]]) -> float | None:
-    vals = [v for pair in d.values() for v in pair]
-    if any(v is None for v in vals):
-        return None  # a gradient that is exactly 0: infinitely ill-conditioned
-    return max((v for v in vals if v is not None), default=None)
+    # None: a gradient that is exactly 0 (with B = 0 or A = 0 also N = 0): left out
+    return max((v for pair in d.values() for v in pair if v is not None), default=None)
 
 
 def _kappa_max(d: dict[str, tuple[float, float]]) -> float:
-    return max((v for pair in d.values() for v in pair), default=1.0)
+    """The largest kappa_G, ignoring gradients that are exactly 0 with N = 0 (nan)."""
+    return max((v for pair in d.values() for v in pair if not math.isnan(v)), default=1.0)
 
 
 def _maxabs(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:

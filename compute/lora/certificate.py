@@ -343,7 +343,7 @@ class Certificate:
         """``kappa_G = max N(G) / max|G~|`` with the certified lower bound of ``max N`` (§7b)."""
         return {
             mu: tuple(  # type: ignore[misc]
-                n / m if m > 0 else math.inf
+                n / m if m > 0 else (math.nan if n == 0 else math.inf)
                 for n, m in zip(self.scales[mu], self.maxabs[mu], strict=True)
             )
             for mu in self.scales
@@ -352,6 +352,8 @@ class Certificate:
 
 def _relative(b: float, m: float) -> float:
     """``b / (m - b)``: certified bound relative to the lower bound ``m - b`` of max|G|."""
+    if b == 0.0:
+        return 0.0  # a gradient that is exactly 0, computed exactly (below)
     if not math.isfinite(b) or m - b <= 0:
         return math.inf
     return b / (m - b)
@@ -363,7 +365,9 @@ def _scale_lo(n: float, m: float, b: float) -> float:
 
 
 def _over(b: float, n: float) -> float:
-    """``b / n`` (inf when ``n`` is 0 or ``b`` is not finite)."""
+    """``b / n`` (inf when ``n`` is 0 or ``b`` is not finite; 0 when ``b`` is)."""
+    if b == 0.0:
+        return 0.0
     if not math.isfinite(b) or n <= 0:
         return math.inf
     return b / n
@@ -407,6 +411,12 @@ def certify(
                 e_t.add_(u_out / (1 - u_out) * t.to(torch.float64).abs() + tiny)
         ba = float(ea.amax()) * BOUND_INFLATE + UNDERFLOW_GUARD
         bb = float(eb.amax()) * BOUND_INFLATE + UNDERFLOW_GUARD
+        # (7.2'): a zero factor (B = 0, LoRA's usual initialisation, or A = 0) makes the exact
+        # gradient and the computed one exactly 0 (every product term is 0): no error at all
+        if not bool(abs_b.any()):
+            ba = 0.0
+        if not bool(abs_a.any()):
+            bb = 0.0
         ma = float(ga.abs().amax()) if ga.numel() else 0.0
         mb = float(gb.abs().amax()) if gb.numel() else 0.0
         bounds[mu] = (ba if math.isfinite(ba) else math.inf, bb if math.isfinite(bb) else math.inf)

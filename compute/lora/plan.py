@@ -104,9 +104,10 @@ class Measured:
                     b_g = max(b - r_old, 0.0) * (lvl / self.level) + r_new
                     den = self.scales[mu][i] if mode == "scale" else self.maxabs[mu][i] - b_g
                     den_r = self.scales[mu][i] if mode == "scale" else self.maxabs[mu][i]
-                    ratio = b_g / den if den > 0 else math.inf
+                    ratio = 0.0 if b_g == 0 else (b_g / den if den > 0 else math.inf)
                     worst = max(worst, ratio if math.isfinite(ratio) else math.inf)
-                    worst_rnd = max(worst_rnd, r_new / den_r if den_r > 0 else math.inf)
+                    rr = 0.0 if r_new == 0 else (r_new / den_r if den_r > 0 else math.inf)
+                    worst_rnd = max(worst_rnd, rr)
             return worst, worst_rnd
 
         return pred
