@@ -5,6 +5,7 @@ fetch results, cancel, ask the planner.
     attn submit attention inputs.safetensors          # tensors named q, k, v; params in metadata
     attn status JOB_ID ; attn wait JOB_ID --out out.safetensors ; attn cancel JOB_ID
     attn plan attention --n 65536 --d 64 --radius 3
+    attn plan lora-gradient --n 65536 --d 8 --radius 0.5 --full true --eps-mode strict
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("op", help="the operation: attention, tensor-attention, lora-gradient, ...")
     s.add_argument("inputs", nargs="+", help="NAME=file.npy or [PREFIX=]file.safetensors")
     s.add_argument("--param", action="append", default=[], help="KEY=VALUE (JSON value)")
+    s.add_argument(
+        "--eps-mode",
+        choices=("scale", "strict"),
+        help="lora-gradient: eps relative to the gradient's natural scale (scale, the default) "
+        "or to max|G| (strict); the same as --param eps_mode=...",
+    )
     s.add_argument("--binary", action="store_true", help="always send safetensors")
     s.add_argument("--wait", action="store_true", help="wait and print the result")
     s.add_argument("--out", help="write outputs to this .safetensors file (with --wait)")
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 for kv in args.param:
                     key, _, value = kv.partition("=")
                     params[key] = _value(value)
+                if args.eps_mode is not None:
+                    params["eps_mode"] = args.eps_mode
                 # with --wait, a job that ends within a minute is answered in one round trip
                 hold = min(args.timeout or 60.0, 60.0) if args.wait else 0.0
                 job = client.submit(

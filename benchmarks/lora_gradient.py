@@ -16,7 +16,13 @@ in memory (autograd through SDPA on CPU keeps O(L^2) state: ~50 GB at L = 65536)
 extrapolated quadratically from the measured L/4 time and marked ``~``; the float64 reference
 at the largest L is computed only where ours ran the polynomial path (error ``n/a`` otherwise).
 
-Usage: python3 benchmarks/lora_gradient.py [--quick] [--device cpu] [--dtype float32]
+With ``--targets``: only the rows of the speed targets (docs/lora.md, "Targets"): L in {16384,
+65536}, d_head = 8, full adaptation, eps = 1e-3, R in {0.5, 1}, both ``eps_mode``s, side by side in
+one process with autograd through SDPA (measured at 16384, extrapolated x16 to 65536: it needs
+~48 GiB there) and our own exact closed form (``method="exact"``, measured); written to
+``lora_gradient_targets.md``.
+
+Usage: python3 benchmarks/lora_gradient.py [--quick] [--targets] [--device cpu] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -66,7 +72,9 @@ def available_bytes() -> int:
     return 1 << 62
 
 
-def make_inputs(L: int, dh: int, device: str, dtype: torch.dtype, seed: int) -> dict:
+def make_inputs(
+    L: int, dh: int, device: str, dtype: torch.dtype, seed: int, radius: float = RADIUS
+) -> dict:
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int, s: float = 1.0) -> torch.Tensor:
@@ -77,7 +85,7 @@ def make_inputs(L: int, dh: int, device: str, dtype: torch.dtype, seed: int) -> 
     adapters = {mu: (rnd(RANK, dh, s=0.3), rnd(D_MODEL, RANK, s=0.3)) for mu in "qkv"}
     case = dict(x=x, w_q=w["q"], w_k=w["k"], w_v=w["v"], adapters=adapters, alpha=ALPHA)
     inp = check_inputs(y=torch.zeros(1, L, dh, dtype=torch.float64), scale=None, **case)
-    x = x * math.sqrt(RADIUS / radius_only(inp))
+    x = x * math.sqrt(radius / radius_only(inp))
     v = x @ effective_weights(inp, torch.float64)["v"]
     y = rnd(1, L, dh, s=float(v.std()))
     case.update(x=x, y=y)
@@ -116,10 +124,10 @@ def sdpa_backward(case: dict) -> None:
     loss.backward()
 
 
-def ours(case: dict, method: str = "auto") -> compute.LoraResult:
+def ours(case: dict, method: str = "auto", eps_mode: str = "scale") -> compute.LoraResult:
     return compute.lora_gradient(
         case["x"], case["y"], w_q=case["w_q"], w_k=case["w_k"], w_v=case["w_v"],
-        adapters=case["adapters"], alpha=ALPHA, method=method, eps=EPS,
+        adapters=case["adapters"], alpha=ALPHA, method=method, eps=EPS, eps_mode=eps_mode,
     )  # fmt: skip
 
 
@@ -133,8 +141,101 @@ def timed(fn, device: str, repeats: int, big: bool) -> float:  # type: ignore[no
     return time.perf_counter() - t0
 
 
+def _worst(res: compute.LoraResult, ref: dict) -> tuple[float, float | None, float]:
+    """(max err, its bound, worst err / bound) over every dA, dB against the reference."""
+    err_max, bound_at, ratio = 0.0, None, 0.0
+    for mu, pair in res.grads.items():
+        for i, got in enumerate(pair):
+            err = float((got.double() - ref[mu][i].double()).abs().max())
+            bnd = None if res.error_bounds is None else res.error_bounds[mu][i]
+            if err >= err_max:
+                err_max, bound_at = err, bnd
+            if bnd:
+                ratio = max(ratio, err / bnd)
+    return err_max, bound_at, ratio
+
+
+def targets(args) -> None:  # type: ignore[no-untyped-def]
+    """The target rows (L = 16384, 65536; R = 0.5, 1; both eps modes), side by side."""
+    device = args.device
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    # calibrate the cost model's rates (float32 and float64) before anything is timed
+    compute.plan_lora_gradient(n=1024, d=8, radius=0.5, device=device, dtype=args.dtype)
+    start = time.perf_counter()
+    rows = []
+    for R in (0.5, 1.0):
+        t16 = None
+        sizes = (256, 1024) if args.quick else (16384, 65536)
+        for L in sizes:
+            case = make_inputs(L, 8, device, dtype, seed=L + 8, radius=R)
+            if t16 is None:
+                t_sdpa, mark = timed(lambda c=case: sdpa_backward(c), device, 1, True), ""
+                t16 = t_sdpa
+            else:
+                t_sdpa, mark = t16 * (L / sizes[0]) ** 2, "~"
+            t_exact = timed(lambda c=case: ours(c, "exact"), device, 1, True)
+            ref = compute.lora_gradient(
+                **{k: _to(v, device, torch.float64) for k, v in case.items() if k != "alpha"},
+                alpha=ALPHA, method="exact",
+            ).grads  # fmt: skip
+            runs = [("scale", "auto"), ("strict", "polynomial")]
+            for mode, meth in runs:
+                sync(device)
+                t0 = time.perf_counter()
+                try:
+                    res = ours(case, meth, mode)
+                except compute.CertificationError as exc:
+                    t = time.perf_counter() - t0
+                    why = str(exc).split(": ", 1)[1][:300]
+                    rows.append([L, f"{R:g}", mode, meth, "not certified", "-", "-",
+                                 f"{mark}{t_sdpa:.3g}", f"{t_exact:.3g}", f"{t:.3g}", "", "",
+                                 "", "", "", "", "", "", why])  # fmt: skip
+                    print(" | ".join(str(x) for x in rows[-1]), flush=True)
+                    continue
+                sync(device)
+                t = time.perf_counter() - t0
+                if meth == "auto" and res.plan.method == "exact":
+                    runs.append((mode, "polynomial"))  # show the certified polynomial too
+                p = res.plan
+                ex = p.extra
+                err, bnd, eb = _worst(res, ref)
+                tries = [tr["degree"] for tr in ex.get("tries", [])]
+                rows.append([
+                    L, f"{R:g}", mode, meth, p.method, p.degree or "-", p.features or "-",
+                    f"{mark}{t_sdpa:.3g}", f"{t_exact:.3g}", f"{t:.3g}",
+                    f"{mark}{t_sdpa / t:.1f}x", f"{t_exact / t:.1f}x", f"{err:.2e}",
+                    "none (exact)" if bnd is None else f"{bnd:.2e}",
+                    f"{ex['relative_bound']:.1e}" if "relative_bound" in ex else "-",
+                    f"{ex['strict_ratio']:.1e}" if ex.get("strict_ratio") else "-",
+                    f"{ex['kappa_max']:.2g}" if ex.get("kappa_max") else "-",
+                    f"{eb:.1e}" if bnd else "", str(tries) if tries else "-",
+                ])  # fmt: skip
+                print(" | ".join(str(x) for x in rows[-1]), flush=True)
+    headers = ["L", "R", "eps_mode", "asked", "method", "g", "r", "SDPA-autograd s", "exact s",
+               "ours s", "vs SDPA", "vs exact", "max err", "bound", "bound / scale",
+               "strict ratio", "kappa_G", "err/bound", "degrees run"]  # fmt: skip
+    table = markdown_table(headers, rows)
+    note = (
+        f"\n\nd_head=8, full adaptation, d_model={D_MODEL}, rank={RANK}, alpha={ALPHA}, "
+        f"eps={EPS}, dtype={args.dtype}, device={device}, torch threads="
+        f"{torch.get_num_threads()}; one run each (no warm-up) in one process. 'exact s' = our "
+        f"blocked closed form (method='exact'); '~' = SDPA extrapolated x16 from L=16384 (~"
+        f"{SDPA_BYTES_PER_PAIR * 65536**2 / 2**30:.0f} GiB at L=65536); 'bound / scale' = the "
+        f"ratio eps bounds in the row's mode (scale: b / N_lo; strict: b / (max|G~| - b)); "
+        f"'strict ratio' = b / (max|G~| - b) ('-': b >= max|G~|); 'kappa_G' = max N / max|G~| "
+        f"(worst gradient); 'max err' against the float64 exact path. "
+        f"Total {time.perf_counter() - start:.0f} s."
+    )
+    print(table + note)
+    save_text(args.out, "lora_gradient_targets.md", table + note)
+
+
 def main() -> None:
-    args = parse_args(__doc__ or "")
+    want_targets = "--targets" in sys.argv[1:]
+    args = parse_args(__doc__ or "", [a for a in sys.argv[1:] if a != "--targets"])
+    if want_targets:
+        targets(args)
+        return
     device = args.device
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[
         args.dtype

@@ -197,6 +197,14 @@ _PLAN_COMMON = (
     Scalar("batch", int, 1, "leading (batch x heads) slices", ge=1, le=1 << 20),
     Scalar("dtype", str, "float32", choices=("float16", "bfloat16", "float32", "float64")),
 )
+_EPS_MODE = Scalar(
+    "eps_mode",
+    str,
+    "scale",
+    "scale: bound <= eps * the gradient's natural scale max N(G) (N >= |G|, no cancellation); "
+    "strict: bound <= eps * max|G| (docs/lora.md, 'Meaning of eps')",
+    choices=("scale", "strict"),
+)
 _DV = Scalar("dv", int, None, "value dimension (default d)", ge=1, le=1 << 16, nullable=True)
 
 register(
@@ -258,6 +266,7 @@ register(
         params=(
             *_COMMON,
             Scalar("alpha", float, doc="LoRA scaling numerator (s = alpha / rank)", gt=0),
+            _EPS_MODE,
         ),
         outputs="loss (0-d, FP64) and adapters.{m}.a, adapters.{m}.b: the gradients of A_m, B_m",
         check_shapes=lora_shapes,
@@ -267,6 +276,17 @@ register(
             *_PLAN_COMMON,
             Scalar("rank", int, 4, "adapter rank r", ge=1, le=4096),
             Scalar("full", bool, False, "full adaptation (q, k, v) instead of partial (q, v)"),
+            _EPS_MODE,
+            Scalar(
+                "kappa",
+                float,
+                None,
+                "strict mode: the gradient's conditioning max N / max|G| (e.g. kappa_max of an "
+                "earlier result); null: the a-priori model",
+                ge=1,
+                le=1e300,
+                nullable=True,
+            ),
         ),
     )
 )

@@ -16,12 +16,13 @@ import compute
 from compute.attention.naive import naive_attention
 from compute.core.cost import Rates
 from compute.core.polynomials import approximation
+from compute.core.radius import column_midrange
 from compute.lora import api as lora_api
 from compute.lora import certificate as lora_cert
 from compute.lora import exact as lora_exact
 from compute.lora import plan as lora_plan
 from compute.lora import polynomial as lora_poly
-from compute.lora.inputs import check_inputs
+from compute.lora.inputs import check_inputs, effective_weights
 from compute.lora.naive import naive_lora_gradient
 
 F64 = torch.float64
@@ -184,15 +185,77 @@ def _errors(case: dict, res: compute.LoraResult) -> list[tuple[str, int, float, 
     return out
 
 
+def natural_rows(case: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-row natural scales N_Q, N_K, N_V [nb, L, d_head] (docs/lora_bound.md §7b), densely
+    in float64 from the exact F, E, Q, K, V, and the flattened |X|."""
+    inp = check_inputs(**_vargs(case))
+    w = effective_weights(inp, F64)
+    x, y = inp.x.to(F64), inp.y.to(F64)
+    q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]
+    f = torch.softmax(inp.scale * q @ k.transpose(1, 2), dim=-1)
+    e = f @ v - y
+    h = (e.abs() * (v.amax(1) - v.amin(1))[:, None, :]).sum(-1, keepdim=True)  # [nb, L, 1]
+    beta = abs(inp.scale)
+    rows = {
+        "q": beta * h * (f @ (k - column_midrange(k)).abs()),
+        "k": beta * f.transpose(1, 2) @ (h * q.abs()),
+        "v": f.transpose(1, 2) @ e.abs(),
+    }
+    return rows, x.abs().reshape(-1, x.shape[-1])
+
+
+def natural_scale(case: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The natural scale N(dA), N(dB) of docs/lora_bound.md §7b, densely in float64 from the
+    exact F, E, Q, K, V (keys centred at the computed column midrange)."""
+    inp = check_inputs(**_vargs(case))
+    rows, ax = natural_rows(case)
+    out = {}
+    for mu, (a, b) in inp.adapters.items():
+        s = abs(inp.alpha / a.shape[0])
+        nw = ax.T @ rows[mu].reshape(-1, rows[mu].shape[-1])
+        out[mu] = (s * b.to(F64).abs().T @ nw, s * nw @ a.to(F64).abs().T)
+    return out
+
+
 def _check_bounds(case: dict, res: compute.LoraResult) -> None:
-    """Measured max-abs error <= certified bound, and the honest meaning of eps:
-    measured <= bound <= eps * max|G_exact| for every dA, dB."""
+    """Measured max-abs error <= certified bound, and the meaning of eps in the run's mode:
+    ``scale``: measured <= bound <= eps * max N(G) (N >= |G| entrywise, from the exact
+    float64 quantities); ``strict``: measured <= bound <= eps * max|G_exact|. The reported
+    natural scale, conditioning and strict ratio agree with the float64 exact gradients."""
     eps = res.plan.eps
+    mode = res.plan.extra["eps_mode"]
     rel = res.plan.extra["relative_bounds"]
+    nat = natural_scale(case)
+    assert res.scales is not None and res.conditioning is not None
+    assert res.strict_ratios is not None
     for mu, which, err, bound, gmax in _errors(case, res):
+        n = nat[mu][which]
+        ref = sdpa_reference(case)[1][mu][which]
+        assert bool((n >= ref.abs() * (1 - 1e-12)).all())  # N(G) >= |G| entrywise
+        nmax = float(n.amax())
         assert err <= bound, (mu, which, err, bound)
         assert rel[mu]["ab"[which]] <= eps
-        assert bound <= eps * gmax * (1 + 1e-9), (mu, which, bound, gmax)
+        scale_lo = res.scales[mu][which]
+        assert scale_lo is not None and scale_lo <= nmax * (1 + 1e-12)  # a lower bound of N
+        close = max(0.5, 1.0 - 2.0 * eps)  # ... and a close one: omega and the errors of E
+        assert scale_lo >= close * nmax
+        if mode == "scale":
+            assert bound <= eps * nmax * (1 + 1e-9), (mu, which, bound, nmax)
+        else:
+            assert bound <= eps * gmax * (1 + 1e-9), (mu, which, bound, gmax)
+        # kappa_G = N_lo / max|G~|: within the certified bound of the exact max N / max|G|
+        got = float(res.grads[mu][which].double().abs().max())
+        kappa = res.conditioning[mu][which]
+        assert kappa == pytest.approx(scale_lo / got, rel=1e-12)
+        if gmax > bound:
+            assert kappa <= nmax / (gmax - bound) * (1 + 1e-12)
+        assert kappa >= close * nmax / (gmax + bound)
+        strict = res.strict_ratios[mu][which]
+        if got > bound:
+            assert strict == pytest.approx(bound / (got - bound), rel=1e-12)
+            assert bound / gmax <= strict * (1 + 1e-12)  # bounds the error relative to max|G|
+        else:
+            assert strict is None
     assert res.plan.extra["relative_bound"] <= eps
 
 
@@ -223,11 +286,12 @@ def _adversarial(kind: str, seed: int, radius: float) -> dict:
     seed=st.integers(0, 10_000),
     radius=st.sampled_from([0.2, 1.0, 2.0]),
     eps=st.sampled_from([0.9, 0.2]),
+    eps_mode=st.sampled_from(["scale", "strict"]),
 )
-def test_polynomial_error_within_bound_adversarial(kind, seed, radius, eps) -> None:
+def test_polynomial_error_within_bound_adversarial(kind, seed, radius, eps, eps_mode) -> None:
     case = _adversarial(kind, seed, radius)
     try:
-        res = run(case, method="polynomial", eps=eps)
+        res = run(case, method="polynomial", eps=eps, eps_mode=eps_mode)
     except compute.CertificationError:
         assert radius >= 1.0
         return
@@ -267,14 +331,60 @@ def _check_degree(case: dict, family: str, g: int, *, require: bool = False) -> 
         assert "vanish" in cert or "rounding" in cert
         return 0.0
     _, ref = sdpa_reference(case)
+    nat = natural_scale(case)
     worst = 0.0
     for mu, pair in ref.items():
         for which, want in enumerate(pair):
             err = float((grads[mu][which].double() - want).abs().max())
             bound = cert.bounds[mu][which]
             assert err <= bound, (mu, which, err, bound)
+            # the certified lower bound of max N(G) (§7b) at any degree
+            assert cert.scales[mu][which] <= float(nat[mu][which].amax()) * (1 + 1e-12)
             worst = max(worst, err / bound)
     return worst
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(
+        ["random", "dominant-key", "far-target", "value-offset", "low-rank-x", "sign-aligned"]
+    ),
+    seed=st.integers(0, 10_000),
+    polynomial=st.sampled_from(
+        [
+            (0.3, "chebyshev", 1),
+            (1.0, "taylor", 2),
+            (1.0, "chebyshev", 2),
+            (2.5, "taylor", 4),
+            (0.5, "chebyshev", 6),
+        ]
+    ),
+)
+def test_row_scales_are_lower_bounds(kind, seed, polynomial) -> None:
+    """The per-row lower bounds (7.6)-(7.8) of N_Q, N_K, N_V are below the dense float64 ones
+    entrywise at any degree, and within 1e-3 of them at degree 6 (R = 0.5)."""
+    radius, family, g = polynomial
+    if kind == "random":
+        case = make_case(lead=(2,), L=19, dm=4, dh=2, rank=2, radius=radius, seed=seed)
+    else:
+        case = _adversarial(kind, seed, radius)
+    inp = check_inputs(**_vargs(case))
+    prep = lora_cert.prepare(inp)
+    approx = approximation(family, g, prep.radius)
+    L, dh = prep.q.shape[1:]
+    blocking = lora_poly.poly_blocking(prep.q.shape[0], L, math.comb(dh + g, dh))
+    consts = lora_cert.constants(prep, approx, L=L, dh=dh, scale=inp.scale, blocking=blocking)
+    assert not isinstance(consts, str), consts
+    *_, errs = lora_poly.poly_qkv_grads(
+        prep.q, prep.kc, prep.vc, prep.yc, approx, inp.scale, None, cert=consts
+    )
+    assert errs is not None
+    rows, _ = natural_rows(case)
+    for mu, got in zip("qkv", errs[3:], strict=True):
+        want = rows[mu]
+        assert bool((got <= want * (1 + 1e-12)).all()), (mu, float((got - want).max()))
+        if g == 6:
+            assert bool((got >= want * (1 - 1e-3) - 1e-12 * float(want.max())).all()), mu
 
 
 # (radius, family, degree) whose polynomial stays positive on [-1.01 R, 1.01 R]: the others
@@ -317,8 +427,10 @@ def test_bound_is_near_tight_at_low_degree() -> None:
     assert worst > 1e-2
 
 
-def test_auto_polynomial_meets_eps_honestly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whenever auto returns polynomial: measured <= bound <= eps * max|G_exact| per gradient."""
+@pytest.mark.parametrize("eps_mode", ["scale", "strict"])
+def test_auto_polynomial_meets_eps_honestly(monkeypatch: pytest.MonkeyPatch, eps_mode) -> None:
+    """Whenever auto returns polynomial: measured <= bound <= eps * (max N(G) or max|G_exact|)
+    per gradient."""
     monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
     seen = 0
     for seed, radius, eps, full in [
@@ -326,7 +438,7 @@ def test_auto_polynomial_meets_eps_honestly(monkeypatch: pytest.MonkeyPatch) -> 
         (23, 0.1, 1e-4, False), (24, 0.8, 5e-2, True),
     ]:  # fmt: skip
         case = make_case(lead=(2,), L=48, dm=6, dh=2, full=full, radius=radius, seed=seed)
-        res = run(case, method="auto", eps=eps)
+        res = run(case, method="auto", eps=eps, eps_mode=eps_mode)
         if res.plan.method == "polynomial":
             seen += 1
             _check_bounds(case, res)
@@ -334,9 +446,101 @@ def test_auto_polynomial_meets_eps_honestly(monkeypatch: pytest.MonkeyPatch) -> 
     assert seen >= 3
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(
+        ["random", "dominant-key", "far-target", "value-offset", "low-rank-x", "sign-aligned"]
+    ),
+    seed=st.integers(0, 10_000),
+    radius=st.sampled_from([0.1, 0.5, 1.0]),
+    eps=st.sampled_from([1e-2, 1e-4]),
+    eps_mode=st.sampled_from(["scale", "strict"]),
+    full=st.booleans(),
+)
+def test_bound_within_eps_of_the_scale(kind, seed, radius, eps, eps_mode, full) -> None:
+    """bound <= eps * N (scale) or eps * max|G| (strict) on random and adversarial inputs,
+    partial and full; N_lo, kappa_G and the strict ratio against the float64 exact values."""
+    if kind == "random":
+        case = make_case(lead=(2,), L=23, dm=4, dh=2, rank=2, full=full, radius=radius, seed=seed)
+    else:
+        case = _adversarial(kind, seed, radius)
+        if not full:
+            case["adapters"] = {mu: case["adapters"][mu] for mu in "qv"}
+    event(f"{eps_mode} full={full}")
+    try:
+        res = run(case, method="polynomial", eps=eps, eps_mode=eps_mode)
+    except compute.CertificationError:
+        event("not certified")
+        assert eps_mode == "strict" or radius >= 1.0  # scale mode certifies at small R
+        return
+    _check_bounds(case, res)
+
+
+@pytest.mark.parametrize("eps_mode", ["scale", "strict"])
+def test_lora_initialisation_b_zero_certifies(eps_mode: str) -> None:
+    """LoRA's usual initialisation B = 0: dA is exactly 0 (bound 0, ratio 0), dB is not; the
+    polynomial certifies in both modes (a zero gradient does not make the ratio infinite)."""
+    case = make_case(lead=(2,), L=32, dm=5, dh=2, radius=0.3, seed=16)
+    case["adapters"] = {mu: (a, torch.zeros_like(b)) for mu, (a, b) in case["adapters"].items()}
+    res = run(case, method="polynomial", eps=1e-2, eps_mode=eps_mode)
+    assert res.error_bounds is not None and res.conditioning is not None
+    _, ref = sdpa_reference(case)
+    for mu, (da, db) in res.grads.items():
+        assert float(ref[mu][0].abs().max()) == 0.0 and float(da.abs().max()) == 0.0
+        assert res.error_bounds[mu][0] == 0.0 and res.plan.extra["relative_bounds"][mu]["a"] == 0
+        assert res.conditioning[mu][0] is None  # 0 / 0
+        err = float((db.double() - ref[mu][1]).abs().max())
+        assert err <= res.error_bounds[mu][1]
+    assert res.plan.extra["kappa_max"] is not None
+
+
+def test_strict_planner_measures_and_does_not_overshoot(monkeypatch) -> None:
+    """strict: the first run is the pilot at the scale-mode degree; the degree then chosen
+    is the lowest that certifies (the one below it does not), not the a-priori L model's."""
+    monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
+    case = make_case(lead=(2,), L=64, dm=6, dh=2, radius=0.5, seed=31)
+    scale = run(case, method="polynomial", eps=1e-3)
+    res = run(case, method="polynomial", eps=1e-3, eps_mode="strict")
+    tries = res.plan.extra["tries"]
+    assert tries[0]["degree"] == scale.plan.degree  # the pilot
+    g = res.plan.degree
+    assert g is not None and g > scale.plan.degree
+    below = lora_plan.data_free("strict", 64, None, None)
+    a_priori = next(
+        d
+        for d in range(1, 17)
+        if below(min(lora_plan.families(0.5, d), key=lora_plan.weight_level))[0] <= 1e-3
+    )
+    assert g <= a_priori
+    inp = check_inputs(**_vargs(case))
+    prep = lora_cert.prepare(inp)
+    approx = min(lora_plan.families(prep.radius, g - 1), key=lora_plan.weight_level)
+    _, _, cert = lora_poly.run_polynomial(inp, prep, approx, None)
+    assert isinstance(cert, lora_cert.Certificate) and cert.worst("strict") > 1e-3
+    _check_bounds(case, res)
+
+
+def test_exact_result_reports_the_conditioning_of_a_run(monkeypatch) -> None:
+    """When auto goes exact after a polynomial run, kappa_G is reported from that run's N."""
+    monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
+    monkeypatch.setattr(lora_api, "MAX_TRIES", 1)
+    case = make_case(lead=(2,), L=40, dm=5, dh=2, radius=0.5, seed=15)
+    res = run(case, method="auto", eps=1e-12, eps_mode="strict")
+    assert res.plan.method == "exact" and res.conditioning is not None
+    nat = natural_scale(case)
+    _, ref = sdpa_reference(case)
+    for mu, pair in ref.items():
+        for which, want in enumerate(pair):
+            kappa = float(nat[mu][which].amax() / want.abs().amax())
+            assert res.conditioning[mu][which] == pytest.approx(kappa, rel=0.05)
+    assert res.plan.extra["kappa_max"] == max(v for p in res.conditioning.values() for v in p)
+    assert run(case, method="exact").conditioning is None
+
+
 def test_failed_certificate_sends_auto_exact(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
     monkeypatch.setattr(lora_plan, "PREDICT_FACTOR", 1e-12)  # predicts degree 1 certifies
+    monkeypatch.setattr(lora_plan, "PREDICT_SCALE", 1e-12)
     monkeypatch.setattr(lora_api, "MAX_TRIES", 1)
     case = make_case(lead=(2,), L=40, dm=5, dh=2, radius=1.0, seed=13)
     res = run(case, method="auto", eps=1e-4)
@@ -352,6 +556,7 @@ def test_failed_certificate_sends_auto_exact(monkeypatch: pytest.MonkeyPatch) ->
 def test_failed_certificate_raises_the_degree(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
     monkeypatch.setattr(lora_plan, "PREDICT_FACTOR", 1e-12)
+    monkeypatch.setattr(lora_plan, "PREDICT_SCALE", 1e-12)
     case = make_case(lead=(2,), L=40, dm=5, dh=2, radius=0.5, seed=14)
     res = run(case, method="auto", eps=1e-3)
     tries = res.plan.extra["tries"]
@@ -460,6 +665,7 @@ def _bad_cases() -> list[tuple[str, dict, str]]:
         ("scale", {"scale": float("inf")}, "scale-inf"),
         ("method", {"method": "fast"}, "method"),
         ("eps", {"eps": 0.0}, "eps"),
+        ("eps_mode", {"eps_mode": "relative"}, "eps_mode"),
         ("progress", {"progress": 3}, "progress"),
     ]
 
@@ -472,6 +678,23 @@ def test_bad_input_names_the_argument(argument: str, change: dict, case_id: str)
         compute.lora_gradient(**kwargs)
     assert info.value.argument == argument, case_id
     assert argument in str(info.value)
+
+
+def test_plan_eps_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    fixed = Rates(gemm=5e10, skinny=2e10, elems=5e8, exps=1e9, stream=2e9)
+    monkeypatch.setattr(lora_plan, "rates", lambda device, dtype: fixed)
+    kw = dict(n=65536, d=8, radius=0.5, eps=1e-3, full=True, method="polynomial")
+    scale = compute.plan_lora_gradient(**kw)
+    strict = compute.plan_lora_gradient(**kw, eps_mode="strict")
+    known = compute.plan_lora_gradient(**kw, eps_mode="strict", kappa=9e4)
+    assert scale.extra["eps_mode"] == "scale" and strict.extra["eps_mode"] == "strict"
+    assert scale.degree is not None and strict.degree is not None and known.degree is not None
+    assert scale.degree < known.degree <= strict.degree
+    assert "a-priori conditioning model" in strict.reason and "kappa = 9e+04" in known.reason
+    with pytest.raises(compute.InvalidInputError, match="eps_mode"):
+        compute.plan_lora_gradient(**kw, eps_mode="loose")
+    with pytest.raises(compute.InvalidInputError, match="kappa"):
+        compute.plan_lora_gradient(**kw, eps_mode="strict", kappa=0.5)
 
 
 def test_plan_bad_input() -> None:

@@ -351,6 +351,7 @@ BAD_JSON: list[tuple[str, Any, int, str, str]] = [
     ("scale-string", _attn(scale="big"), 422, "invalid_input", "scale"),
     ("lora-adapter-shape", None, 422, "invalid_input", "adapters.q"),
     ("lora-missing-v", None, 422, "invalid_input", "adapters"),
+    ("lora-eps-mode", None, 422, "invalid_input", "eps_mode"),
     (
         "too-many-elements",
         _attn(q={"shape": [100, 100], "datatype": "FP32", "data": [0] * 10000}),
@@ -379,6 +380,9 @@ def test_bad_json_input_is_4xx_naming_the_field(
         t = lora_inputs()
         del t["adapters.v.a"], t["adapters.v.b"]
         body = json_body(t, {"alpha": 1.0})
+    if case == "lora-eps-mode":
+        op = "lora-gradient"
+        body = json_body(lora_inputs(), {"alpha": 1.0, "eps_mode": "relative"})
     if isinstance(body, bytes):
         r = client.post(f"/v1/{op}", content=body, headers={"content-type": "application/json"})
     else:
@@ -476,6 +480,17 @@ def test_plan_endpoint_and_its_validation(api: Any) -> None:
         r = client.get("/v1/plan", params=params)
         assert r.status_code == 422, (bad, r.text)
         assert r.json()["error"]["code"] == "invalid_input"
+    # LoRA's eps_mode (and the strict mode's optional conditioning kappa)
+    lora = {"op": "lora-gradient", "n": 65536, "d": 8, "radius": 0.5, "full": "true"}
+    for mode, extra in (("scale", {}), ("strict", {}), ("strict", {"kappa": 9e4})):
+        r = client.get("/v1/plan", params={**lora, "eps_mode": mode, **extra})
+        assert r.status_code == 200, r.text
+        assert r.json()["plan"]["extra"]["eps_mode"] == mode
+    for bad, field in (({"eps_mode": "loose"}, "eps_mode"), ({"kappa": 0.5}, "kappa")):
+        r = client.get("/v1/plan", params={**lora, **bad})
+        assert r.status_code == 422, (bad, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "invalid_input" and field in err["message"]
 
 
 # ----------------------------------------------------------------------------- jobs

@@ -61,6 +61,20 @@ def test_client_torch_in_torch_out_and_lora(service: str) -> None:
         torch.testing.assert_close(da.double(), want.grads[m][0].double(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(db.double(), want.grads[m][1].double(), rtol=1e-5, atol=1e-6)
     assert res.loss == pytest.approx(float(want.loss), rel=1e-6)
+    # eps_mode travels to the library; the summary reports the mode, the natural scale, the
+    # conditioning and the strict ratio
+    with Client(service) as c:
+        for mode in ("scale", "strict"):
+            got = c.lora_gradient(
+                x, y, w_q=w[0], w_k=w[1], w_v=w[2], adapters=adapters, alpha=2.0,
+                method="polynomial", eps=0.05, eps_mode=mode,
+            ).wait(60)  # fmt: skip
+            summary = got.summary
+            assert summary["eps_mode"] == mode and summary["plan"]["extra"]["eps_mode"] == mode
+            for key in ("scales", "conditioning", "strict_ratios", "error_bounds"):
+                assert set(summary[key]) == {"q", "v"}, key
+            kappa = summary["conditioning"]["q"]["a"]
+            assert kappa is not None and kappa >= 1.0 - 1e-9
 
 
 def test_client_raises_clear_errors(service: str) -> None:
@@ -286,3 +300,29 @@ def test_cli_imports_neither_torch_nor_fastapi() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_cli_eps_mode_reaches_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """``attn submit ... --eps-mode strict`` sends ``eps_mode`` with the parameters; a bad value
+    is refused by the parser, naming the option."""
+    import app.cli as cli
+
+    sent: dict[str, Any] = {}
+
+    class Sent:
+        id = "j1"
+
+    def submit(self: Any, op: str, tensors: Any, params: Any, **kw: Any) -> Sent:
+        sent.update(op=op, params=dict(params))
+        return Sent()
+
+    monkeypatch.setattr(cli.Client, "submit", submit)
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), np.float32))
+    args = ["--url", "http://127.0.0.1:9", "submit", "lora-gradient", f"x={tmp_path}/x.npy"]
+    assert cli.main([*args, "--param", "alpha=2", "--eps-mode", "strict"]) == 0
+    assert sent == {"op": "lora-gradient", "params": {"alpha": 2, "eps_mode": "strict"}}
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--eps-mode", "loose"])
+    assert "--eps-mode" in capsys.readouterr().err

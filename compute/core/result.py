@@ -86,27 +86,44 @@ class AttentionResult:
         }
 
 
+Pairs = dict[str, tuple[float | None, float | None]]
+
+
+def _pairs_json(d: Pairs | None) -> dict[str, dict[str, float | None]] | None:
+    if d is None:
+        return None
+    return {name: {"a": _json_float(x), "b": _json_float(y)} for name, (x, y) in d.items()}
+
+
 @dataclass(frozen=True)
 class LoraResult:
-    """Output of ``lora_gradient``: loss, adapter gradients and their certified bounds."""
+    """Output of ``lora_gradient``: loss, adapter gradients and their certified bounds.
+
+    Per adapter ``(dA, dB)`` (docs/lora.md, "Meaning of eps"): ``error_bounds`` the certified
+    max-abs error bounds (None for exact); ``scales`` a certified lower bound of the natural
+    scale ``max N(G)``; ``conditioning`` ``kappa_G = scales / max|G~|``; ``strict_ratios``
+    ``bound / (max|G~| - bound)`` (None where the bound reaches max|G~|). ``scales`` and
+    ``conditioning`` are None when no polynomial run measured N (``method="exact"``).
+    """
 
     loss: float
     grads: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    error_bounds: dict[str, tuple[float | None, float | None]] | None
+    error_bounds: Pairs | None
     plan: Plan
     seconds: float | None = None
+    scales: Pairs | None = None
+    conditioning: Pairs | None = None
+    strict_ratios: Pairs | None = None
 
     def summary(self) -> dict[str, Any]:
         p = self.plan
-        bounds = None
-        if self.error_bounds is not None:
-            bounds = {
-                name: {"a": _json_float(ba), "b": _json_float(bb)}
-                for name, (ba, bb) in self.error_bounds.items()
-            }
         return {
             "method": p.method,
             "loss": self.loss,
-            "error_bounds": bounds,
+            "error_bounds": _pairs_json(self.error_bounds),
+            "eps_mode": p.extra.get("eps_mode"),
+            "scales": _pairs_json(self.scales),
+            "conditioning": _pairs_json(self.conditioning),
+            "strict_ratios": _pairs_json(self.strict_ratios),
             **p.summary(self.seconds),
         }

@@ -18,10 +18,10 @@ from ..core.progress import Progress
 from ..core.radius import centre, matrix_radius
 from ..core.result import LoraResult, Plan
 from . import plan as lora_plan
-from .certificate import Certificate, prepare
+from .certificate import Certificate, Prepared, prepare, rounding_bounds
 from .exact import exact_gradients
 from .inputs import Inputs, adapter_grads, check_inputs, effective_weights
-from .polynomial import run_polynomial
+from .polynomial import poly_blocking, run_polynomial
 
 __all__ = ["MAX_TRIES", "lora_gradient", "radius_only"]
 
@@ -41,6 +41,7 @@ def lora_gradient(
     eps: float = 1e-3,
     scale: float | None = None,
     progress: Progress | None = None,
+    eps_mode: str = "scale",
 ) -> LoraResult:
     """Loss and adapter gradients of one LoRA-adapted attention head, with certified bounds.
 
@@ -71,26 +72,37 @@ def lora_gradient(
       faster by the calibrated cost model, and its certificate then holds; else exact.
       ``plan.reason`` says which and why, with numbers.
 
-    ``eps``: every gradient tensor ``G`` (each ``dA_mu``, ``dB_mu``) gets a certified bound
-    ``b >= max |G_computed - G_exact|`` with ``b <= eps * max |G_exact|``, certified as
-    ``b <= eps (max |G_computed| - b)`` (docs/lora.md, "Meaning of eps"; docs/lora_bound.md
-    §7). The degree is first predicted (``plan_lora_gradient``); if the a-posteriori certificate
-    fails, a higher degree is tried (at most ``MAX_TRIES`` runs; ``progress`` restarts at 0 for
-    each), then ``auto`` goes exact with the failed ratio in ``plan.reason`` and ``polynomial``
-    raises.
+    ``eps`` and ``eps_mode``: every gradient tensor ``G`` (each ``dA_mu``, ``dB_mu``) gets a
+    certified bound ``b >= max |G_computed - G_exact|`` with
+
+    * ``eps_mode="scale"`` (default): ``b <= eps * max N(G)``, ``N(G) >= |G|`` entrywise the
+      gradient's cancellation-free natural scale, certified against a lower bound of it
+      computed alongside the passes (docs/lora_bound.md §7b);
+    * ``eps_mode="strict"``: ``b <= eps * max |G_exact|``, certified as
+      ``b <= eps (max |G_computed| - b)`` (§7).
+
+    The degree is first predicted (``plan_lora_gradient``; in strict mode after a pilot run at
+    the scale-mode degree that measures the conditioning); if the a-posteriori certificate
+    fails, a higher degree is tried (at most ``MAX_TRIES`` runs, one more in strict mode;
+    ``progress`` restarts at 0 for each), then ``auto`` goes exact with the failed ratio in
+    ``plan.reason`` and ``polynomial`` raises.
 
     Returns :class:`LoraResult` with ``loss`` (float), ``grads`` ({"q": (dA, dB), ...}),
     ``error_bounds`` ({"q": (bound_dA, bound_dB), ...} certified max-abs bounds; None for
-    exact) and ``plan`` (method, final degree, features, radius R of the centred scores,
-    rho = R/ln L, costs, reason; ``predicted_bound`` and ``extra["relative_bound"]`` the
-    certified worst ``b / (max|G| - b)``, ``extra["relative_bounds"]`` per gradient,
-    ``extra["tries"]`` every degree run). ``progress(done, total)`` is called after each
-    block; if it raises, the computation stops and the exception propagates.
+    exact), ``scales`` (certified lower bounds of max N(G)), ``conditioning``
+    (``kappa_G = N / max|G~|``), ``strict_ratios`` (``b / (max|G~| - b)``) and ``plan``
+    (method, final degree, features, radius R of the centred scores, rho = R/ln L, costs,
+    reason; ``predicted_bound`` and ``extra["relative_bound"]`` the certified worst ratio of
+    the mode, ``extra["relative_bounds"]`` per gradient, ``extra["kappa"]``,
+    ``extra["strict_ratios"]``, ``extra["tries"]`` every degree run). ``progress(done,
+    total)`` is called after each block; if it raises, the computation stops and the
+    exception propagates.
     """
     t0 = time.perf_counter()
     inp = check_inputs(x, y, w_q, w_k, w_v, adapters, alpha, scale)
     m = validate.check_method(method)
     e = validate.check_eps(eps)
+    mode = lora_plan.check_eps_mode(eps_mode)
     progress = validate.check_progress(progress)
     nb, L, _ = inp.x.shape
     dh = inp.y.shape[-1]
@@ -100,37 +112,65 @@ def lora_gradient(
     radius = prep.radius if prep is not None else radius_only(inp)
     kw: dict[str, Any] = dict(
         method=m, eps=e, n=L, d=dh, batch=nb, full=full, radius=radius, device=device,
-        dtype=inp.dtype,
+        dtype=inp.dtype, mode=mode,
     )  # fmt: skip
-    factor = lora_plan.PREDICT_FACTOR
-    choice = lora_plan.choose(**kw, factor=factor)
+    # strict: the first run is a pilot at the degree eps_mode="scale" predicts; it measures N
+    # and max|G~|, i.e. the conditioning, from which the strict degree is predicted (§8)
+    first = lora_plan.data_free("scale", L, None, None) if mode == "strict" else None
+    basis = "first a pilot at the degree eps_mode='scale' predicts" if mode == "strict" else ""
+    choice = lora_plan.choose(**kw, predictor=first, basis=basis)
     plan = choice.plan
     approx = choice.approx
     tries: list[dict[str, Any]] = []
+    last: Certificate | None = None
+    max_tries = MAX_TRIES + (1 if mode == "strict" else 0)  # the pilot is one more run
+    factor = lora_plan.PREDICT_FACTOR
     while approx is not None and prep is not None:
         loss, grads, cert = run_polynomial(inp, prep, approx, progress)
-        worst = cert.worst() if isinstance(cert, Certificate) else math.inf
+        worst = cert.worst(mode) if isinstance(cert, Certificate) else math.inf
         tries.append({
             "degree": approx.degree, "family": approx.family,
-            "relative_bound": worst if math.isfinite(worst) else None,  # None: b >= max|G~|
+            "relative_bound": _finite(worst),  # None: not certified at all (b >= the scale)
+            "scale_ratio": _finite(cert.worst("scale")) if isinstance(cert, Certificate) else None,
+            "strict_ratio": (
+                _finite(cert.worst("strict")) if isinstance(cert, Certificate) else None
+            ),
         })  # fmt: skip
-        if isinstance(cert, Certificate) and worst <= e:
-            return _poly_result(m, plan, approx, cert, tries, inp, loss, grads, dh, t0)
+        if isinstance(cert, Certificate):
+            last = cert
+            if worst <= e:
+                return _poly_result(m, mode, plan, approx, cert, tries, inp, loss, grads, dh, t0)
         why = (
             f"certified relative bound {worst:.2e} > eps = {e:g}"
             if isinstance(cert, Certificate)
             else str(cert)
         )
         level = lora_plan.weight_level(approx)
-        raw = cert.worst_raw() if isinstance(cert, Certificate) else math.inf
-        if math.isfinite(raw) and level > 0:
-            # refine the prediction factor from what the certificate achieved (§8)
-            factor = max(factor, raw / (L * level))
+        predictor: lora_plan.Predictor | None = None
+        basis = ""
+        if isinstance(cert, Certificate) and math.isfinite(level) and level > 0:
+            # predict the other degrees from what this run measured (§8)
+            measured = lora_plan.Measured(
+                level=level, bounds=cert.bounds, rounding=_rounding(inp, prep, approx),
+                scales=cert.scales, maxabs=cert.maxabs,
+            )  # fmt: skip
+            predictor = measured.predictor(mode, lambda a: _rounding(inp, prep, a))
+            kap = _kappa_max(cert.conditioning())
+            basis = f"predicted from the degree-{approx.degree} run, kappa_G up to {kap:.3g}"
+        else:
+            raw = cert.worst_raw() if isinstance(cert, Certificate) else math.inf
+            if math.isfinite(raw) and level > 0:
+                factor = max(factor, raw / (L * level))  # refine the data-free model
         nxt: lora_plan.Choice | None = None
-        if len(tries) < MAX_TRIES:
+        if len(tries) < max_tries:
             try:
-                nxt = lora_plan.choose(**kw, factor=factor, min_degree=approx.degree + 1)
+                nxt = lora_plan.choose(
+                    **kw, factor=factor, min_degree=approx.degree + 1, predictor=predictor,
+                    basis=basis,
+                )  # fmt: skip
             except CertificationError:
+                if m == "polynomial" and predictor is not None:
+                    raise  # its message says why no degree is predicted to certify
                 nxt = None
         failed = (
             f"the a-posteriori certificate failed for the degree-{approx.degree} "
@@ -139,13 +179,18 @@ def lora_gradient(
         )
         if nxt is None or nxt.approx is None:
             where = planner.where(lora_plan.NAME, plan.radius, plan.rho, dh, e)
+            where += f" (eps_mode={mode!r})"
             if m == "polynomial":
-                raise planner.uncertified_error(e, lora_plan.RELATIVE_TO, where, failed)
+                extra_reason = "" if nxt is None else " " + nxt.plan.reason
+                raise planner.uncertified_error(
+                    e, lora_plan.relative_to(mode), where, failed + extra_reason
+                )
             extra_reason = "" if nxt is None else " " + nxt.plan.reason
             plan = dataclasses.replace(
                 plan, method="exact", reason=planner.uncertified(where, failed) + extra_reason,
-                compute_dtype=validate.dtype_name(inp.dtype),
-                extra={"tries": tries},
+                compute_dtype=validate.dtype_name(inp.dtype), family=None, degree=None,
+                features=None, cost_polynomial=None, predicted_bound=None,
+                extra={"eps_mode": mode, "tries": tries},
             )  # fmt: skip
             approx = None
             break
@@ -160,13 +205,70 @@ def lora_gradient(
             reason=plan.reason + " The exact pass overflowed in "
             f"{validate.dtype_name(inp.dtype)} and was repeated in float64.",
         )
+    extra: dict[str, Any] = {**plan.extra, "eps_mode": mode}
     if tries:
-        plan = dataclasses.replace(plan, extra={**plan.extra, "tries": tries})
-    return LoraResult(loss, grads, None, plan, time.perf_counter() - t0)
+        extra["tries"] = tries
+    scales: dict[str, tuple[float | None, float | None]] | None = None
+    conditioning: dict[str, tuple[float | None, float | None]] | None = None
+    if last is not None:
+        # N does not depend on the degree: a polynomial run's certified lower bound of max N
+        # gives the exact gradient's conditioning too (§7b)
+        scales = _pairs(last.scales)
+        conditioning = {mu: _kappa(last.scales[mu], _maxabs(grads[mu])) for mu in last.scales}
+        extra.update(scales=_ab(scales), kappa=_ab(conditioning), kappa_max=_kmax(conditioning))
+    plan = dataclasses.replace(plan, extra=extra)
+    return LoraResult(
+        loss, grads, None, plan, time.perf_counter() - t0, scales=scales,
+        conditioning=conditioning,
+    )  # fmt: skip
+
+
+KAPPA_NOTE = 10.0  # kappa_G above which the reason says what the scale certificate means
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _pairs(d: dict[str, tuple[float, float]]) -> dict[str, tuple[float | None, float | None]]:
+    return {mu: (_finite(a), _finite(b)) for mu, (a, b) in d.items()}
+
+
+def _ab(d: Mapping[str, tuple[float | None, float | None]]) -> dict[str, dict[str, Any]]:
+    return {mu: {"a": a, "b": b} for mu, (a, b) in d.items()}
+
+
+def _kappa(n: tuple[float, float], m: tuple[float, float]) -> tuple[float | None, float | None]:
+    """``max N / max|G~|`` per gradient (None for a zero gradient)."""
+    return (
+        _finite(n[0] / m[0]) if m[0] > 0 else None,
+        _finite(n[1] / m[1]) if m[1] > 0 else None,
+    )
+
+
+def _kmax(d: Mapping[str, tuple[float | None, float | None]]) -> float | None:
+    # None: a gradient that is exactly 0 (with B = 0 or A = 0 also N = 0): left out
+    return max((v for pair in d.values() for v in pair if v is not None), default=None)
+
+
+def _kappa_max(d: dict[str, tuple[float, float]]) -> float:
+    """The largest kappa_G, ignoring gradients that are exactly 0 with N = 0 (nan)."""
+    return max((v for pair in d.values() for v in pair if not math.isnan(v)), default=1.0)
+
+
+def _maxabs(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    return tuple(float(t.abs().amax()) if t.numel() else 0.0 for t in pair)  # type: ignore[return-value]
+
+
+def _rounding(inp: Inputs, prep: Prepared, approx: Approximation) -> dict[str, tuple[float, float]]:
+    nb, L, _ = prep.q.shape
+    blocking = poly_blocking(nb, L, feature_count(prep.q.shape[-1], approx.degree))
+    return rounding_bounds(inp, prep, approx, blocking)
 
 
 def _poly_result(
     method: str,
+    mode: str,
     plan: Plan,
     approx: Approximation,
     cert: Certificate,
@@ -177,26 +279,50 @@ def _poly_result(
     dh: int,
     t0: float,
 ) -> LoraResult:
-    worst = cert.worst()
+    worst = cert.worst(mode)
+    strict = cert.worst("strict")
     r = feature_count(dh, approx.degree)
+    cond = cert.conditioning()
+    kappa = _pairs(cond)
+    kmax = _kappa_max(cond)
     extra = {
+        "eps_mode": mode,
         "relative_bound": worst,
-        "relative_bounds": {mu: {"a": ra, "b": rb} for mu, (ra, rb) in cert.ratios.items()},
+        "relative_bounds": _ab(_pairs(cert.of(mode))),
+        "scale_ratios": _ab(_pairs(cert.scale_ratios)),
+        "strict_ratios": _ab(_pairs(cert.ratios)),
+        "strict_ratio": _finite(strict),
+        "scales": _ab(_pairs(cert.scales)),
+        "kappa": _ab(kappa),
+        "kappa_max": _finite(kmax),
         "max_abs": {mu: {"a": ma, "b": mb} for mu, (ma, mb) in cert.maxabs.items()},
         "tries": tries,
         "adapted": sorted(inp.adapters),
         "route": "reverse mode through the factored forward (uses P and P')",
-        "eps_meaning": "bound <= eps * (max|G computed| - bound) <= eps * max|G exact|",
+        "eps_meaning": (
+            "bound <= eps * N_lo <= eps * max N(G), N(G) >= |G| entrywise (docs/lora_bound.md §7b)"
+            if mode == "scale"
+            else "bound <= eps * (max|G computed| - bound) <= eps * max|G exact|"
+        ),
     }
     where = planner.where(lora_plan.NAME, plan.radius, plan.rho, dh, plan.eps)
+    where += f" (eps_mode={mode!r})"
     after = f" after {len(tries)} tries" if len(tries) > 1 else ""
+    what = "the natural scale max N(G)" if mode == "scale" else "max|G|"
     claim = (
         f"{where} is certified a posteriori by "
         f"{planner.polynomial_phrase(approx.degree, approx.family, r, torch.float64)} "
-        f"(relative gradient bound {worst:.2e}, worst over dA and dB{after})"
+        f"(gradient bound {worst:.2e} relative to {what}, worst over dA and dB{after})"
     )
     costs = planner.costs_phrase(plan.cost_polynomial or 0.0, plan.cost_exact or 0.0)
     reason = planner.chosen(method, claim, costs)
+    if mode == "scale" and kmax >= KAPPA_NOTE:
+        rel = f"{strict:.2e}" if math.isfinite(strict) else "not bounded (bound >= max|G~|)"
+        reason += (
+            f" The certificate bounds the error on the gradient's scale N; the gradient itself "
+            f"is up to kappa_G = {kmax:.3g}x smaller, so the bound relative to max|G| is {rel} "
+            f"(eps_mode='strict' certifies that instead)."
+        )
     plan = dataclasses.replace(
         plan, method="polynomial", reason=reason, family=approx.family, degree=approx.degree,
         features=r, predicted_bound=worst, compute_dtype="float64", extra=extra,
@@ -205,7 +331,10 @@ def _poly_result(
         mu: tuple(v if math.isfinite(v) else None for v in pair)  # type: ignore[misc]
         for mu, pair in cert.bounds.items()
     }
-    return LoraResult(loss, grads, bounds, plan, time.perf_counter() - t0)
+    return LoraResult(
+        loss, grads, bounds, plan, time.perf_counter() - t0, scales=_pairs(cert.scales),
+        conditioning=kappa, strict_ratios=_pairs(cert.ratios),
+    )  # fmt: skip
 
 
 def radius_only(inp: Inputs) -> float:

@@ -22,6 +22,7 @@ from ..core.rounding import U64, gamma, unit_roundoff
 from .inputs import ADAPTER_NAMES, Inputs
 
 __all__ = [
+    "EPS_MODES",
     "Certificate",
     "Consts",
     "Prepared",
@@ -29,11 +30,13 @@ __all__ = [
     "col_bound",
     "constants",
     "prepare",
+    "rounding_bounds",
     "row_bound",
     "weight_errors",
 ]
 
 BOUND_INFLATE = 1.0 + 1e-6  # covers float64 rounding in evaluating the bound itself
+SCALE_DEFLATE = 1.0 - 1e-6  # the same for the lower bound of the natural scale (§7b)
 UNDERFLOW_GUARD = 1e-280  # absolute: covers gradual underflow (docs/lora_bound.md §6)
 
 
@@ -58,6 +61,7 @@ class Prepared:
     ebar: torch.Tensor  # [nb]  max_i ||Y_c[i]||_2 (+ error) + nu
     vrange: torch.Tensor  # [nb, dh]  max_j Vc[j, k] - min_j Vc[j, k] (computed values)
     kmax: torch.Tensor  # [nb, dh]  max_j |Kc[j, l]| (computed values)
+    vrange_lo: torch.Tensor  # [nb, dh]  lower bound of the exact centred values' range (§7b)
 
 
 def prepare(inp: Inputs) -> Prepared:
@@ -108,10 +112,14 @@ def prepare(inp: Inputs) -> Prepared:
     ebar = (yc.norm(dim=-1).amax(dim=1) + sq * e_yc) * BOUND_INFLATE + nu  # [nb]
     vrange = (vc.amax(dim=1) - vc.amin(dim=1)) * (1 + 2 * U64)  # [nb, dh]  (one rounding)
     kmax = kc.abs().amax(dim=1)  # [nb, dh]  exact
+    # §7b: range_k(V) >= range_k(V^c) - 2 e_Vc (each entry within e_Vc), the difference
+    # rounded once
+    vrange_lo = ((vc.amax(dim=1) - vc.amin(dim=1)) * (1 - 2 * U64) - 2 * e_vc).clamp(min=0.0)
     del dm
     return Prepared(
         q=q, kc=kc, vc=vc, yc=yc, x=x, radius=radius, sigma=sigma, e_q=e_q, e_kc=e_kc,
         e_vc=e_vc, e_yc=e_yc, kinf=kinf, q1=q1, nu=nu, ebar=ebar, vrange=vrange, kmax=kmax,
+        vrange_lo=vrange_lo,
     )  # fmt: skip
 
 
@@ -155,10 +163,12 @@ class Consts:
     eta: float  # §3: |F'~_ij / F_ij - 1| <= eta
     c1: float  # §A: factored sum bound T~ <= c1 |T^| + c2 zmax
     c2: float
+    c1_lo: float  # §7b: T~ >= c1_lo T^ - c2 zmax
     e_ehat: torch.Tensor  # [nb]     §5: |E^_ik - E~_ik| <= e_ehat
     e_o: torch.Tensor  # [nb, d]  §4.1: |O~_ik - O_ik| <= e_o[k]
     e_e: torch.Tensor  # [nb, d]  §4.2: |E~_ik - E_ik| <= e_e[k]
     vrange: torch.Tensor  # [nb, d]  column range of the computed centred values
+    vrange_lo: torch.Tensor  # [nb, d]  lower bound of the exact values' column range (§7b)
     kmax: torch.Tensor  # [nb, d]  max_j |K^c_jl|
     e_q: float
     e_kc: float
@@ -228,20 +238,29 @@ def constants(
     # §A: factored sums of non-negative weights
     c1 = (1 + zeta) / (1 - u)
     c2 = gam * kappa * (1 + zeta) * (1 + u) / ((1 + a1) * (1 - zeta) * (1 - u))
+    c1_lo = (1 - zeta) / (1 + u)  # §7b
     return Consts(
-        omega=omega, theta=theta, eta=eta, c1=c1, c2=c2, e_ehat=e_ehat, e_o=e_o, e_e=e_e,
-        vrange=prep.vrange, kmax=prep.kmax, e_q=prep.e_q, e_kc=prep.e_kc, e_vc=prep.e_vc,
+        omega=omega, theta=theta, eta=eta, c1=c1, c2=c2, c1_lo=c1_lo, e_ehat=e_ehat, e_o=e_o,
+        e_e=e_e, vrange=prep.vrange, vrange_lo=prep.vrange_lo, kmax=prep.kmax, e_q=prep.e_q,
+        e_kc=prep.e_kc, e_vc=prep.e_vc,
         round_q=round_q, round_k=round_k, round_v=round_v.contiguous(),
     )  # fmt: skip
 
 
+def _lo(x: torch.Tensor) -> torch.Tensor:
+    """A computed non-negative quantity deflated by its float64 evaluation error (§7b)."""
+    return x.clamp(min=0.0) * SCALE_DEFLATE
+
+
 def row_bound(
     cert: Consts, tk_hat: torch.Tensor, e_hat: torch.Tensor, q: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query row (docs/lora_bound.md §4.3-§4.5): the z weights and the dQ bound.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per query row (docs/lora_bound.md §4.3-§4.5, §7b): the z weights, the dQ bound and the
+    lower bound of the natural scale ``N_Q``.
 
     ``tk_hat: [nb, b, d]`` computed ``sum_j F~_ij |Kc_jl|``; ``e_hat, q: [nb, b, d]``.
-    Returns ``z = [a |Q|, b, |E^|, 1]`` ``[nb, b, 2d+2]`` and ``err_q`` ``[nb, b, d]``.
+    Returns ``z = [a |Q|, b, |E^|, 1, h_lo (|Q| - e_Q)+]`` ``[nb, b, 3d+2]``, ``err_q`` and
+    ``nq_lo`` ``[nb, b, d]``.
     """
     vr = cert.vrange[:, None, :]  # [nb, 1, d]
     e_e = cert.e_e[:, None, :]  # [nb, 1, d]
@@ -255,37 +274,62 @@ def row_bound(
     b = hq + e_h  # [nb, b, 1]            |dS| <= F b
     tk = cert.c1 * tk_hat.abs() + cert.c2 * cert.kmax[:, None, :]  # >= sum_j F~|K|  (A.1)
     err_q = beta * (a * cert.omega * tk + b * cert.e_kc) + cert.round_q[:, None, :]  # (4.5)
+    # §7b: h_i = sum_k |E_ik| range_k(V) >= h_lo (|E_ik| >= |E^_ik| - e_E^ - e_E,k), and
+    # sum_j F_ij |K_jl - c_l| >= (c1_lo T^_i - c2 kmax_l) / omega - e_Kc          (7.4), (7.5)
+    ae_lo = _lo(e_hat.abs() - (cert.e_ehat[:, None, None] + e_e) * BOUND_INFLATE)
+    h_lo = _lo((ae_lo * cert.vrange_lo[:, None, :]).sum(-1, keepdim=True))  # [nb, b, 1]
+    tk_lo = _lo(
+        (cert.c1_lo * tk_hat - cert.c2 * cert.kmax[:, None, :] * BOUND_INFLATE) / cert.omega
+        - cert.e_kc * BOUND_INFLATE
+    )
+    nq_lo = _lo(beta * h_lo * tk_lo)  # [nb, b, d]                                     (7.6)
     ones = torch.ones_like(a)
-    z = torch.cat([a * q.abs(), b, e_hat.abs(), ones], dim=-1)  # [nb, b, 2d+2]
-    return z, err_q
+    q_lo = _lo(q.abs() - cert.e_q * BOUND_INFLATE)  # <= |Q_il|
+    z = torch.cat([a * q.abs(), b, e_hat.abs(), ones, h_lo * q_lo], dim=-1)  # [nb, b, 3d+2]
+    return z, err_q, nq_lo
 
 
 def col_bound(
     cert: Consts, t_hat: torch.Tensor, zmax: torch.Tensor, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per key row (docs/lora_bound.md §4.6-§4.7) from computed column sums ``[nb, b, 2d+2]``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per key row (docs/lora_bound.md §4.6-§4.7, §7b) from computed column sums
+    ``[nb, b, 3d+2]``: ``err_k, err_v`` and the natural-scale lower bounds ``nk_lo, nv_lo``."""
     d = cert.vrange.shape[-1]
-    t = cert.c1 * t_hat.abs() + cert.c2 * zmax  # [nb, b, 2d+2]  >= sum_i F~_ij z_i  (A.2)
+    t = cert.c1 * t_hat.abs() + cert.c2 * zmax  # [nb, b, 3d+2]  >= sum_i F~_ij z_i  (A.2)
     err_k = beta * cert.omega * (t[..., :d] + cert.e_q * t[..., d : d + 1])  # (4.6)
     err_k = err_k + cert.round_k[:, None, :]
-    tau_e, tau_1 = t[..., d + 1 : 2 * d + 1], t[..., 2 * d + 1 :]
+    tau_e, tau_1 = t[..., d + 1 : 2 * d + 1], t[..., 2 * d + 1 : 2 * d + 2]
     e_e = cert.e_e[:, None, :]
     err_v = cert.omega * (
         cert.theta * tau_e + (cert.theta * cert.e_ehat[:, None, None] + e_e) * tau_1
     )  # (4.7)
-    return err_k, err_v + cert.round_v[:, None, :]
+    # §7b: lower bounds of sum_i F~_ij z_i (A.3), then F >= F~ / omega
+    t_lo = cert.c1_lo * t_hat - cert.c2 * zmax * BOUND_INFLATE  # [nb, b, 3d+2]
+    nk_lo = _lo(beta * _lo(t_lo[..., 2 * d + 2 :]) / cert.omega)  # (7.7)
+    e_lo = (cert.e_ehat[:, None, None] + e_e) * BOUND_INFLATE  # [nb, 1, d]
+    nv_lo = _lo((t_lo[..., d + 1 : 2 * d + 1] - e_lo * tau_1 * BOUND_INFLATE) / cert.omega)  # (7.8)
+    return err_k, err_v + cert.round_v[:, None, :], nk_lo, nv_lo
+
+
+EPS_MODES = ("scale", "strict")
 
 
 @dataclass(frozen=True)
 class Certificate:
-    """A-posteriori certificate of one polynomial run (docs/lora_bound.md §7)."""
+    """A-posteriori certificate of one polynomial run (docs/lora_bound.md §7, §7b)."""
 
     bounds: dict[str, tuple[float, float]]  # max-abs error bound of (dA, dB) per adapter
     maxabs: dict[str, tuple[float, float]]  # max |computed dA|, max |computed dB|
-    ratios: dict[str, tuple[float, float]]  # b / (max|G~| - b) (inf when max|G~| <= b)
+    ratios: dict[str, tuple[float, float]]  # strict: b / (max|G~| - b) (inf when max|G~| <= b)
+    scales: dict[str, tuple[float, float]]  # certified lower bound of max N(G) (§7b)
+    scale_ratios: dict[str, tuple[float, float]]  # scale: b / N_lo (inf when N_lo = 0)
 
-    def worst(self) -> float:
-        return max((x for pair in self.ratios.values() for x in pair), default=0.0)
+    def of(self, mode: str) -> dict[str, tuple[float, float]]:
+        """The ratios eps bounds in ``mode`` (scale: b / N_lo; strict: b / (max|G~| - b))."""
+        return self.scale_ratios if mode == "scale" else self.ratios
+
+    def worst(self, mode: str = "strict") -> float:
+        return max((x for pair in self.of(mode).values() for x in pair), default=0.0)
 
     def worst_raw(self) -> float:
         """Largest ``b / max|G~|`` (finite even where ``b >= max|G~|``; for the retry)."""
@@ -295,12 +339,38 @@ class Certificate:
                 out = max(out, b / m if m > 0 else math.inf)
         return out
 
+    def conditioning(self) -> dict[str, tuple[float, float]]:
+        """``kappa_G = max N(G) / max|G~|`` with the certified lower bound of ``max N`` (§7b)."""
+        return {
+            mu: tuple(  # type: ignore[misc]
+                n / m if m > 0 else (math.nan if n == 0 else math.inf)
+                for n, m in zip(self.scales[mu], self.maxabs[mu], strict=True)
+            )
+            for mu in self.scales
+        }
+
 
 def _relative(b: float, m: float) -> float:
     """``b / (m - b)``: certified bound relative to the lower bound ``m - b`` of max|G|."""
+    if b == 0.0:
+        return 0.0  # a gradient that is exactly 0, computed exactly (below)
     if not math.isfinite(b) or m - b <= 0:
         return math.inf
     return b / (m - b)
+
+
+def _scale_lo(n: float, m: float, b: float) -> float:
+    """Lower bound of max N(G): the computed one, or max|G~| - b (since N >= |G|)      (7.10)"""
+    return max(n if math.isfinite(n) else 0.0, m - b if math.isfinite(b) else 0.0, 0.0)
+
+
+def _over(b: float, n: float) -> float:
+    """``b / n`` (inf when ``n`` is 0 or ``b`` is not finite; 0 when ``b`` is)."""
+    if b == 0.0:
+        return 0.0
+    if not math.isfinite(b) or n <= 0:
+        return math.inf
+    return b / n
 
 
 def certify(
@@ -311,12 +381,14 @@ def certify(
     dw: dict[str, torch.Tensor],
     grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> Certificate:
-    """§7: per-row bounds -> dW -> dA, dB, and the relative bounds (O(L d_model d_head))."""
+    """§7: per-row bounds -> dW -> dA, dB, and the relative bounds (O(L d_model d_head));
+    §7b: the per-row lower bounds of the natural scale -> N(dA), N(dB)."""
     err_of = {"q": errs[0], "k": errs[1], "v": errs[2]}
+    n_of = {"q": errs[3], "k": errs[4], "v": errs[5]}
     nb, L, dm = x.shape
     ax = x.abs().reshape(-1, dm)  # [nb*L, dm]
     g_rows = gamma(nb * L)
-    bounds, maxabs, ratios = {}, {}, {}
+    bounds, maxabs, ratios, scales, scale_ratios = {}, {}, {}, {}, {}
     for mu, (a, b) in inp.adapters.items():
         dh = a.shape[1]
         err = err_of[mu].reshape(-1, dh)  # [nb*L, dh]
@@ -339,9 +411,51 @@ def certify(
                 e_t.add_(u_out / (1 - u_out) * t.to(torch.float64).abs() + tiny)
         ba = float(ea.amax()) * BOUND_INFLATE + UNDERFLOW_GUARD
         bb = float(eb.amax()) * BOUND_INFLATE + UNDERFLOW_GUARD
+        # (7.2'): a zero factor (B = 0, LoRA's usual initialisation, or A = 0) makes the exact
+        # gradient and the computed one exactly 0 (every product term is 0): no error at all
+        if not bool(abs_b.any()):
+            ba = 0.0
+        if not bool(abs_a.any()):
+            bb = 0.0
         ma = float(ga.abs().amax()) if ga.numel() else 0.0
         mb = float(gb.abs().amax()) if gb.numel() else 0.0
         bounds[mu] = (ba if math.isfinite(ba) else math.inf, bb if math.isfinite(bb) else math.inf)
         maxabs[mu] = (ma, mb)
         ratios[mu] = (_relative(bounds[mu][0], ma), _relative(bounds[mu][1], mb))
-    return Certificate(bounds, maxabs, ratios)
+        # (7.9): N(dW) = |X|^T N_mu, N(dA) = |s| |B|^T N(dW), N(dB) = |s| N(dW) |A|^T: products
+        # of non-negative float64 terms, each deflated by its rounding; and max N(G) >= max|G|
+        # >= max|G~| - b                                                              (7.10)
+        nw = (ax.T @ n_of[mu].reshape(-1, dh)) * SCALE_DEFLATE  # [dm, dh]
+        na = float((abs_b.T @ nw).amax()) * s * SCALE_DEFLATE**2 if ga.numel() else 0.0
+        nb_ = float((nw @ abs_a.T).amax()) * s * SCALE_DEFLATE**2 if gb.numel() else 0.0
+        scales[mu] = (_scale_lo(na, ma, bounds[mu][0]), _scale_lo(nb_, mb, bounds[mu][1]))
+        scale_ratios[mu] = (
+            _over(bounds[mu][0], scales[mu][0]),
+            _over(bounds[mu][1], scales[mu][1]),
+        )
+    return Certificate(bounds, maxabs, ratios, scales, scale_ratios)
+
+
+def rounding_bounds(
+    inp: Inputs, prep: Prepared, approx: Approximation, blocking: tuple[int, int]
+) -> dict[str, tuple[float, float]]:
+    """The part of the §7 bound that the a-priori float64 rounding terms of §5-§6 contribute:
+    ``round_mu`` (per slice and column, the same for every row) through (7.1)-(7.2). Used to
+    predict other degrees (§8; not a certificate); inf everywhere if nothing certifies."""
+    L, dh = prep.q.shape[1:]
+    cert = constants(prep, approx, L=L, dh=dh, scale=inp.scale, blocking=blocking)
+    if isinstance(cert, str):
+        return {mu: (math.inf, math.inf) for mu in inp.adapters}
+    colsum = prep.x.abs().sum(dim=1)  # [nb, dm]  sum_i |X_ip| per slice
+    rnd = {"q": cert.round_q, "k": cert.round_k, "v": cert.round_v}  # [nb, dh]
+    out = {}
+    for mu, (a, b) in inp.adapters.items():
+        ew = colsum.T @ rnd[mu]  # [dm, dh]
+        s = abs(inp.alpha / a.shape[0])
+        ea = s * (b.to(torch.float64).abs().T @ ew)
+        eb = s * (ew @ a.to(torch.float64).abs().T)
+        out[mu] = (
+            float(ea.amax()) if ea.numel() else 0.0,
+            float(eb.amax()) if eb.numel() else 0.0,
+        )
+    return out

@@ -84,9 +84,10 @@ def poly_qkv_grads(
     With ``cert`` (docs/lora_bound.md §A-§4), the same GEMMs carry extra columns: ``|Kc|``
     ``[L, d]`` on the key side of pass 1 (row sums ``sum_j F~_ij |Kc_jl|``) and the non-negative
     query weights ``z_i = [a_i |Q_i|, b_i, |E_i|, 1]`` ``[L, 2d+2]`` on the query side of pass 2
-    (column sums ``sum_i F~_ij z_i`` in pass 3); the last return value is then the per-row error
-    bounds ``(err_q, err_k, err_v)`` ``[nb, L, d]`` each (``err_k`` zeros when ``need_k`` is
-    False), else None.
+    (column sums ``sum_i F~_ij z_i`` in pass 3), and ``d`` more query weights for the lower
+    bound of the natural scale (§7b); the last return value is then the per-row error bounds and
+    natural-scale lower bounds ``(err_q, err_k, err_v, nq_lo, nk_lo, nv_lo)`` ``[nb, L, d]``
+    each (``err_k``, ``nk_lo`` zeros when ``need_k`` is False), else None.
     """
     nb, L, d = q.shape
     g = approx.degree
@@ -121,10 +122,11 @@ def poly_qkv_grads(
     hq = (factor[None, :, :, None] * mw[:, child]).reshape(nb, r_low, d * (d + 1))
 
     # pass 2: queries -> loss, dQ, dMext (and the per-row bound of dQ, the z weights)
-    nz = 2 * d + 2 if cert is not None else 0
+    nz = 3 * d + 2 if cert is not None else 0
     dmu = torch.zeros((nb, r, d + 1 + nz), dtype=f64, device=dev)
     dq = torch.empty_like(q)
     err_q = torch.empty_like(q) if cert is not None else None
+    n_q = torch.empty_like(q) if cert is not None else None
     zmax = torch.zeros((nb, 1, nz), dtype=f64, device=dev)
     loss = torch.zeros((), dtype=f64, device=dev)
     for ib in range(nblocks):
@@ -137,11 +139,12 @@ def poly_qkv_grads(
         loss += 0.5 * e.square().sum()
         dd = (e * o).sum(dim=-1, keepdim=True)  # [nb, b, 1]
         c = torch.cat([e / den, -(dd / den)], dim=-1)  # [nb, b, d+1]
-        if cert is not None and err_q is not None:
-            z, eq = row_bound(cert, nd[..., d + 1 :] / den, e, q[:, i0:i1], beta)
+        if cert is not None and err_q is not None and n_q is not None:
+            z, eq, nq = row_bound(cert, nd[..., d + 1 :] / den, e, q[:, i0:i1], beta)
             err_q[:, i0:i1] = eq  # [nb, b, d]
+            n_q[:, i0:i1] = nq
             zmax = torch.maximum(zmax, z.amax(dim=1, keepdim=True))
-            dmu.baddbmm_(f1, torch.cat([c, z / den], dim=-1))  # [nb, r, d+1+2d+2]
+            dmu.baddbmm_(f1, torch.cat([c, z / den], dim=-1))  # [nb, r, d+1+3d+2]
         else:
             dmu.baddbmm_(f1, c)  # [nb, r, d+1]
         t = torch.bmm(f1[:, :r_low].transpose(1, 2), hq)  # [nb, b, d*(d+1)]
@@ -151,7 +154,7 @@ def poly_qkv_grads(
     dmaug = dmu * w[:, None]  # [nb, r, d+1 (+2d+2)]
     dmext = dmaug[..., : d + 1]  # [nb, r, d+1]  = U1^T C
     dm = dmaug[..., :d]  # [nb, r, d]
-    dmsel = torch.cat([dm, dmaug[..., d + 1 :]], dim=-1)  # [nb, r, d + 2d+2]  [dM, z sums]
+    dmsel = torch.cat([dm, dmaug[..., d + 1 :]], dim=-1)  # [nb, r, d + 3d+2]  [dM, z sums]
     hk = (factor[None, :, :, None] * dmext[:, child]).reshape(nb, r_low, d * (d + 1))
 
     # pass 3: keys -> dV, dK (and their per-row bounds)
@@ -159,15 +162,20 @@ def poly_qkv_grads(
     dk = torch.empty_like(kc) if need_k else None
     err_k = torch.zeros_like(kc) if cert is not None else None
     err_v = torch.empty_like(vc) if cert is not None else None
+    n_k = torch.zeros_like(kc) if cert is not None else None
+    n_v = torch.empty_like(vc) if cert is not None else None
     for jb in range(nblocks):
         j0, j1 = jb * blk, min(L, (jb + 1) * blk)
         f2t = _features(kc[:, j0:j1], tables).transpose(1, 2)  # [nb, b, r]
         if cert is not None and err_v is not None and err_k is not None:
-            both = torch.bmm(f2t, dmsel)  # [nb, b, d + 2d+2]
+            assert n_k is not None and n_v is not None
+            both = torch.bmm(f2t, dmsel)  # [nb, b, d + 3d+2]
             dv[:, j0:j1] = both[..., :d]  # [nb, b, d]
-            ek, ev = col_bound(cert, both[..., d:], zmax, beta)
+            ek, ev, nk, nv = col_bound(cert, both[..., d:], zmax, beta)
             err_k[:, j0:j1] = ek
             err_v[:, j0:j1] = ev
+            n_k[:, j0:j1] = nk
+            n_v[:, j0:j1] = nv
         else:
             dv[:, j0:j1] = torch.bmm(f2t, dm)  # [nb, b, d]
         if dk is not None:
@@ -177,7 +185,8 @@ def poly_qkv_grads(
         report(progress, done, total)
     errs = None
     if err_q is not None and err_k is not None and err_v is not None:
-        errs = (err_q, err_k, err_v)
+        assert n_q is not None and n_k is not None and n_v is not None
+        errs = (err_q, err_k, err_v, n_q, n_k, n_v)
     return float(loss), dq, dk, dv, errs
 
 
