@@ -10,6 +10,7 @@ is the registry the service derives its routes, models and dispatch from.
 from __future__ import annotations
 
 from .attention import attention, plan_attention
+from .core.calibration import recalibrate
 from .core.device import default_device
 from .core.errors import (
     Cancelled,
@@ -40,5 +41,6 @@ __all__ = [
     "plan_attention",
     "plan_lora_gradient",
     "plan_tensor_attention",
+    "recalibrate",
     "tensor_attention",
 ]

@@ -29,6 +29,7 @@ def test_compute_all_is_exactly_the_public_surface() -> None:
             "plan_attention",
             "plan_lora_gradient",
             "plan_tensor_attention",
+            "recalibrate",
             "tensor_attention",
         ]
     )

@@ -139,12 +139,12 @@ def choose(
             last_why = f"degree {g} would need more than {MAX_FEATURES:.3g} features"
             break
         c_g = cost_polynomial(rt64, batch=batch, n=n, d=d, g=g, full=full)
-        if method == "auto" and c_g >= c_exact:
+        if method == "auto" and not planner.polynomial_wins(c_g, c_exact):
             claim = (
                 f"{where}: no degree below {g} is predicted to certify it, and degree {g} has "
                 f"r = {feature_count(d, g)} features"
             )
-            reason = planner.exact_cheaper(claim, planner.costs_phrase(c_g, c_exact))
+            reason = planner.exact_instead(claim, c_g, c_exact)
             return Choice(Plan(method="exact", reason=reason, **base), None)
         # the gradient needs P and P': keep the family whose weights err least (§3)
         approx = min(families(radius, g), key=weight_level)
@@ -169,11 +169,11 @@ def choose(
         f"(predicted relative gradient bound {pred:.2e})"
     )
     costs = planner.costs_phrase(c_poly, c_exact)
-    if method == "polynomial" or c_poly < c_exact:
+    if method == "polynomial" or planner.polynomial_wins(c_poly, c_exact):
         base["compute_dtype"] = "float64"  # the polynomial path always runs in float64
         reason = planner.chosen(method, claim, costs)
         return Choice(Plan(method="polynomial", reason=reason, **base, **common), found)
-    reason = planner.exact_cheaper(claim, costs)
+    reason = planner.exact_instead(claim, c_poly, c_exact)
     return Choice(Plan(method="exact", reason=reason, **base, **common), None)
 
 
