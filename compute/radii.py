@@ -1,7 +1,7 @@
 """The certified radius of a user's tensors, per operation: will these inputs take the fast path?
 
 Each planner decides from one number, the certified radius ``R`` of the scores (docs/theory.md
-§1.2, docs/fast_path.md): below roughly ``R = 1..4`` a low-degree polynomial is certified, far
+§1.3, docs/fast_path.md): below roughly ``R = 1..4`` a low-degree polynomial is certified, far
 above it only the exact path is. These functions compute ``R`` and ``rho = R / ln n_eff`` from
 the tensors exactly as the operation does (the same code, the same casts, bit for bit), without
 computing the operation, and say what the data-free planner needs to plan it

@@ -175,7 +175,8 @@ def test_half_precision_inputs() -> None:
 
 
 def adversarial(R: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """1-d keys placed where the certified polynomial's relative error peaks (theory §1.4).
+    """1-d keys placed where the certified polynomial's relative error peaks
+    (docs/theory.md §1.4).
 
     q = 1, scale = 1: keys sit at the scores argmax/argmin of delta on [-R, R], plus one key at
     each of -R and +R so that centring leaves them in place; values 1 on the argmax keys, 0

@@ -96,7 +96,7 @@ def case_id(lead: tuple[int, ...], n: int, n1: int, n2: int, d: int, dv: int, dt
     return f"B{b}-N{n}-N1_{n1}-N2_{n2}-D{d}-DV{dv}-{dt}"
 
 
-# ------------------------------------------------------------------ worked example (theory §3)
+# ------------------------------------------------------ worked example (docs/theory.md §3)
 
 Q = [[0.5, -0.2], [0.1, 0.3]]
 K1 = [[0.4, 0.1], [-0.3, 0.2]]
@@ -259,7 +259,7 @@ def test_rounding_part_bounds_the_rounding(dt: str, route: str) -> None:
 
 
 def test_adversarial_delta_peaks() -> None:
-    """1-d construction of theory §1.4: weights where delta is extreme, values to match."""
+    """1-d construction of docs/theory.md §1.4: weights where delta is extreme, values to match."""
     n1 = 201
     radius = 1.0
     q = torch.ones(1, 1, dtype=F64)

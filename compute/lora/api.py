@@ -124,7 +124,8 @@ def lora_gradient(
         level = lora_plan.weight_level(approx)
         raw = cert.worst_raw() if isinstance(cert, Certificate) else math.inf
         if math.isfinite(raw) and level > 0:
-            # refine the prediction factor from what the certificate achieved (§8)
+            # refine the prediction factor from what the certificate achieved
+            # (docs/lora_bound.md §8)
             factor = max(factor, raw / (L * level))
         nxt: lora_plan.Choice | None = None
         if len(tries) < MAX_TRIES:

@@ -83,7 +83,8 @@ def families(radius: float, g: int) -> list[Approximation]:
 
 
 def weight_level(approx: Approximation) -> float:
-    """``eta + theta`` at sigma = 0: the size of the weights' relative errors (§3)."""
+    """``eta + theta`` at sigma = 0: the size of the weights' relative errors
+    (docs/lora_bound.md §3)."""
     a1, _, theta, eta, _, _ = weight_errors(approx, 0.0)
     return math.inf if a1 <= -1.0 else eta + theta
 
@@ -91,8 +92,9 @@ def weight_level(approx: Approximation) -> float:
 def predict(approx: Approximation, n: int, factor: float | None = None) -> float:
     """Predicted relative bound (docs/lora_bound.md §8): ``factor n (eta + theta)``.
 
-    A heuristic for choosing the degree, not a certificate: the a-posteriori bound of §7 is
-    what is checked. ``factor`` is calibrated on random inputs and refined at run time.
+    A heuristic for choosing the degree, not a certificate: the a-posteriori bound of
+    docs/lora_bound.md §7 is what is checked. ``factor`` is calibrated on random inputs and
+    refined at run time.
     """
     f = PREDICT_FACTOR if factor is None else factor
     return f * n * weight_level(approx)
@@ -146,7 +148,8 @@ def choose(
             )
             reason = planner.exact_instead(claim, c_g, c_exact)
             return Choice(Plan(method="exact", reason=reason, **base), None)
-        # the gradient needs P and P': keep the family whose weights err least (§3)
+        # the gradient needs P and P': keep the family whose weights err least
+        # (docs/lora_bound.md §3)
         approx = min(families(radius, g), key=weight_level)
         pred = predict(approx, n, factor)
         if pred <= eps:
