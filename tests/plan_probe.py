@@ -14,7 +14,10 @@ The examples (each names where it is documented):
 - ``tensor-plan``: docs/tensor_attention.md's ``plan_tensor_attention(n=1024, d=8, radius=1.0,
   eps=1e-3)``;
 - ``readme-client``: the README's client example (numpy 4096 x 8 inputs times 0.3, seed 0,
-  ``eps=1e-3``), run through ``compute.attention`` as the service's worker runs it.
+  ``eps=1e-3``), run through ``compute.attention`` as the service's worker runs it;
+- ``readme-library``: the README's library example (``torch.randn(1, 4, 65536, 8) * 0.3``,
+  ``eps=1e-3``), planned from its radius (``attention_radius`` and ``plan_attention``; its
+  reason's example says a polynomial is certified).
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ def plans() -> dict[str, dict[str, Any]]:
     keep("tensor-plan", compute.plan_tensor_attention(n=1024, d=8, radius=1.0, eps=1e-3))
     q, k, v = (torch.from_numpy(a) for a in readme_client_inputs())
     keep("readme-client", compute.attention(q, k, v, eps=1e-3).plan)
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, 4, 65536, 8) * 0.3 for _ in range(2))
+    r = compute.attention_radius(q, k)
+    keep("readme-library", compute.plan_attention(**r.plan_args, eps=1e-3))
     return out
 
 

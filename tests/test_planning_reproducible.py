@@ -257,6 +257,7 @@ EXPECTED = {  # the path the documentation says each example takes
     "readme-plan-d64": "exact",
     "tensor-plan": "polynomial",
     "readme-client": "polynomial",
+    "readme-library": "polynomial",
 }
 
 
