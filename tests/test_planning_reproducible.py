@@ -112,6 +112,18 @@ def test_values_that_are_not_positive_rates_are_measured_anew(cal_dir: Path, bad
     assert calibration.calibrated("test-set", "cpu", None, m)["a"] == 3.0 and m.calls > 0
 
 
+def test_a_file_without_every_constant_is_measured_anew(cal_dir: Path) -> None:
+    calibration.calibrated("test-set", "cpu", None, Counter(), names=("a", "b"))
+    (f,) = files(cal_dir)
+    doc = json.loads(f.read_text())
+    del doc["values"]["b"]
+    f.write_text(json.dumps(doc))
+    calibration.clear_memory()
+    m = Counter(value=3.0)
+    got = calibration.calibrated("test-set", "cpu", None, m, names=("a", "b"))
+    assert got == {"a": 3.0, "b": 30.0} and m.calls > 0
+
+
 def test_a_directory_that_cannot_be_written_keeps_the_constants_in_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -37,7 +37,8 @@ def _fused_exact_factor(device: str, dtype: torch.dtype) -> float:
     """Measured time of the fused SDPA kernel over the exact prediction (1024^2, d=16), both
     calibrated once per machine."""
     dev = torch.device(device)
-    best = 1.0 / calibrated("fused-sdpa", dev, dtype, lambda: _measure_fused(dev, dtype))["calls"]
+    got = calibrated("fused-sdpa", dev, dtype, lambda: _measure_fused(dev, dtype), names=("calls",))
+    best = 1.0 / got["calls"]
     model = predict_exact_attention(
         rates(dev, dtype), batch=1, n_q=FUSED_N, n_k=FUSED_N, d=FUSED_D, dv=FUSED_D
     )

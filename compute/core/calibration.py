@@ -268,14 +268,14 @@ def _file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _read(path: Path, key: dict[str, Any]) -> dict[str, float] | None:
+def _read(path: Path, key: dict[str, Any], names: set[str] | None) -> dict[str, float] | None:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     if not isinstance(doc, dict) or doc.get("key") != key:
         return None
-    return _valid(doc.get("values"))
+    return _valid(doc.get("values"), names)
 
 
 def _write(path: Path, key: dict[str, Any], values: dict[str, float], seconds: float) -> None:
@@ -319,11 +319,12 @@ def calibrated(
     measure: Measure,
     *,
     depends: str = "",
+    names: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """The constants ``measure`` returns (a dict of positive rates), measured robustly once per
     machine and cached in memory and in a file (module docstring). ``depends`` names anything
-    else they depend on (e.g. a compiled kernel's file). The returned dict is shared: do not
-    modify it."""
+    else they depend on (e.g. a compiled kernel's file); ``names``, the constants a file must
+    hold to be used. The returned dict is shared: do not modify it."""
     dev = torch.device(device)
     fast_key = (name, str(dev), dtype, depends, _threads())
     got = _fast.get(fast_key)
@@ -338,7 +339,8 @@ def calibrated(
             path = calibration_dir() / fname
             fresh = os.environ.get("COMPUTE_RECALIBRATE", "") not in ("", "0")
             with _file_lock(path.with_suffix(".lock")):
-                values = None if fresh and fname not in _measured_here else _read(path, key)
+                wanted = set(names) if names is not None else None
+                values = None if fresh and fname not in _measured_here else _read(path, key, wanted)
                 if values is None:
                     values = _measure_and_store(path, key, measure, dev)
                     _measured_here.add(fname)

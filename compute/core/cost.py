@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -107,6 +107,9 @@ def _measure_rates(
     return {name: work / best_time(fn, device) for name, fn, work in kernels}
 
 
+_RATE_NAMES = tuple(f.name for f in fields(Rates))
+
+
 def _device(device: torch.device | str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -118,7 +121,10 @@ def rates(device: torch.device | str, dtype: torch.dtype) -> Rates:
     """Calibrated throughputs for ``device`` (``core.calibration``: measured once per machine)."""
     dev = _device(device)
     kernels: list[Kernel] = []
-    return Rates(**calibrated("rates", dev, dtype, lambda: _measure_rates(dev, dtype, kernels)))
+    got = calibrated(
+        "rates", dev, dtype, lambda: _measure_rates(dev, dtype, kernels), names=_RATE_NAMES
+    )
+    return Rates(**got)
 
 
 def predict_exact_attention(
@@ -156,5 +162,11 @@ def feature_rate(device: str | torch.device, dtype: torch.dtype) -> float:
     several times over."""
     dev = _device(device)
     built: list[FeatureBuilder] = []
-    got = calibrated("feature-rate", dev, dtype, lambda: _measure_feature_rate(dev, dtype, built))
+    got = calibrated(
+        "feature-rate",
+        dev,
+        dtype,
+        lambda: _measure_feature_rate(dev, dtype, built),
+        names=("features",),
+    )
     return got["features"]

@@ -334,6 +334,11 @@ def native_rate() -> float:
     if kern is None:
         return 0.0
     got = calibrated(
-        "tensor-native", "cpu", torch.float32, lambda: _measure_native(kern), depends=kern.path.name
+        "tensor-native",
+        "cpu",
+        torch.float32,
+        lambda: _measure_native(kern),
+        depends=kern.path.name,
+        names=("madds",),
     )
     return got["madds"]
