@@ -6,6 +6,7 @@ fetch results, cancel, ask the planner.
     attn status JOB_ID ; attn wait JOB_ID --out out.safetensors ; attn cancel JOB_ID
     attn plan attention --n 65536 --d 64 --radius 3
     attn plan lora-gradient --n 65536 --d 8 --radius 0.5 --full true --eps-mode strict
+    attn plan attention q=q.npy k=k.npy v=v.npy --eps 1e-3   # R computed from the tensors
 """
 
 from __future__ import annotations
@@ -144,17 +145,24 @@ def main(argv: list[str] | None = None) -> int:
         "plan",
         help="what the planner would do, without running",
         description="attn plan OP --n N --d D --radius R [--eps E] [--KEY VALUE ...]: any of "
-        "the operation's planner arguments (GET /v1/plan lists them)",
+        "the operation's planner arguments (GET /v1/plan lists them); or attn plan OP "
+        "NAME=file.npy ... [--eps E] [--KEY VALUE ...]: the job's tensors and parameters, "
+        "whose certified radius R the service computes (POST /v1/plan)",
     )
     pl.add_argument("op", help="the operation")
+    pl.add_argument("inputs", nargs="*", help="NAME=file.npy or [PREFIX=]file.safetensors")
     for flag in ("--n", "--d", "--radius"):
-        pl.add_argument(flag, required=True)
-    pl.add_argument("--eps", default="0.001")
+        pl.add_argument(flag)
+    pl.add_argument("--eps", help="target error bound (default 0.001)")
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.cmd != "plan":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     options = _options(extra) if args.cmd == "plan" else {}
+    if args.cmd == "plan" and not args.inputs:
+        missing = [f"--{f}" for f in ("n", "d", "radius") if getattr(args, f) is None]
+        if missing:
+            parser.error(f"attn plan: {', '.join(missing)} required (or the tensors: NAME=file)")
     try:
         with Client(args.url, api_key=args.api_key) as client:
             if args.cmd == "submit":
@@ -184,8 +192,15 @@ def main(argv: list[str] | None = None) -> int:
                 return _wait(client.job(args.id), args.out, args.timeout, args.quiet)
             elif args.cmd == "result":
                 _emit(Job(client, {"id": args.id}).result(), args.out)
+            elif args.cmd == "plan" and args.inputs:
+                tensors, params = _load_inputs(args.inputs)
+                params.update({k: _value(v) for k, v in options.items()})
+                if args.eps is not None:
+                    params["eps"] = _value(args.eps)
+                print(json.dumps(client.plan(args.op, tensors=tensors, **params), indent=2))
             elif args.cmd == "plan":
-                q = {"n": args.n, "d": args.d, "radius": args.radius, "eps": args.eps, **options}
+                eps = args.eps or "0.001"
+                q = {"n": args.n, "d": args.d, "radius": args.radius, "eps": eps, **options}
                 print(json.dumps(client.plan(args.op, **q), indent=2))
     except ClientError as exc:
         print(f"attn: {exc}", file=sys.stderr)

@@ -326,40 +326,63 @@ class Client:
         if hold > 0:
             idem.update({"prefer": f"wait={min(hold, 60.0):g}", "accept": BINARY})
         kind = "torch" if any(_is_torch(t) for t in tensors.values()) else "numpy"
-        raw = {n: from_array(t) for n, t in tensors.items()}
-        if binary is None:
-            binary = sum(t.nbytes for t in raw.values()) > self.binary_threshold
-        if binary:
-            meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in params.items()}
-            resp = self._request(
-                "POST",
-                f"/v1/{op}",
-                content=encode_safetensors(raw, meta),
-                headers={"content-type": BINARY, **idem},
-                timeout_extra=hold,
-            )
-        else:
-            body: dict[str, Any] = dict(params)
-            for name, t in raw.items():
-                node = body
-                *path, leaf = name.split(".")
-                for part in path:
-                    node = node.setdefault(part, {})
-                node[leaf] = t.to_json()
-            resp = self._request("POST", f"/v1/{op}", json=body, headers=idem, timeout_extra=hold)
+        body = self._body(tensors, params, binary)
+        headers = {**body.pop("headers", {}), **idem}
+        resp = self._request("POST", f"/v1/{op}", headers=headers, timeout_extra=hold, **body)
         if resp.headers.get("content-type", "").startswith(BINARY):  # ended, with its result
             meta = decode_safetensors(resp.content, max_elements=1 << 62)[1]
             record = json.loads(meta["job"])
             return Job(self, record, kind, _result_of(resp.content, record["id"], kind, record))
         return Job(self, resp.json(), kind)
 
+    def _body(
+        self, tensors: Mapping[str, Any], params: Mapping[str, Any], binary: bool | None
+    ) -> dict[str, Any]:
+        """A job's body as request arguments: JSON, or safetensors (``binary``; ``None`` picks
+        safetensors above ``binary_threshold``)."""
+        raw = {n: from_array(t) for n, t in tensors.items()}
+        if binary is None:
+            binary = sum(t.nbytes for t in raw.values()) > self.binary_threshold
+        if binary:
+            meta = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in params.items()}
+            return {
+                "content": encode_safetensors(raw, meta),
+                "headers": {"content-type": BINARY},
+            }
+        body: dict[str, Any] = dict(params)
+        for name, t in raw.items():
+            node = body
+            *path, leaf = name.split(".")
+            for part in path:
+                node = node.setdefault(part, {})
+            node[leaf] = t.to_json()
+        return {"json": body}
+
     def job(self, job_id: str) -> Job:
         job = Job(self, {"id": job_id})
         job.refresh()
         return job
 
-    def plan(self, op: str = "attention", **query: Any) -> dict[str, Any]:
-        result: dict[str, Any] = self._request("GET", "/v1/plan", params={"op": op, **query}).json()
+    def plan(
+        self,
+        op: str = "attention",
+        *,
+        tensors: Mapping[str, Any] | None = None,
+        binary: bool | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """What the planner would do, nothing run. Without ``tensors``: ``GET /v1/plan`` with
+        the sizes (``n``, ``d``, ``radius``, ``eps``, ...). With ``tensors`` (numpy or torch,
+        named as the operation's job takes them, e.g. ``{"q": q, "k": k, "v": v}``):
+        ``POST /v1/plan``, where the service computes the certified radius R of these tensors
+        (answer's ``radius``) and plans at it; ``params`` are the job's (``eps``, ``method``,
+        ``scale``, ``causal``, ``alpha``)."""
+        if tensors is None:
+            resp = self._request("GET", "/v1/plan", params={"op": op, **params})
+        else:
+            body = self._body(tensors, params, binary)
+            resp = self._request("POST", "/v1/plan", params={"op": op}, **body)
+        result: dict[str, Any] = resp.json()
         return result
 
     def ready(self) -> bool:

@@ -3,7 +3,8 @@
 For n in {128, ..., 2048}, d in {4, 8}, R3 in {0.5, 1}, eps in {1e-2, 1e-3}: wall time of both
 paths (the full public call, planning included, caches warm), their ratio, the measured error
 against a float64 exact reference, and the certified bound. Inputs: standard normal q, k1, k2,
-v1, v2 (dv = d), q rescaled so that the certified radius R3 (theory §3) equals R exactly.
+v1, v2 (dv = d), q rescaled so that the certified radius R3 (docs/theory.md §3) equals R
+exactly.
 
 The exact time depends on (n, d) only, so it is measured once per (n, d). When a full exact run
 is predicted to take longer than ``--exact-budget`` seconds, it is timed on an evenly spaced

@@ -10,6 +10,7 @@ is the registry the service derives its routes, models and dispatch from.
 from __future__ import annotations
 
 from .attention import attention, plan_attention
+from .core.calibration import recalibrate
 from .core.device import default_device
 from .core.errors import (
     Cancelled,
@@ -20,6 +21,7 @@ from .core.errors import (
 )
 from .core.result import AttentionResult, LoraResult, Plan
 from .lora import lora_gradient, plan_lora_gradient
+from .radii import Radius, attention_radius, lora_radius, radius, tensor_attention_radius
 from .registry import OPERATIONS, Operation
 from .tensor_attention import plan_tensor_attention, tensor_attention
 
@@ -34,11 +36,17 @@ __all__ = [
     "Operation",
     "OutOfRangeError",
     "Plan",
+    "Radius",
     "attention",
+    "attention_radius",
     "default_device",
     "lora_gradient",
+    "lora_radius",
     "plan_attention",
     "plan_lora_gradient",
     "plan_tensor_attention",
+    "radius",
+    "recalibrate",
     "tensor_attention",
+    "tensor_attention_radius",
 ]

@@ -11,6 +11,7 @@ library applies to tensors.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from .core.result import Plan
 from .lora import lora_gradient, plan_lora_gradient
 from .lora.shapes import ADAPTER_NAMES as LORA_ADAPTERS
 from .lora.shapes import check_shapes as lora_rule
+from .radii import Radius, attention_radius, lora_radius, tensor_attention_radius
 from .tensor_attention import plan_tensor_attention, tensor_attention
 from .tensor_attention.shapes import check_shapes as tensor_attention_rule
 
@@ -42,6 +44,7 @@ Runner = Callable[
     [Mapping[str, torch.Tensor], Mapping[str, Any], Progress | None],
     tuple[dict[str, torch.Tensor], dict[str, Any]],
 ]
+RadiusOf = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], Radius]
 
 
 class _Required:
@@ -83,7 +86,9 @@ class Scalar:
 class Operation:
     """One operation: ``run`` takes the named input tensors (on the device to compute on) and
     the validated parameters and returns the named output tensors and a JSON-ready summary;
-    ``check_shapes`` raises :class:`InvalidInputError` naming the tensor (``k.shape``)."""
+    ``check_shapes`` raises :class:`InvalidInputError` naming the tensor (``k.shape``);
+    ``radius`` (optional) takes the same tensors and parameters and returns their certified
+    radius and the arguments of ``plan`` for them (``compute.radius``, ``POST /v1/plan``)."""
 
     name: str  # the route /v1/{name}, the stream, the CLI's and client's operation name
     summary: str  # one line
@@ -94,6 +99,7 @@ class Operation:
     run: Runner
     plan: Callable[..., Plan]
     plan_params: tuple[Scalar, ...]
+    radius: RadiusOf | None = None
 
 
 OPERATIONS: dict[str, Operation] = {}
@@ -166,6 +172,39 @@ def _run_lora(
     return outputs, summary
 
 
+# ------------------------------------------------------------------------------ radii
+def _with_dv(r: Radius, dv: int) -> Radius:
+    return dataclasses.replace(r, plan_args={**r.plan_args, "dv": dv})
+
+
+def _attention_radius(t: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Radius:
+    r = attention_radius(t["q"], t["k"], scale=p.get("scale"), causal=p.get("causal", False))
+    return _with_dv(r, int(t["v"].shape[-1])) if "v" in t else r
+
+
+def _tensor_attention_radius(t: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Radius:
+    r = tensor_attention_radius(t["q"], t["k1"], t["k2"], scale=p.get("scale"))
+    return _with_dv(r, int(t["v1"].shape[-1])) if "v1" in t else r
+
+
+def _lora_radius(t: Mapping[str, torch.Tensor], p: Mapping[str, Any]) -> Radius:
+    adapters = {
+        m: (t[f"adapters.{m}.a"], t[f"adapters.{m}.b"])
+        for m in LORA_ADAPTERS
+        if f"adapters.{m}.a" in t and f"adapters.{m}.b" in t
+    }
+    return lora_radius(
+        t["x"],
+        t["y"],
+        w_q=t["w_q"],
+        w_k=t["w_k"],
+        w_v=t["w_v"],
+        adapters=adapters,
+        alpha=p.get("alpha", REQUIRED),
+        scale=p.get("scale"),
+    )
+
+
 # ------------------------------------------------------------------------------ the entries
 _COMMON = (
     Scalar(
@@ -226,6 +265,7 @@ register(
         run=_run_attention,
         plan=plan_attention,
         plan_params=(*_PLAN_COMMON, Scalar("causal", bool, False), _DV),
+        radius=_attention_radius,
     )
 )
 register(
@@ -245,6 +285,7 @@ register(
         run=_run_tensor_attention,
         plan=plan_tensor_attention,
         plan_params=(*_PLAN_COMMON, _DV),
+        radius=_tensor_attention_radius,
     )
 )
 register(
@@ -288,5 +329,6 @@ register(
                 nullable=True,
             ),
         ),
+        radius=_lora_radius,
     )
 )

@@ -16,6 +16,7 @@ from compute.attention.naive import naive_attention as reference
 from compute.attention.plan import MAX_FEATURES
 from compute.attention.polynomial import polynomial_forward
 from compute.attention.stats import statistics
+from compute.core import planner
 from compute.core.polynomials import approximation, certified_best
 from compute.core.radius import centre, matrix_radius
 
@@ -174,7 +175,8 @@ def test_half_precision_inputs() -> None:
 
 
 def adversarial(R: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """1-d keys placed where the certified polynomial's relative error peaks (theory §1.4).
+    """1-d keys placed where the certified polynomial's relative error peaks
+    (docs/theory.md §1.4).
 
     q = 1, scale = 1: keys sit at the scores argmax/argmin of delta on [-R, R], plus one key at
     each of -R and +R so that centring leaves them in place; values 1 on the argmax keys, 0
@@ -415,12 +417,14 @@ def test_plan_attention() -> None:
         assert p.cost_polynomial is not None and p.cost_exact is not None
         assert p.rho == pytest.approx(1 / math.log(n))
         assert p.to_dict()["reason"] == p.reason and p.reason.endswith(".")
-        assert (p.method == "polynomial") == (p.cost_polynomial < p.cost_exact)
+        wins = p.cost_polynomial * (1 + planner.MARGIN) < p.cost_exact
+        assert (p.method == "polynomial") == wins
         if p.method == "polynomial":
             assert p.predicted_bound is not None and p.predicted_bound <= 1e-3
             assert "certified by a degree-4 minimax polynomial" in p.reason
         else:
-            assert p.predicted_bound is None and "exact is cheaper" in p.reason
+            assert p.predicted_bound is None
+            assert "exact is predicted to be faster" in p.reason or "within 30%" in p.reason
     big = compute.plan_attention(n=4096, d=64, radius=3.1, eps=1e-3)
     assert big.method == "exact" and ("features" in big.reason or "degree" in big.reason)
     with pytest.raises(compute.CertificationError):

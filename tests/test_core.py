@@ -167,7 +167,8 @@ def test_closed_form_taylor_bound_holds() -> None:
     ],
 )
 def test_theory_table_of_degrees(eps: float, R: float, g_cheb: int, g_taylor: int) -> None:
-    """Theory §2's table: the smallest degree with certified max |delta| <= eps, per family."""
+    """The table of docs/theory.md §2: the smallest degree with certified max |delta| <= eps,
+    per family."""
 
     def smallest(family: str) -> int:
         return next(g for g in range(25) if approximation(family, g, R).max_abs_delta <= eps)
@@ -186,7 +187,8 @@ def test_candidates_pick_the_better_family_per_degree() -> None:
 
 
 def test_tv_factor_formula_and_tightness() -> None:
-    """t(dmin, dmax) is the worst two-set error of theory §1.4, and eps/(1+sqrt(1-eps^2))."""
+    """t(dmin, dmax) is the worst two-set error of docs/theory.md §1.4, and
+    eps/(1+sqrt(1-eps^2))."""
     for eps in (0.3, 1e-2, 1e-5):
         assert tv_factor(-eps, eps) == pytest.approx(eps / (1 + math.sqrt(1 - eps**2)), rel=1e-9)
     for dmin, dmax in ((-0.2, 0.1), (-1e-3, 5e-3), (0.0, 0.4)):

@@ -937,7 +937,7 @@ def _tv_points(coeffs: np.ndarray, R: float) -> tuple[float, float, float, float
 
 
 def _tv_counts(s_hi: float, s_lo: float, d_hi: float, d_lo: float, total: int) -> tuple[int, int]:
-    """Key counts that make the error reach t (theory §1.4): masses in the ratio
+    """Key counts that make the error reach t (docs/theory.md §1.4): masses in the ratio
     ``n_hi e^s_hi sqrt(1 + d_hi) = n_lo e^s_lo sqrt(1 + d_lo)``."""
     ratio = math.exp(s_lo - s_hi) * math.sqrt((1.0 + d_lo) / (1.0 + d_hi))  # n_hi / n_lo
     n_lo = max(1, round(total / (1.0 + ratio)))

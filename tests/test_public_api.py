@@ -23,13 +23,19 @@ def test_compute_all_is_exactly_the_public_surface() -> None:
             "Operation",
             "OutOfRangeError",
             "Plan",
+            "Radius",
             "attention",
+            "attention_radius",
             "default_device",
             "lora_gradient",
+            "lora_radius",
             "plan_attention",
             "plan_lora_gradient",
             "plan_tensor_attention",
+            "radius",
+            "recalibrate",
             "tensor_attention",
+            "tensor_attention_radius",
         ]
     )
     for name in compute.__all__:

@@ -96,7 +96,7 @@ def case_id(lead: tuple[int, ...], n: int, n1: int, n2: int, d: int, dv: int, dt
     return f"B{b}-N{n}-N1_{n1}-N2_{n2}-D{d}-DV{dv}-{dt}"
 
 
-# ------------------------------------------------------------------ worked example (theory §3)
+# ------------------------------------------------------ worked example (docs/theory.md §3)
 
 Q = [[0.5, -0.2], [0.1, 0.3]]
 K1 = [[0.4, 0.1], [-0.3, 0.2]]
@@ -259,7 +259,7 @@ def test_rounding_part_bounds_the_rounding(dt: str, route: str) -> None:
 
 
 def test_adversarial_delta_peaks() -> None:
-    """1-d construction of theory §1.4: weights where delta is extreme, values to match."""
+    """1-d construction of docs/theory.md §1.4: weights where delta is extreme, values to match."""
     n1 = 201
     radius = 1.0
     q = torch.ones(1, 1, dtype=F64)
@@ -371,9 +371,9 @@ def test_auto_picks_polynomial_when_it_pays() -> None:
     q, k1, k2, v1, v2 = make_inputs((), 300, 300, 300, 4, 4, seed=1, radius=0.5)
     res = compute.tensor_attention(q, k1, k2, v1, v2, eps=1e-2, sample_rows=5)
     assert res.plan.method == "polynomial", res.plan.reason
-    assert "is certified by" in res.plan.reason and "exact is cheaper" not in res.plan.reason
+    assert "is certified by" in res.plan.reason and "so exact" not in res.plan.reason
     assert res.plan.cost_polynomial is not None and res.plan.cost_exact is not None
-    assert res.plan.cost_polynomial < res.plan.cost_exact
+    assert res.plan.cost_polynomial * 1.3 < res.plan.cost_exact
     assert res.measured_error is not None and res.error_bound is not None
     assert res.measured_error <= res.error_bound
 
@@ -397,7 +397,7 @@ def test_tiny_problem_runs_exact_because_cheaper(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(ta_native, "native_rate", lambda: 2.8e10)
     q, k1, k2, v1, v2 = make_inputs((), 3, 3, 3, 8, 2, seed=4, radius=0.5)
     res = compute.tensor_attention(q, k1, k2, v1, v2)
-    assert res.plan.method == "exact" and "exact is cheaper" in res.plan.reason
+    assert res.plan.method == "exact" and "exact is predicted to be faster" in res.plan.reason
 
 
 def test_constant_rows_and_zero_query() -> None:

@@ -120,7 +120,8 @@ def steered_values(n: int) -> np.ndarray:
 def adversarial_1d(
     op: str, R: float, eps: float, dtype: torch.dtype, total: int = 20_000
 ) -> tuple[compute.AttentionResult, float]:
-    """One query, 1-d keys where the certified polynomial's relative error peaks (theory §1.4).
+    """One query, 1-d keys where the certified polynomial's relative error peaks
+    (docs/theory.md §1.4).
 
     q = 1, scale = 1, so the scores are the keys: ``total`` keys at the scores where ``delta``
     is largest and smallest, shared so that the ``argmax`` keys carry the worst-case fraction

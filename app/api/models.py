@@ -76,6 +76,7 @@ class PlanPublic(BaseModel):
     op: str
     inputs: dict[str, Any]
     plan: dict[str, Any]
+    radius: dict[str, Any] | None = None  # POST /v1/plan: R and rho computed from the tensors
 
 
 class HealthPublic(BaseModel):

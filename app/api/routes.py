@@ -443,4 +443,84 @@ def build_router() -> APIRouter:
             raise InvalidInput(f"no plan for these values: {exc}") from None
         return JSONResponse({"op": name, "inputs": inputs, "plan": p.to_dict()})
 
+    @router.post(
+        "/plan",
+        response_model=PlanPublic,
+        tags=["plan"],
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "op",
+                    "in": "query",
+                    "required": True,
+                    "schema": {"type": "string", "enum": sorted(ops)},
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON: {"schema": {"description": "the body of POST /v1/{op}"}},
+                    BINARY: {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+        },
+    )
+    async def plan_for_tensors(request: Request, settings: SettingsDep) -> Response:
+        """The plan for these tensors: the certified radius R (and rho) computed from them
+        (``compute.radius``) and what the planner would do at it, nothing queued or run.
+
+        ``op`` names the operation; the body is that operation's job, exactly as ``POST
+        /v1/{op}`` takes it (JSON or safetensors). The answer adds ``radius`` to the GET
+        answer; ``inputs`` are the planner's arguments for these tensors."""
+        name = request.query_params.get("op")
+        if name not in ops:
+            raise InvalidInput(f"unknown operation {name!r}; one of {sorted(ops)}", field="op")
+        spec = ops[name]
+        params, tensors = await _parsed_body(request, spec, settings)
+
+        def work() -> tuple[compute.Radius, dict[str, Any], compute.Plan]:
+            t = {n: raw.to_torch() for n, raw in tensors.items()}
+            r = compute.radius(name, t, params)
+            args = {**r.plan_args, "eps": params["eps"], "method": params["method"]}
+            return r, args, spec.op.plan(**args)
+
+        try:
+            r, args, p = await run_in_threadpool(work)
+        except compute.ComputeError:
+            raise
+        except (ValueError, ArithmeticError) as exc:
+            raise InvalidInput(f"no plan for these values: {exc}") from None
+        body = {"op": name, "inputs": r.to_dict()["plan_args"], "radius": r.to_dict()}
+        body["inputs"].update(eps=args["eps"], method=args["method"])
+        body["plan"] = p.to_dict()
+        return JSONResponse(body)
+
     return router
+
+
+async def _parsed_body(
+    request: Request, spec: OpSpec, settings: Settings
+) -> tuple[dict[str, Any], dict[str, RawTensor]]:
+    """A job's body (JSON or safetensors) read within the upload limits and validated, as the
+    submit route reads it."""
+    ctype = _content_type(request)
+    if ctype not in (JSON, BINARY):
+        raise UnsupportedMediaType(
+            f"Content-Type {ctype or '(none)'!r}: use {JSON} or {BINARY} (safetensors)"
+        )
+    if ctype == JSON and settings.max_json_body_bytes < settings.max_body_bytes:
+        limit, setting = settings.max_json_body_bytes, "MAX_JSON_BODY_BYTES"
+    else:
+        limit, setting = settings.max_body_bytes, "MAX_BODY_BYTES"
+    async with upload_slot(request.app.state.uploads, settings.upload_wait_seconds):
+        body = await read_body(request, limit, setting)
+
+        def parse() -> tuple[dict[str, Any], dict[str, RawTensor]]:
+            if ctype == JSON:
+                return parse_json(spec, body, max_elements=settings.max_elements)
+            raw, meta = decode_safetensors(body, max_elements=settings.max_elements)
+            return parse_binary(spec, raw, meta)
+
+        if len(body) <= INLINE_BYTES:
+            return parse()
+        return await run_in_threadpool(parse)

@@ -2,16 +2,16 @@
 cost model").
 
 The exact path's model (``core.cost.predict_exact_attention``) counts the unfused loop; the
-non-causal exact path runs PyTorch's fused kernel, whose constant is measured here once per
-process. The polynomial path's features are priced at the feature builder's measured rate.
+non-causal exact path runs PyTorch's fused kernel, whose constant is measured here (once per
+machine, ``core.calibration``). The polynomial path's features are priced at the feature
+builder's measured rate.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
+from ..core.calibration import calibrated
 from ..core.cost import (
     best_time,
     feature_rate,
@@ -24,15 +24,24 @@ from .polynomial import CAUSAL_BLOCK, Config
 __all__ = ["predict_exact", "predict_polynomial"]
 
 
-@lru_cache(maxsize=16)
-def _fused_exact_factor(device: str, dtype: torch.dtype) -> float:
-    """Measured time of the fused SDPA kernel over the exact prediction (1024^2, d=16)."""
-    dev = torch.device(device)
-    n, d = 1024, 16
-    x = torch.rand((1, 1, n, d), device=dev, dtype=dtype)
+FUSED_N, FUSED_D = 1024, 16  # the fused kernel's calibration problem: n queries and keys, d = dv
+
+
+def _measure_fused(dev: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    x = torch.rand((1, 1, FUSED_N, FUSED_D), device=dev, dtype=dtype)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    best = best_time(lambda: sdpa(x, x, x), dev, reps=3)
-    model = predict_exact_attention(rates(dev, dtype), batch=1, n_q=n, n_k=n, d=d, dv=d)
+    return {"calls": 1.0 / best_time(lambda: sdpa(x, x, x), dev, reps=3)}
+
+
+def _fused_exact_factor(device: str, dtype: torch.dtype) -> float:
+    """Measured time of the fused SDPA kernel over the exact prediction (1024^2, d=16), both
+    calibrated once per machine."""
+    dev = torch.device(device)
+    got = calibrated("fused-sdpa", dev, dtype, lambda: _measure_fused(dev, dtype), names=("calls",))
+    best = 1.0 / got["calls"]
+    model = predict_exact_attention(
+        rates(dev, dtype), batch=1, n_q=FUSED_N, n_k=FUSED_N, d=FUSED_D, dv=FUSED_D
+    )
     return min(10.0, max(0.1, best / model))
 
 

@@ -242,14 +242,15 @@ def make_plan(
         "predicted_bound": float(cfg.bound.total),
         "extra": extra,
     }
-    if method == "polynomial" or cost_poly < cost_exact:
+    if method == "polynomial" or planner.polynomial_wins(cost_poly, cost_exact):
         plan = Plan(
             method="polynomial", reason=planner.chosen(method, claim, costs), **fields, **base
         )
         return plan, cfg
     fields["compute_dtype"] = dtype_name(compute_dtype)
     fields["predicted_bound"] = None
-    plan = Plan(method="exact", reason=planner.exact_cheaper(claim, costs), **fields, **base)
+    reason = planner.exact_instead(claim, cost_poly, cost_exact)
+    plan = Plan(method="exact", reason=reason, **fields, **base)
     return plan, None
 
 

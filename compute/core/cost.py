@@ -1,21 +1,23 @@
 """A cost model calibrated on the machine it runs on, and the timing helper behind it.
 
-``rates(device, dtype)`` times a few small kernels once per process (about 0.1 s) and returns
-sustained throughputs; each operation turns its operation counts into predicted seconds with
-them (docs/attention.md, "Planner and cost model"). Feature construction is memory-bound, which
-is why it gets its own rates: counting GEMM flops alone would make the factored path look
-cheaper than it is.
+``rates(device, dtype)`` times a few small kernels and returns sustained throughputs; each
+operation turns its operation counts into predicted seconds with them (docs/attention.md,
+"Planner and cost model"). They are measured robustly (best of repeated rounds) once per machine,
+library and torch version, device, dtype and thread count, and kept in a file that every process
+reads (``core.calibration``), so that the same inputs get the same plan in every process.
+Feature construction is memory-bound, which is why it gets its own rates: counting GEMM flops
+alone would make the factored path look cheaper than it is.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, fields
 
 import torch
 
+from .calibration import calibrated
 from .monomials import FeatureBuilder, monomial_table
 
 __all__ = [
@@ -53,9 +55,11 @@ def best_time(fn: Callable[[], object], device: torch.device, reps: int = 5) -> 
     return max(best, 1e-9)
 
 
-@lru_cache(maxsize=16)
-def _rates(device_str: str, dtype: torch.dtype) -> Rates:
-    device = torch.device(device_str)
+Kernel = tuple[str, Callable[[], object], float]  # (constant, kernel, work units per call)
+
+
+def _rate_kernels(device: torch.device, dtype: torch.dtype) -> list[Kernel]:
+    """The kernels :class:`Rates` times, on fixed data, each with the work it does per call."""
     big = 2048 if device.type == "cuda" else 512
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -65,9 +69,7 @@ def _rates(device_str: str, dtype: torch.dtype) -> Rates:
     # every kernel writes into a preallocated buffer: timing fresh allocations would measure
     # page faults (large blocks are mmap-ed anew each call), not the arithmetic
     a, b, ab = rnd(big, 64), rnd(64, big), rnd(big, big)
-    t_gemm = best_time(lambda: torch.matmul(a, b, out=ab), device)
     f, v, fv = rnd(512, big), rnd(big, 16), rnd(512, 16)
-    t_skinny = best_time(lambda: torch.matmul(f, v, out=fv), device)
     idx = torch.randint(0, 512, (512,), generator=gen).to(device)
     x, g1, g2, g3 = rnd(512, big), rnd(512, big), rnd(512, big), rnd(512, big)
 
@@ -76,7 +78,6 @@ def _rates(device_str: str, dtype: torch.dtype) -> Rates:
         torch.index_select(x, 0, idx, out=g2)
         torch.mul(g1, g2, out=g3)
 
-    t_elem = best_time(gather_mul, device)
     s, e, rowsum = rnd(big, big), rnd(big, big), rnd(big)
 
     def softmax_rows() -> None:
@@ -84,25 +85,46 @@ def _rates(device_str: str, dtype: torch.dtype) -> Rates:
         torch.exp(e, out=e)
         torch.sum(e, dim=-1, out=rowsum)
 
-    t_exp = best_time(softmax_rows, device)
     # a block of the size the exact LoRA path streams through ([slices, block, L] scores)
-    blk, blk_out = rnd(1 << 22), rnd(1 << 22)
-    t_stream = best_time(lambda: torch.mul(blk, 1.5, out=blk_out), device)
-    return Rates(
-        gemm=2.0 * big * 64 * big / t_gemm,
-        skinny=2.0 * 512 * big * 16 / t_skinny,
-        elems=512.0 * big / t_elem,
-        exps=float(big * big) / t_exp,
-        stream=float(1 << 22) / t_stream,
-    )
+    blk = torch.ones(1 << 22, device=device, dtype=dtype)
+    blk_out = torch.empty_like(blk)
+    return [
+        ("gemm", lambda: torch.matmul(a, b, out=ab), 2.0 * big * 64 * big),
+        ("skinny", lambda: torch.matmul(f, v, out=fv), 2.0 * 512 * big * 16),
+        ("elems", gather_mul, 512.0 * big),
+        ("exps", softmax_rows, float(big * big)),
+        ("stream", lambda: torch.mul(blk, 1.5, out=blk_out), float(1 << 22)),
+    ]
 
 
-def rates(device: torch.device | str, dtype: torch.dtype) -> Rates:
-    """Calibrated throughputs for ``device`` (cached per process)."""
+def _measure_rates(
+    device: torch.device, dtype: torch.dtype, kernels: list[Kernel]
+) -> dict[str, float]:
+    """One measuring round of :class:`Rates` (a few tens of ms on a CPU); ``kernels`` is filled
+    on the first round and reused by the next."""
+    if not kernels:
+        kernels.extend(_rate_kernels(device, dtype))
+    return {name: work / best_time(fn, device) for name, fn, work in kernels}
+
+
+_RATE_NAMES = tuple(f.name for f in fields(Rates))
+
+
+def _device(device: torch.device | str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    return _rates(str(dev), dtype)
+    return dev
+
+
+def rates(device: torch.device | str, dtype: torch.dtype) -> Rates:
+    """Calibrated throughputs for ``device`` (``core.calibration``: measured once per machine)."""
+    dev = _device(device)
+    kernels: list[Kernel] = []
+    got = calibrated(
+        "rates", dev, dtype, lambda: _measure_rates(dev, dtype, kernels), names=_RATE_NAMES
+    )
+    return Rates(**got)
 
 
 def predict_exact_attention(
@@ -122,14 +144,29 @@ def predict_polynomial_attention(
     return feats / rt.elems + flops / rt.skinny
 
 
-@lru_cache(maxsize=16)
-def feature_rate(device: str, dtype: torch.dtype) -> float:
-    """Elements/s of the feature builder (``monomials.FeatureBuilder``) on one cache-sized block
-    (d = 8, degree 4, 2048 columns), measured once per process. ``Rates.elems`` times a
-    gather-multiply, which the builder's contiguous products beat several times over."""
-    dev = torch.device(device)
+def _measure_feature_rate(
+    dev: torch.device, dtype: torch.dtype, built: list[FeatureBuilder]
+) -> dict[str, float]:
     table = monomial_table(8, 4)
-    x = torch.rand((1, 8, 2048), device=dev, dtype=dtype)
-    out = torch.zeros((1, table.r, 2048), device=dev, dtype=dtype)
-    builder = FeatureBuilder(table, x, out)
-    return table.r * 2048 / best_time(builder.build, dev, reps=3)
+    if not built:
+        x = torch.rand((1, 8, 2048), device=dev, dtype=dtype)
+        out = torch.zeros((1, table.r, 2048), device=dev, dtype=dtype)
+        built.append(FeatureBuilder(table, x, out))
+    return {"features": table.r * 2048 / best_time(built[0].build, dev, reps=3)}
+
+
+def feature_rate(device: str | torch.device, dtype: torch.dtype) -> float:
+    """Elements/s of the feature builder (``monomials.FeatureBuilder``) on one cache-sized block
+    (d = 8, degree 4, 2048 columns), calibrated once per machine (``core.calibration``).
+    ``Rates.elems`` times a gather-multiply, which the builder's contiguous products beat
+    several times over."""
+    dev = _device(device)
+    built: list[FeatureBuilder] = []
+    got = calibrated(
+        "feature-rate",
+        dev,
+        dtype,
+        lambda: _measure_feature_rate(dev, dtype, built),
+        names=("features",),
+    )
+    return got["features"]

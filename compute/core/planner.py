@@ -9,6 +9,12 @@ the degree search walks :func:`polynomials` from degree 0 up, the dtype search t
 below ("R = 1 (rho = 0.144) at d = 8, eps = 0.001 is certified by a degree-4 minimax polynomial
 with r = 495 features in float32 (bound 0.0008 of max|v|), predicted 1.2 ms versus 3.4 ms
 exact.").
+
+``method="auto"`` runs the polynomial path only when it is certified and predicted faster than
+exact by more than ``MARGIN`` (:func:`polynomial_wins`): the cost model is calibrated on the
+machine (``core.cost``, ``core.calibration``) but is a model, and predictions closer than the
+margin are not told apart. Then exact runs, and the reason says the predictions were within the
+margin (:func:`exact_instead`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from .errors import CertificationError
 from .polynomials import Approximation, certified_best
 
 __all__ = [
+    "MARGIN",
     "MAX_DEGREE",
     "MAX_RADIUS",
     "PlanArgs",
@@ -34,14 +41,17 @@ __all__ = [
     "chosen",
     "costs_phrase",
     "exact_cheaper",
+    "exact_instead",
     "exact_requested",
     "format_seconds",
     "polynomial_phrase",
+    "polynomial_wins",
     "polynomials",
     "rho",
     "uncertified",
     "uncertified_error",
     "where",
+    "within_margin",
 ]
 
 # Highest degree the a-priori planners consider (attention, tensor attention; LoRA, whose
@@ -50,6 +60,9 @@ MAX_DEGREE = 24
 # Beyond this radius no polynomial of degree <= MAX_DEGREE certifies any eps < 1 (they stop
 # being positive on [-R, R] near R = 12): the planners say so without evaluating any.
 MAX_RADIUS = 32.0
+# auto's margin: the polynomial path must be predicted faster than exact by more than this
+# fraction (cost_polynomial * (1 + MARGIN) < cost_exact); closer predictions run exact.
+MARGIN = 0.3
 
 
 def rho(radius: float, *lengths: int) -> float:
@@ -197,4 +210,29 @@ def chosen(method: str, claim: str, costs: str) -> str:
 
 def exact_cheaper(claim: str, costs: str) -> str:
     """A polynomial is certified, but ``auto`` runs exact: exact is predicted to be faster."""
-    return f"{claim}, but the polynomial path is {costs}, so exact is cheaper."
+    return f"{claim}, but the polynomial path is {costs}, so exact is predicted to be faster."
+
+
+def polynomial_wins(cost_polynomial: float, cost_exact: float) -> bool:
+    """``auto``'s rule for a certified polynomial: run it only when it is predicted faster than
+    exact by more than ``MARGIN`` (NaN-safe: an unknown cost never wins)."""
+    return bool(cost_polynomial * (1.0 + MARGIN) < cost_exact)
+
+
+def within_margin(a: float, b: float) -> bool:
+    """Whether two predicted times are within ``MARGIN`` of each other."""
+    return bool(max(a, b) <= (1.0 + MARGIN) * min(a, b))
+
+
+def exact_instead(claim: str, cost_polynomial: float, cost_exact: float) -> str:
+    """A polynomial is certified, but ``auto`` runs exact (``polynomial_wins`` is False): either
+    exact is predicted to be faster, or the two predictions are within the margin."""
+    if within_margin(cost_polynomial, cost_exact):
+        return (
+            f"{claim}, but predictions within {MARGIN:.0%}: "
+            f"{format_seconds(cost_polynomial)} polynomial versus "
+            f"{format_seconds(cost_exact)} exact, closer than the cost model tells apart, so "
+            f"exact runs (the polynomial path needs to be predicted more than {MARGIN:.0%} "
+            "faster)."
+        )
+    return exact_cheaper(claim, costs_phrase(cost_polynomial, cost_exact))

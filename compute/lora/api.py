@@ -149,7 +149,7 @@ def lora_gradient(
         predictor: lora_plan.Predictor | None = None
         basis = ""
         if isinstance(cert, Certificate) and math.isfinite(level) and level > 0:
-            # predict the other degrees from what this run measured (§8)
+            # predict the other degrees from what this run measured (docs/lora_bound.md §8)
             measured = lora_plan.Measured(
                 level=level, bounds=cert.bounds, rounding=_rounding(inp, prep, approx),
                 scales=cert.scales, maxabs=cert.maxabs,

@@ -42,7 +42,8 @@ UNDERFLOW_GUARD = 1e-280  # absolute: covers gradual underflow (docs/lora_bound.
 
 @dataclass(frozen=True)
 class Prepared:
-    """Centred float64 projections and the data summaries the bound needs (docs §2)."""
+    """Centred float64 projections and the data summaries the bound needs (docs/lora_bound.md
+    §2)."""
 
     q: torch.Tensor  # [nb, L, dh]
     kc: torch.Tensor  # [nb, L, dh]  K - c_K

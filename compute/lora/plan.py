@@ -164,7 +164,8 @@ def families(radius: float, g: int) -> list[Approximation]:
 
 
 def weight_level(approx: Approximation) -> float:
-    """``eta + theta`` at sigma = 0: the size of the weights' relative errors (§3)."""
+    """``eta + theta`` at sigma = 0: the size of the weights' relative errors
+    (docs/lora_bound.md §3)."""
     a1, _, theta, eta, _, _ = weight_errors(approx, 0.0)
     return math.inf if a1 <= -1.0 else eta + theta
 
@@ -172,8 +173,9 @@ def weight_level(approx: Approximation) -> float:
 def predict(approx: Approximation, n: int, factor: float | None = None) -> float:
     """Predicted relative bound (docs/lora_bound.md §8): ``factor n (eta + theta)``.
 
-    A heuristic for choosing the degree, not a certificate: the a-posteriori bound of §7 is
-    what is checked. ``factor`` is calibrated on random inputs and refined at run time.
+    A heuristic for choosing the degree, not a certificate: the a-posteriori bound of
+    docs/lora_bound.md §7 is what is checked. ``factor`` is calibrated on random inputs and
+    refined at run time.
     """
     f = PREDICT_FACTOR if factor is None else factor
     return f * n * weight_level(approx)
@@ -234,14 +236,15 @@ def choose(
             last_why = f"degree {g} would need more than {MAX_FEATURES:.3g} features"
             break
         c_g = cost_polynomial(rt64, batch=batch, n=n, d=d, g=g, full=full)
-        if method == "auto" and c_g >= c_exact:
+        if method == "auto" and not planner.polynomial_wins(c_g, c_exact):
             claim = (
                 f"{where}: no degree below {g} is predicted to certify it, and degree {g} has "
                 f"r = {feature_count(d, g)} features"
             )
-            reason = planner.exact_cheaper(claim, planner.costs_phrase(c_g, c_exact))
+            reason = planner.exact_instead(claim, c_g, c_exact)
             return Choice(Plan(method="exact", reason=reason, **base), None)
-        # the gradient needs P and P': keep the family whose weights err least (§3)
+        # the gradient needs P and P': keep the family whose weights err least
+        # (docs/lora_bound.md §3)
         approx = min(families(radius, g), key=weight_level)
         pred, rnd = pred_of(approx)
         if best is None or pred < best[0]:
@@ -271,11 +274,11 @@ def choose(
         f"(predicted relative gradient bound {pred:.2e})"
     )
     costs = planner.costs_phrase(c_poly, c_exact)
-    if method == "polynomial" or c_poly < c_exact:
+    if method == "polynomial" or planner.polynomial_wins(c_poly, c_exact):
         base["compute_dtype"] = "float64"  # the polynomial path always runs in float64
         reason = planner.chosen(method, claim, costs)
         return Choice(Plan(method="polynomial", reason=reason, **base, **common), found)
-    reason = planner.exact_cheaper(claim, costs)
+    reason = planner.exact_instead(claim, c_poly, c_exact)
     return Choice(Plan(method="exact", reason=reason, **base, **common), None)
 
 

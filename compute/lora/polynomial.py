@@ -48,7 +48,8 @@ def _features(x: torch.Tensor, table: MonomialTable) -> torch.Tensor:
 
 
 def poly_blocking(nb: int, L: int, r: int) -> tuple[int, int]:
-    """Rows per block and number of blocks of the polynomial passes (also used by §5's N)."""
+    """Rows per block and number of blocks of the polynomial passes (also used by
+    docs/lora_bound.md §5's N)."""
     blk = max(16, min(L, POLY_BLOCK_ELEMS // max(1, nb * r)))
     return blk, -(-L // blk)
 
@@ -105,7 +106,7 @@ def poly_qkv_grads(
     done = 0
     ones = torch.ones((nb, L, 1), dtype=f64, device=dev)
     vext = torch.cat([vc, ones], dim=-1)  # [nb, L, d+1]
-    # key-side columns: [V, 1] and, for the bound, |Kc| (§4.5)
+    # key-side columns: [V, 1] and, for the bound, |Kc| (docs/lora_bound.md §4.5)
     kside = torch.cat([vext, kc.abs()], dim=-1) if cert is not None else vext  # [nb, L, .]
     beta = abs(scale)
 

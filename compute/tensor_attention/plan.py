@@ -189,10 +189,10 @@ def make_plan(p: Problem, method: str) -> tuple[Plan, Choice | None]:
             f"(bound {rel:.2g} of max|v1 ⊘ v2|)"
         )
         costs = planner.costs_phrase(choice.cost, cost_exact)
-        if method == "polynomial" or choice.cost < cost_exact:
+        if method == "polynomial" or planner.polynomial_wins(choice.cost, cost_exact):
             reason = planner.chosen(method, claim, costs)
         else:
-            reason = planner.exact_cheaper(claim, costs)
+            reason = planner.exact_instead(claim, choice.cost, cost_exact)
             choice = None
     extra: dict[str, Any] = {
         "n1": p.n1,

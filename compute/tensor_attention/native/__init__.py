@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...core.calibration import calibrated
 from ...core.cost import best_time
 from ...core.monomials import feature_count, monomial_table
 from ...core.native import NativeKernel
@@ -317,15 +318,27 @@ def run_native(
     return out if f32 else out.to(out_dtype)
 
 
-@lru_cache(maxsize=1)
-def native_rate() -> float:
-    """Multiply-adds per second of the compiled polynomial path, whole call included
-    (statistics, balancing, features, products, scaling): timed once per process on n = n1 =
-    n2 = 512, d = dv = 8, degree 3 (best of 5, about 1 ms); 0.0 without the kernel."""
-    kern = kernel()
-    if kern is None:
-        return 0.0
+def _measure_native(kern: TensorPoly) -> dict[str, float]:
     m, d, dv, g = 512, 8, 8, 3
     _, run = _probe(kern, (1, m, m, m, d, dv), g, 128)
     best = best_time(lambda: run(torch.float32), torch.device("cpu"))
-    return 3 * m * feature_count(d, g) * (dv + 1) / best
+    return {"madds": 3 * m * feature_count(d, g) * (dv + 1) / best}
+
+
+def native_rate() -> float:
+    """Multiply-adds per second of the compiled polynomial path, whole call included
+    (statistics, balancing, features, products, scaling): timed on n = n1 = n2 = 512,
+    d = dv = 8, degree 3 (best of 5, about 1 ms a round), calibrated once per machine and
+    compiled library (``core.calibration``); 0.0 without the kernel."""
+    kern = kernel()
+    if kern is None:
+        return 0.0
+    got = calibrated(
+        "tensor-native",
+        "cpu",
+        torch.float32,
+        lambda: _measure_native(kern),
+        depends=kern.path.name,
+        names=("madds",),
+    )
+    return got["madds"]
