@@ -79,7 +79,7 @@ def lora_gradient(
       gradient's cancellation-free natural scale, certified against a lower bound of it
       computed alongside the passes (docs/lora_bound.md §7b);
     * ``eps_mode="strict"``: ``b <= eps * max |G_exact|``, certified as
-      ``b <= eps (max |G_computed| - b)`` (§7).
+      ``b <= eps (max |G_computed| - b)`` (docs/lora_bound.md §7).
 
     The degree is first predicted (``plan_lora_gradient``; in strict mode after a pilot run at
     the scale-mode degree that measures the conditioning); if the a-posteriori certificate
@@ -115,7 +115,8 @@ def lora_gradient(
         dtype=inp.dtype, mode=mode,
     )  # fmt: skip
     # strict: the first run is a pilot at the degree eps_mode="scale" predicts; it measures N
-    # and max|G~|, i.e. the conditioning, from which the strict degree is predicted (§8)
+    # and max|G~|, i.e. the conditioning, from which the strict degree is predicted
+    # (docs/lora_bound.md §8)
     first = lora_plan.data_free("scale", L, None, None) if mode == "strict" else None
     basis = "first a pilot at the degree eps_mode='scale' predicts" if mode == "strict" else ""
     choice = lora_plan.choose(**kw, predictor=first, basis=basis)
@@ -212,7 +213,7 @@ def lora_gradient(
     conditioning: dict[str, tuple[float | None, float | None]] | None = None
     if last is not None:
         # N does not depend on the degree: a polynomial run's certified lower bound of max N
-        # gives the exact gradient's conditioning too (§7b)
+        # gives the exact gradient's conditioning too (docs/lora_bound.md §7b)
         scales = _pairs(last.scales)
         conditioning = {mu: _kappa(last.scales[mu], _maxabs(grads[mu])) for mu in last.scales}
         extra.update(scales=_ab(scales), kappa=_ab(conditioning), kappa_max=_kmax(conditioning))

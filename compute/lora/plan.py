@@ -49,7 +49,8 @@ __all__ = [
 # run with its a-posteriori certificate, and the backward's derivative tables grow with d (d + 1).
 MAX_DEGREE = 16
 MAX_FEATURES = 400_000  # larger feature maps are never predicted faster than exact
-PREDICT_FACTOR = 5.0  # strict, data-free: relative bound ~ factor L (eta + theta) (§8)
+# strict, data-free: relative bound ~ factor L (eta + theta) (docs/lora_bound.md §8)
+PREDICT_FACTOR = 5.0
 # scale: bound / N ~ PREDICT_SCALE (eta + theta) (docs/lora_bound.md §8: measured b/N ~ 1.0-1.1
 # (eta + theta) on the benchmark inputs and random ones)
 PREDICT_SCALE = 1.25
@@ -114,8 +115,8 @@ class Measured:
 
 
 def data_free(mode: str, n: int, factor: float | None, kappa: float | None) -> Predictor:
-    """The a-priori prediction (§8): scale ``PREDICT_SCALE lvl``; strict ``PREDICT_SCALE lvl
-    kappa`` with a known conditioning, else ``factor n lvl``."""
+    """The a-priori prediction (docs/lora_bound.md §8): scale ``PREDICT_SCALE lvl``; strict
+    ``PREDICT_SCALE lvl kappa`` with a known conditioning, else ``factor n lvl``."""
 
     def pred(approx: Approximation) -> tuple[float, float]:
         lvl = weight_level(approx)

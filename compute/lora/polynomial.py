@@ -86,7 +86,8 @@ def poly_qkv_grads(
     ``[L, d]`` on the key side of pass 1 (row sums ``sum_j F~_ij |Kc_jl|``) and the non-negative
     query weights ``z_i = [a_i |Q_i|, b_i, |E_i|, 1]`` ``[L, 2d+2]`` on the query side of pass 2
     (column sums ``sum_i F~_ij z_i`` in pass 3), and ``d`` more query weights for the lower
-    bound of the natural scale (§7b); the last return value is then the per-row error bounds and
+    bound of the natural scale (docs/lora_bound.md §7b); the last return value is then the
+    per-row error bounds and
     natural-scale lower bounds ``(err_q, err_k, err_v, nq_lo, nk_lo, nv_lo)`` ``[nb, L, d]``
     each (``err_k``, ``nk_lo`` zeros when ``need_k`` is False), else None.
     """
