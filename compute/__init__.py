@@ -21,8 +21,8 @@ from .core.errors import (
 )
 from .core.result import AttentionResult, LoraResult, Plan
 from .lora import lora_gradient, plan_lora_gradient
-from .radii import Radius, attention_radius, lora_radius, radius, tensor_attention_radius
-from .registry import OPERATIONS, Operation
+from .radii import Radius, attention_radius, lora_radius, tensor_attention_radius
+from .registry import OPERATIONS, Operation, radius
 from .tensor_attention import plan_tensor_attention, tensor_attention
 
 __all__ = [

@@ -13,8 +13,8 @@ computing the operation, and say what the data-free planner needs to plan it
 - :func:`tensor_attention_radius`: R3, the bound on ``|scale| sum_l |q_l k1_l k2_l|``;
 - :func:`lora_radius`: the radius of the centred scores of the adapted projections, with the
   projections' rounding errors (docs/lora_bound.md §2), as ``lora_gradient``'s planner uses it;
-- :func:`radius`: any registered operation by name, from the tensors and parameters of its job
-  (the service's ``POST /v1/plan``).
+- ``compute.radius`` (``registry.radius``): any registered operation by name, from the tensors
+  and parameters of its job (the service's ``POST /v1/plan``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from typing import Any
 import torch
 
 from .core import planner, validate
-from .core.errors import InvalidInputError
 from .core.radius import centre, matrix_radius, tensor_radius
+from .lora.certificate import prepare
+from .lora.inputs import check_inputs
 
-__all__ = ["Radius", "attention_radius", "lora_radius", "radius", "tensor_attention_radius"]
+__all__ = ["Radius", "attention_radius", "lora_radius", "tensor_attention_radius"]
 
 
 def _json_float(x: float) -> float | None:
@@ -169,9 +170,6 @@ def lora_radius(
     certified radius of the centred scores of the adapted projections, including their
     rounding errors (docs/lora_bound.md §2), as the planner of ``method="auto"`` uses it.
     ``rho = R / ln L``."""
-    from .lora.certificate import prepare
-    from .lora.inputs import check_inputs
-
     inp = check_inputs(x, y, w_q, w_k, w_v, adapters, alpha, scale)
     with torch.no_grad():
         R = _finite(prepare(inp).radius)
@@ -193,24 +191,3 @@ def lora_radius(
             "rank": rank, "full": full,
         },
     )  # fmt: skip
-
-
-def radius(
-    op: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any] | None = None
-) -> Radius:
-    """The radius of a registered operation's inputs: ``tensors`` by the names its job takes
-    (``compute.OPERATIONS[op].tensors``: ``q``, ``k``, ``v``; ``adapters.q.a`` ...) and its
-    parameters (``scale``, ``causal``, ``alpha``; others are ignored). Raises
-    ``InvalidInputError`` naming a missing tensor or a bad value, ``KeyError`` for an unknown
-    operation."""
-    from .registry import OPERATIONS
-
-    if op not in OPERATIONS:
-        raise KeyError(f"unknown operation {op!r}; one of {sorted(OPERATIONS)}")
-    entry = OPERATIONS[op]
-    for t in entry.tensors:
-        if t.required and t.name not in tensors:
-            raise InvalidInputError(t.name, "missing tensor")
-    if entry.radius is None:
-        raise InvalidInputError("op", f"operation {op!r} has no certified radius")
-    return entry.radius(tensors, dict(params or {}))

@@ -20,6 +20,7 @@ import torch
 
 from .attention import attention, plan_attention
 from .attention.shapes import check_shapes as attention_rule
+from .core.errors import InvalidInputError
 from .core.progress import Progress
 from .core.result import Plan
 from .lora import lora_gradient, plan_lora_gradient
@@ -36,6 +37,7 @@ __all__ = [
     "Progress",
     "Scalar",
     "TensorArg",
+    "radius",
     "register",
 ]
 
@@ -111,6 +113,25 @@ def register(op: Operation) -> Operation:
         raise ValueError(f"operation {op.name!r} is already registered")
     OPERATIONS[op.name] = op
     return op
+
+
+def radius(
+    op: str, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any] | None = None
+) -> Radius:
+    """The certified radius of a registered operation's inputs (``compute.radius``):
+    ``tensors`` by the names its job takes (``OPERATIONS[op].tensors``: ``q``, ``k``, ``v``;
+    ``adapters.q.a`` ...) and its parameters (``scale``, ``causal``, ``alpha``; others are
+    ignored). Raises ``InvalidInputError`` naming a missing tensor or a bad value, ``KeyError``
+    for an unknown operation."""
+    if op not in OPERATIONS:
+        raise KeyError(f"unknown operation {op!r}; one of {sorted(OPERATIONS)}")
+    entry = OPERATIONS[op]
+    for t in entry.tensors:
+        if t.required and t.name not in tensors:
+            raise InvalidInputError(t.name, "missing tensor")
+    if entry.radius is None:
+        raise InvalidInputError("op", f"operation {op!r} has no certified radius")
+    return entry.radius(tensors, dict(params or {}))
 
 
 # ------------------------------------------------------------------------------ shape rules
