@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
-from strategies import LD, ref_attention
+from strategies import LD, ref_attention, ref_tensor_attention
 
 import compute
 from compute.attention.naive import naive_attention
@@ -246,3 +246,68 @@ def test_exact_bound_is_reached_within_a_factor_on_unresolvable_scores() -> None
         err = err_vs(res.output, naive_attention(q, k, v, scale=1.0))
         assert res.error_bound is not None
         assert err <= res.error_bound <= 20 * err, (e, err, res.error_bound)
+
+
+# ---- tensor attention -------------------------------------------------------------------------
+
+
+def _tensor(n: int, n1: int, n2: int, d: int, dv: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(1, n, d), (1, n1, d), (1, n2, d), (1, n1, dv), (1, n2, dv)]
+    return tuple(torch.randn(*sh, generator=gen, dtype=F64) for sh in shapes)
+
+
+TENSOR_CASES = [
+    # (n, n1, n2, d, dv, q scale, v offset, dtype)
+    (64, 64, 64, 8, 4, 1.0, 0.0, F32),  # the fixed shift
+    (96, 80, 72, 16, 8, 3.0, 0.0, F32),  # a running max (scores beyond the shift limit)
+    (48, 40, 56, 4, 3, 300.0, 0.0, F32),  # near one-hot rows
+    (40, 33, 47, 8, 2, 1.0, 100.0, F32),  # offset values: cancellation
+    (40, 30, 50, 4, 2, 1.0, 0.0, F16),
+    (40, 30, 50, 4, 2, 2.0, 0.0, BF16),
+    (64, 48, 56, 8, 4, 5.0, 0.0, F64),
+]
+
+
+@pytest.mark.parametrize(("n", "n1", "n2", "d", "dv", "qs", "voff", "dtype"), TENSOR_CASES)
+def test_tensor_exact_bound_holds(
+    n: int, n1: int, n2: int, d: int, dv: int, qs: float, voff: float, dtype: torch.dtype
+) -> None:
+    q, k1, k2, v1, v2 = _tensor(n, n1, n2, d, dv, seed=n + n1 + d)
+    q, k1, k2 = (q * qs).to(dtype), k1.to(dtype), k2.to(dtype)
+    v1, v2 = (v1 + voff).to(dtype), v2.to(dtype)
+    res = compute.tensor_attention(q, k1, k2, v1, v2, method="exact")
+    assert res.plan.method == "exact" and res.error_bound is not None
+    assert res.plan.predicted_bound == res.error_bound
+    ref = ref_tensor_attention(q, k1, k2, v1, v2, 1.0 / math.sqrt(d))[0]
+    err = err_vs(res.output, ref)
+    assert err <= res.error_bound, (err, res.error_bound)
+    vmax = float(v1.double().abs().max() * v2.double().abs().max())
+    if dtype != F64 and qs <= 3.0:  # float32 rounding (and bfloat16's cast), not trivial
+        assert res.error_bound <= (1e-2 if dtype == BF16 else 2e-3) * vmax
+    if dtype == F64:
+        assert res.error_bound <= 1e-11 * vmax
+
+
+def test_tensor_exact_bound_wide_path_and_tightness() -> None:
+    """Scores beyond float32 run exact_wide (balanced, normalised values): the bound holds; and
+    two key pairs whose large scores are closer than their rounding: within a factor 40 of the
+    measured error, so a loose or missing score term fails."""
+    q, k1, k2, v1, v2 = _tensor(24, 20, 18, 4, 3, seed=2)
+    for qq, vv1, dt in ((q * 1e25, v1, F32), (q, v1 * 1e36, F32), (q * 1e100, v1, F64)):
+        args = [x.to(dt) for x in (qq, k1 * 1e10, k2, vv1, v2)]
+        res = compute.tensor_attention(*args, method="exact")
+        assert res.error_bound is not None and math.isfinite(res.error_bound)
+        err = err_vs(res.output, ref_tensor_attention(*args, 1.0 / math.sqrt(4))[0])
+        assert err <= res.error_bound, (err, res.error_bound)
+    gen = torch.Generator().manual_seed(0)
+    k1 = torch.ones(1, 1, 1)
+    k2 = torch.tensor([1.0, 1.0 + 4 * 2.0**-23]).reshape(1, 2, 1)
+    v1 = torch.ones(1, 1, 1)
+    v2 = torch.tensor([0.0, 1.0]).reshape(1, 2, 1)
+    for e in (8, 12, 16):
+        q = ((1 + torch.rand(1, 2048, 1, generator=gen, dtype=F64)) * 2.0**e).float()
+        res = compute.tensor_attention(q, k1, k2, v1, v2, method="exact", scale=1.0)
+        err = err_vs(res.output, ref_tensor_attention(q, k1, k2, v1, v2, 1.0)[0])
+        assert res.error_bound is not None
+        assert err <= res.error_bound <= 40 * err, (e, err, res.error_bound)

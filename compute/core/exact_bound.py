@@ -89,6 +89,7 @@ def softmax_rounding_bound(
     out_dtype: torch.dtype,
     value_roundings: int = 0,
     matmul_u: float | None = None,
+    den_floor: float = 1.0,
 ) -> float:
     """Certified bound on ``max |T~ - T|`` (output units, before any scaling back) for one
     online-softmax kernel (see module and docs/attention.md, "The exact path's bound").
@@ -105,6 +106,9 @@ def softmax_rounding_bound(
             ``v1 * v2``: 1), each ``u |v_j|``.
         matmul_u: unit roundoff of the products inside matrix multiplications when it is
             coarser than the compute dtype's (TF32); default the compute dtype's.
+        den_floor: a lower bound of the computed denominator in the kernel's units: 1 for a
+            running max (the maximal key's weight is ``exp(0) = 1``), less for a kernel that
+            shifts by a fixed bound instead (tensor attention's ``exp(s - h)``).
     """
     if not (
         math.isfinite(value_range)
@@ -147,11 +151,13 @@ def softmax_rounding_bound(
     # rounding of num and den at most tiny; the computed den is >= 1 (the maximal key's weight
     # is exp(0) = 1, rescaled only by exp(0) = 1, and rounded sums of non-negatives are monotone)
     under_ops = 4 * m + 4 * blocks + 8
-    e_u = under_ops * t_c
-    weights_lo = (1.0 - e_u) / (1.0 + g_den)  # sum of the computed weights, over den~ >= 1
+    if not den_floor > 0.0:
+        return math.inf
+    e_u = under_ops * t_c / den_floor  # relative to the computed denominator
+    weights_lo = (1.0 - e_u) / (1.0 + g_den)  # sum of the computed weights over den~
     if not weights_lo > 0.0:
         return math.inf
-    flushed = 2.0 * m * t_c * value_range / weights_lo
+    flushed = 2.0 * m * t_c * value_range / (weights_lo * den_floor)
     # E4 continued: |num~/den~ - T'| with T' the ratio of the computed weights (|T'| <= max|v|)
     ratio = (g_num + g_den) * value_absmax * (1.0 + e_u) / (1.0 - g_den) + e_u * (
         1.0 + value_absmax
