@@ -333,10 +333,14 @@ def run_lora_case(case: LoraCase) -> None:
             check_output(got, adapters[mu][i].dtype, tuple(adapters[mu][i].shape))
             want = grads[mu][i]
             err = float(np.abs(got.double().numpy().astype(LD) - want).max())
-            if res.error_bounds is not None:
-                b = res.error_bounds[mu][i]
-                assert b is not None and err <= b, f"d{'AB'[i]}_{mu}: {err:.3g} > {b}"
-            else:
+            assert res.error_bounds is not None  # both methods report bounds
+            b = res.error_bounds[mu][i]
+            # (the exact path's bound is None only where the scores' rounding alone may move the
+            # softmax by a factor beyond 1.5: s_abs of order 1e5 or more in float32)
+            assert b is not None or (res.plan.method == "exact" and s_abs * u > 1e-4)
+            if b is not None:
+                assert err <= b, f"d{'AB'[i]}_{mu}: {err:.3g} > {b}"
+            if res.plan.method == "exact":
                 inner = L + dm + dh + r + 8
                 tol = 64.0 * inner * u * (1.0 + s_abs) * sizes[mu][i]
                 tol += 2.0 * unit_roundoff(got.dtype) * float(np.abs(want).max())
@@ -822,7 +826,7 @@ def test_issue_lora_surrogate_weights_overflow_is_not_certified() -> None:
     with pytest.raises(compute.CertificationError):
         compute.lora_gradient(x, y, **args, method="polynomial", eps=0.3)
     res = compute.lora_gradient(x, y, **args, method="auto", eps=0.3)
-    assert res.plan.method == "exact" and res.error_bounds is None
+    assert res.plan.method == "exact" and res.error_bounds is not None
     _, grads, _ = ref_lora(x, y, w, adapters, 1.0, scale)
     for mu, pair in res.grads.items():
         for got, want in zip(pair, grads[mu], strict=True):
