@@ -83,12 +83,15 @@ def test_exact_matches_float64_reference_and_sdpa(
     q, k, v = make(lead, n, n, d, dv, dtype, None, seed=n + d)
     res = compute.attention(q, k, v, method="exact", causal=causal)
     assert res.output.shape == (*lead, n, dv) and res.output.dtype == dtype
-    assert res.error_bound is None and res.plan.method == "exact"
+    assert res.error_bound is not None and res.plan.method == "exact"
     ref = reference(q, k, v, None, causal)
     sdpa = SDPA(q, k, v, is_causal=causal)
     ours_err = float((res.output.double() - ref).abs().max())
     sdpa_err = float((sdpa.double() - ref).abs().max())
     vmax = float(v.abs().max())
+    # the exact path's certified rounding bound (float64 inputs: plus the reference's own error)
+    assert ours_err <= res.error_bound + ref_slack(n, d, vmax)
+    assert res.error_bound <= 2e-3 * vmax
     # FlashAttention's bar: at most a few times PyTorch's own error in the same precision
     u = torch.finfo(dtype).eps
     assert ours_err <= 4 * sdpa_err + 8 * u * vmax
@@ -233,8 +236,8 @@ def test_huge_entries_fall_back_to_exact_with_reason() -> None:
     res = compute.attention(q, k, v, method="auto", sample_rows=8)
     assert res.plan.method == "exact"
     assert "R = " in res.plan.reason and "exact" in res.plan.reason
-    assert res.plan.radius > 1e3 and res.error_bound is None
-    assert res.measured_error is not None and res.measured_error < 1e-5
+    assert res.plan.radius > 1e3 and res.error_bound is not None
+    assert res.measured_error is not None and res.measured_error <= res.error_bound
     with pytest.raises(compute.CertificationError, match="cannot certify"):
         compute.attention(q, k, v, method="polynomial")
 
@@ -318,8 +321,9 @@ def test_property_measured_error_within_bound(
         vmax = float(v.double().abs().max())
         assert res.measured_error is not None
         assert res.measured_error <= err * (1 + 1e-6) + 1e-13 * vmax  # a subset of the rows
-        if res.error_bound is None:
-            assert res.plan.method == "exact"
+        assert res.error_bound is not None
+        if res.plan.method == "exact":
+            assert err <= res.error_bound + ref_slack(m, d, vmax)
             assert err <= 1e3 * torch.finfo(dtype).eps * vmax
         else:
             assert res.plan.method == "polynomial"
@@ -513,10 +517,9 @@ def test_extreme_scales(scale: float) -> None:
     res = compute.attention(q, k, v, scale=scale, eps=1e-2, sample_rows=4)
     err = float((res.output.double() - ref).abs().max())
     assert torch.isfinite(res.output).all()
-    if res.error_bound is None:
+    assert res.error_bound is not None and err <= res.error_bound
+    if res.plan.method == "exact":
         assert err <= 1e-5
-    else:
-        assert err <= res.error_bound
     if abs(scale) < 1e-20:
         pol = compute.attention(q, k, v, scale=scale, method="polynomial", eps=1e-2)
         assert pol.plan.degree is not None and pol.plan.degree <= 1

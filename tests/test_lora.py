@@ -86,7 +86,9 @@ def test_exact_equals_the_naive_reference(full: bool, lead: tuple[int, ...]) -> 
     case = make_case(lead=lead, L=37, dm=7, dh=4, rank=3, full=full, seed=1)
     res = run(case, method="exact")
     loss, ref = sdpa_reference(case)
-    assert res.error_bounds is None and res.plan.method == "exact"
+    assert res.plan.method == "exact"
+    for mu, which, err, bound, _ in _errors(case, res):  # the exact path's rounding bound
+        assert err <= bound, (mu, which, err, bound)
     assert res.loss == pytest.approx(loss, rel=1e-12)
     assert set(res.grads) == set(ref)
     for mu, (da, db) in ref.items():
@@ -544,7 +546,8 @@ def test_failed_certificate_sends_auto_exact(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(lora_api, "MAX_TRIES", 1)
     case = make_case(lead=(2,), L=40, dm=5, dh=2, radius=1.0, seed=13)
     res = run(case, method="auto", eps=1e-4)
-    assert res.plan.method == "exact" and res.error_bounds is None
+    assert res.plan.method == "exact" and res.error_bounds is not None
+    assert all(err <= bound for _, _, err, bound, _ in _errors(case, res))
     assert "certificate failed" in res.plan.reason and "> eps = 0.0001" in res.plan.reason
     assert res.plan.extra["tries"][0]["degree"] == 1
     first = res.plan.extra["tries"][0]["relative_bound"]
@@ -590,7 +593,8 @@ def test_large_norms_make_auto_exact_with_reason(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(lora_plan, "cost_exact", lambda *a, **k: math.inf)
     case = make_case(lead=(1,), L=32, dm=6, dh=3, radius=60.0, seed=9)
     res = run(case, method="auto", eps=1e-3)
-    assert res.plan.method == "exact" and res.error_bounds is None
+    assert res.plan.method == "exact" and res.error_bounds is not None
+    assert all(err <= bound for _, _, err, bound, _ in _errors(case, res))
     assert "no polynomial" in res.plan.reason and "R = " in res.plan.reason
     assert res.plan.rho == pytest.approx(res.plan.radius / math.log(32))
     with pytest.raises(compute.CertificationError):
@@ -605,7 +609,8 @@ def test_auto_is_certified_whenever_polynomial(monkeypatch: pytest.MonkeyPatch) 
         if res.plan.method == "polynomial":
             _check_bounds(case, res)
         else:
-            assert res.error_bounds is None and res.plan.reason
+            assert res.plan.reason
+            assert all(err <= bound for _, _, err, bound, _ in _errors(case, res))
 
 
 def test_plan_lora_gradient_regimes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -249,6 +249,33 @@ def test_polynomial_jobs_end_to_end_with_their_bound(
     assert observed(client.get("/metrics").text) == before + 1
 
 
+@pytest.mark.parametrize("op", list(POLY_CASES))
+def test_exact_jobs_end_to_end_with_their_bound(op: str, api: Any, start_worker: Any) -> None:
+    """An exact job through the service: the summary carries the exact path's certified
+    rounding bound (never null), and the output is within it of the float64 answer."""
+    start_worker()
+    client = api()
+    make, params = POLY_CASES[op]
+    tensors = make()
+    exact = {**params, "method": "exact"}
+    r = client.post(f"/v1/{op}", json=json_body(tensors, exact))
+    assert r.status_code == 202, r.text
+    done = wait_done(client, r.json()["id"])
+    assert done["status"] == "succeeded", done
+    summary = done["summary"]
+    assert summary["method"] == "exact"
+    bounds = _bounds(summary)
+    assert bounds and all(b is not None and 0 < b < float("inf") for b in bounds.values())
+    body = client.get(f"/v1/jobs/{done['id']}/result").json()
+    t64 = {n: a.astype(np.float64) for n, a in tensors.items()}
+    want = direct(op, t64, {k: v for k, v in exact.items() if k != "eps"})
+    for name, bound in bounds.items():
+        tj = body["outputs"][name]
+        got = torch.tensor(tj["data"], dtype=torch.float64).reshape(tj["shape"])
+        err = float((got - want[name].double()).abs().max())
+        assert err <= bound, (name, err, bound)
+
+
 def test_fp64_and_bf16_datatypes_round_trip(api: Any, start_worker: Any) -> None:
     start_worker()
     client = api()

@@ -143,7 +143,8 @@ def test_worked_example_outputs() -> None:
     res = compute.tensor_attention(q, k1, k2, v1, v2, method="exact", scale=1.0)
     assert (res.output - exact).abs().max() <= 1e-5
     assert (brute_force(q, k1, k2, v1, v2, 1.0) - exact).abs().max() <= 1e-5
-    assert res.error_bound is None and res.plan.method == "exact"
+    assert res.error_bound is not None and res.plan.method == "exact"
+    assert float((res.output - brute_force(q, k1, k2, v1, v2, 1.0)).abs().max()) <= res.error_bound
 
 
 # ------------------------------------------------------------------------------ exact path

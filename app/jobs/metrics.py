@@ -85,7 +85,7 @@ WORKER_STAGE = Histogram(
 )
 ERROR_BOUND = Histogram(
     "attn_error_bound",
-    "Certified error bound per job (polynomial method)",
+    "Certified error bound per job (every method; exact: its rounding bound)",
     ["op", "method"],
     buckets=(1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1),
 )

@@ -107,7 +107,8 @@ def attention(
     Returns:
         :class:`AttentionResult`: ``output`` ``(..., n, dv)`` in the inputs' promoted dtype;
         ``error_bound``, the certified bound on ``max |output - exact|`` in output units
-        (rounding included; None for the exact method); ``plan`` (method, degree, features r,
+        (rounding included; for the exact method the rounding bound of the blocked softmax,
+        docs/attention.md, "The exact path's bound"); ``plan`` (method, degree, features r,
         radius R, rho = R / ln m, predicted costs, reason); ``measured_error``.
 
     Raises:
@@ -194,7 +195,20 @@ def attention(
             hi = ex.v_hi.to(out3.dtype).unsqueeze(1)
             out3 = torch.minimum(torch.maximum(out3, lo), hi)
     if cfg is None:
-        out3 = run_exact(q3, k3, v3, stats, s, causal=causal, progress=progress)
+        out3, bound = run_exact(
+            q3,
+            k3,
+            v3,
+            stats,
+            s,
+            causal=causal,
+            progress=progress,
+            value_range=value_range,
+            value_absmax=value_absmax,
+            out_dtype=out_dtype,
+        )
+        # the exact path's bound is a-priori too (from the statistics, before the kernel runs)
+        plan = dataclasses.replace(plan, predicted_bound=bound)
     measured = None
     if sample_rows > 0:
         measured = sample_error(out3.to(out_dtype), q3, k3, v3, s, causal, sample_rows)

@@ -14,14 +14,32 @@ import math
 import numpy as np
 import torch
 
+from ..core.device import float32_matmul_is_ieee
 from ..core.errors import OutOfRangeError
+from ..core.exact_bound import (
+    TF32_UNIT_ROUNDOFF,
+    fused_geometry,
+    loop_geometry,
+    softmax_rounding_bound,
+    tiny,
+)
 from ..core.progress import Progress, report
-from ..core.radius import midrange
+from ..core.radius import matrix_radius, midrange
+from ..core.rounding import gamma, round_bound_up, subnormal_spacing, unit_roundoff
 from ..core.scaling import times_pow2
 from .balance import balance, normalise_values
 from .stats import Stats
 
-__all__ = ["EXACT_BLOCK_ELEMS", "EXACT_MAX_BLOCK", "exact_forward", "exact_wide", "run_exact"]
+__all__ = [
+    "EXACT_BLOCK_ELEMS",
+    "EXACT_MAX_BLOCK",
+    "default_block",
+    "exact_bound",
+    "exact_forward",
+    "exact_wide",
+    "run_exact",
+    "uses_fused",
+]
 
 EXACT_BLOCK_ELEMS = 1 << 21  # elements of one score block (slices * Bq * Bk)
 EXACT_MAX_BLOCK = 1024  # rows per query/key block at most
@@ -63,13 +81,12 @@ def exact_forward(
     L, n, _ = q.shape
     m, dv = k.shape[1], v.shape[2]
     if block is None:
-        block = int(math.sqrt(EXACT_BLOCK_ELEMS / max(L, 1)))
-        block = max(16, min(EXACT_MAX_BLOCK, block))
+        block = default_block(L)
     if positions is None:
         positions = torch.arange(n, device=q.device)
     out = torch.empty((L, n, dv), dtype=q.dtype, device=q.device)
     n_blocks = -(-n // block)
-    if fused and not causal and q.dtype in (torch.float32, torch.float64):
+    if fused and uses_fused(causal, q.dtype):
         rows = max(block, 1024)
         n_blocks = -(-n // rows)
         sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -108,6 +125,152 @@ def exact_forward(
         out[:, s:e] = acc / run_sum
         report(progress, bi + 1, n_blocks)
     return out
+
+
+def default_block(L: int) -> int:
+    """``exact_forward``'s default rows per query/key block for ``L`` slices."""
+    block = int(math.sqrt(EXACT_BLOCK_ELEMS / max(L, 1)))
+    return max(16, min(EXACT_MAX_BLOCK, block))
+
+
+def uses_fused(causal: bool, dtype: torch.dtype) -> bool:
+    """Whether ``exact_forward`` (``fused=True``) hands its query blocks to the fused kernel."""
+    return not causal and dtype in (torch.float32, torch.float64)
+
+
+def _matmul_u(dtype: torch.dtype) -> float | None:
+    """TF32/bf16 operand rounding of float32 matrix products when it may be on."""
+    if dtype == torch.float32 and not float32_matmul_is_ieee():
+        return TF32_UNIT_ROUNDOFF
+    return None
+
+
+def _score_error(S: float, d: int, dtype: torch.dtype, scale: float, operand: float) -> float:
+    """E1: ``|s~ - s| <= gamma_{d+2} S`` (d products and sums, the scale, one more rounding of
+    the argument's conversion) plus the TF32 operand roundings, plus what underflowing products
+    lose (``tiny`` each, times the largest factor it multiplies: ``operand``)."""
+    u = unit_roundoff(dtype)
+    um = _matmul_u(dtype)
+    rel = gamma(d + 2, u) + (2.01 * um if um is not None else 0.0)
+    return rel * S + 2.0 * d * tiny(dtype) * (abs(scale) + 1.0) * (operand + 1.0)
+
+
+def exact_bound(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    causal: bool,
+    value_range: float,
+    value_absmax: float,
+    out_dtype: torch.dtype,
+    block: int | None = None,
+    fused: bool = True,
+) -> float:
+    """Certified bound on ``max |exact_forward(q, k, v, scale) - exact attention|`` (output
+    units, cast to ``out_dtype`` included) for values of column range <= ``value_range`` and
+    ``max |v| <= value_absmax`` (docs/attention.md, "The exact path's bound").
+
+    ``q: [L, n, d]``, ``k: [L, m, d]`` in the compute dtype. The scores are bounded by the
+    certified radius of the raw (uncentred) keys, ``S = matrix_radius(q, k, scale) >= |scale|
+    sum_l |q_il| |k_jl|`` (O((n + m) d), float64). The geometry is the loop's (``block``) for
+    causal attention, else the fused
+    kernel's, of which only ``KERNEL_MIN_KEY_BLOCK`` is assumed.
+    """
+    dtype = q.dtype
+    L, m, d = k.shape
+    S = matrix_radius(q, k, scale)  # raw keys: the scores the kernel forms
+    if not math.isfinite(S):
+        return math.inf
+    k_peak = float(k.abs().amax()) if k.numel() else 0.0
+    if fused and uses_fused(causal, dtype):
+        geometry = fused_geometry(m)
+    else:
+        geometry = loop_geometry(m, default_block(L) if block is None else block)
+    total = softmax_rounding_bound(
+        score_bound=S,
+        score_error=_score_error(S, d, dtype, scale, k_peak),
+        keys=m,
+        geometry=geometry,
+        value_range=value_range,
+        value_absmax=value_absmax,
+        compute_dtype=dtype,
+        out_dtype=out_dtype,
+        matmul_u=_matmul_u(dtype),
+    )
+    return round_bound_up(total)
+
+
+def _wide_bound(
+    log2_s: float,
+    d: int,
+    m: int,
+    *,
+    causal: bool,
+    L: int,
+    centring_dtype: torch.dtype,
+    wide: torch.dtype,
+    value_range: float,
+    value_absmax: float,
+    out_dtype: torch.dtype,
+) -> float:
+    """``exact_wide``'s bound (docs/attention.md, "The exact path's bound", E8): the kernel's on
+    centred, balanced inputs and normalised values, scaled back, plus the centring of the keys
+    (in ``centring_dtype``) and of the values (in ``wide``), the float64 scaling back and the
+    casts; at most ``value_range``, since the clamped output and the exact one both lie in each
+    column's ``[min v, max v]``."""
+    if value_absmax >= 2.0**1000 or not math.isfinite(value_range):
+        # values near float64's top (their range may overflow): the same bound on values times
+        # 2^-64, times 2^64 (the model is linear in the values but for its tiny absolute terms,
+        # which the scaling enlarges: still a bound)
+        small = 2.0**-64
+        va = value_absmax * small
+        vr = min(value_range * small, 2.0 * va)
+        total = _wide_bound(
+            log2_s,
+            d,
+            m,
+            causal=causal,
+            L=L,
+            centring_dtype=centring_dtype,
+            wide=wide,
+            value_range=vr,
+            value_absmax=va,
+            out_dtype=out_dtype,
+        )
+        return round_bound_up(total * 2.0**64)
+    S = 2.0**log2_s if log2_s < 1000.0 else math.inf  # centred scores, see run_exact
+    u_w, u_k = unit_roundoff(wide), unit_roundoff(centring_dtype)
+    sig = subnormal_spacing(wide)
+    E = 2.0 * math.sqrt(S) + 1.0  # balanced entries (see balance)
+    um = _matmul_u(wide)
+    rel = gamma(d + 2, u_w) + (2.01 * um if um is not None else 0.0) + u_k
+    delta = rel * 2.0 * S + 2.0 * d * sig * (E + sig) + 2.0 * d * tiny(wide) * (E + 1.0)
+    geometry = fused_geometry(m) if uses_fused(causal, wide) else loop_geometry(m, default_block(L))
+    kernel = softmax_rounding_bound(
+        score_bound=2.0 * S,  # balanced scores, scale' in [1/2, 1)
+        score_error=delta,
+        keys=m,
+        geometry=geometry,
+        value_range=2.0,  # normalised values lie in [-1, 1]
+        value_absmax=1.0,
+        compute_dtype=wide,
+        out_dtype=wide,
+        matmul_u=um,
+    )
+    # 2^e <= 2 max|v - c| <= range (1 + 2 u) + a spacing: the normalisation scaled back
+    scale_back = 2.0 * (value_range * (1.0 + 4.0 * u_w) + 2.0 * sig)
+    casts = (
+        u_w * value_range  # v - c rounded in the wide dtype (the output moves as the values)
+        + tiny(wide)  # ... or flushed
+        + 2.0**-53 * 2.0 * value_absmax  # the float64 sum o 2^e + c
+        + 2.0 * float(torch.finfo(torch.float64).tiny)
+        + unit_roundoff(centring_dtype) * value_absmax  # the cast back to the compute dtype
+        + tiny(centring_dtype)
+        + (unit_roundoff(out_dtype) * value_absmax + tiny(out_dtype))  # the output cast
+    )
+    total = kernel * scale_back + casts
+    return round_bound_up(min(total, value_range))
 
 
 def exact_is_safe(stats: Stats, scale: float, d: int, m: int, dtype: torch.dtype) -> bool:
@@ -173,15 +336,31 @@ def run_exact(
     *,
     causal: bool,
     progress: Progress | None,
-) -> torch.Tensor:
-    """The exact path of ``attention``: the plain kernel when its intermediates are safe, else
+    value_range: float,
+    value_absmax: float,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, float]:
+    """The exact path of ``attention`` and its certified bound (``exact_bound``, or for
+    ``exact_wide`` its own): the plain kernel when its intermediates are safe, else
     ``exact_wide`` on the centred keys, in the compute dtype when the balanced scores fit it
     (``<= 2 S``, S a bound on the centred scores), else in float64; raises
-    ``OutOfRangeError`` when even float64 cannot hold the scores."""
+    ``OutOfRangeError`` when even float64 cannot hold the scores. ``value_range`` (widened for
+    the centre's rounding, as ``attention`` does) and ``value_absmax`` describe v3;
+    ``out_dtype`` is the dtype the result will be cast to."""
     dtype = q3.dtype
     d, m = q3.shape[-1], k3.shape[-2]
     if exact_is_safe(stats, scale, d, m, dtype):
-        return exact_forward(q3, k3, v3, scale, causal=causal, progress=progress)
+        out = exact_forward(q3, k3, v3, scale, causal=causal, progress=progress)
+        bound = exact_bound(
+            q3,
+            k3,
+            scale,
+            causal=causal,
+            value_range=value_range,
+            value_absmax=value_absmax,
+            out_dtype=out_dtype,
+        )
+        return out, bound
     # S = d max_l |scale| max|q_l| max|kc_l| bounds the centred scores (like R, but in
     # logarithms, so also where R itself overflows float64): balanced entries are at most
     # 2 sqrt(S), the balanced scores at most 2 S (see balance)
@@ -193,7 +372,19 @@ def run_exact(
     for wide in (dtype, torch.float64):
         if log2_need < math.log2(float(torch.finfo(wide).max) / 64.0):
             out = exact_wide(q3, stats.kc, v3, scale, causal=causal, dtype=wide, progress=progress)
-            return out.to(dtype)
+            bound = _wide_bound(
+                log2_s,
+                d,
+                m,
+                causal=causal,
+                L=q3.shape[0],
+                centring_dtype=dtype,
+                wide=wide,
+                value_range=value_range,
+                value_absmax=value_absmax,
+                out_dtype=out_dtype,
+            )
+            return out.to(dtype), bound
     raise OutOfRangeError(
         "q",
         f"the scores scale * <q, k> reach about 2^{log2_s:.0f} (after centring the keys), "

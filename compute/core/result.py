@@ -65,8 +65,10 @@ class Plan:
 class AttentionResult:
     """Output of ``attention`` / ``tensor_attention``.
 
-    ``error_bound`` is a certified bound on ``max |output - exact|`` in output units (None for
-    ``method == "exact"``); ``measured_error`` is the max abs error on ``sample_rows`` query rows
+    ``error_bound`` is a certified bound on ``max |output - exact|`` in output units, for every
+    method (the exact path's is the rounding bound of its blocked softmax, docs/attention.md,
+    "The exact path's bound"; inf, reported as null, only where the values' own range is beyond
+    float64); ``measured_error`` is the max abs error on ``sample_rows`` query rows
     recomputed exactly in float64 (None when ``sample_rows == 0``).
     """
 

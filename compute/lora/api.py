@@ -20,6 +20,7 @@ from ..core.result import LoraResult, Plan
 from . import plan as lora_plan
 from .certificate import Certificate, Prepared, prepare, rounding_bounds
 from .exact import exact_gradients
+from .exact_bound import exact_bounds
 from .inputs import Inputs, adapter_grads, check_inputs, effective_weights
 from .polynomial import poly_blocking, run_polynomial
 
@@ -63,7 +64,8 @@ def lora_gradient(
     ``method``:
 
     * ``"exact"``: blocked closed form, O(L^2 d) time, O(L * block) memory, computed in float64
-      if any input is float64, else float32. ``error_bounds`` is None.
+      if any input is float64, else float32. ``error_bounds``: its certified rounding bound
+      (docs/lora_bound.md, "The exact path's bound").
     * ``"polynomial"``: reverse mode through the factored polynomial attention, O(L r' d^2),
       computed in float64, with an a-posteriori certified bound. Raises
       :class:`CertificationError` if no degree (within the retries) certifies ``eps``.
@@ -88,8 +90,9 @@ def lora_gradient(
     ``plan.reason`` and ``polynomial`` raises.
 
     Returns :class:`LoraResult` with ``loss`` (float), ``grads`` ({"q": (dA, dB), ...}),
-    ``error_bounds`` ({"q": (bound_dA, bound_dB), ...} certified max-abs bounds; None for
-    exact), ``scales`` (certified lower bounds of max N(G)), ``conditioning``
+    ``error_bounds`` ({"q": (bound_dA, bound_dB), ...} certified max-abs bounds, for both
+    methods: the exact path's is its rounding bound, docs/lora_bound.md, "The exact path's
+    bound"), ``scales`` (certified lower bounds of max N(G)), ``conditioning``
     (``kappa_G = N / max|G~|``), ``strict_ratios`` (``b / (max|G~| - b)``) and ``plan``
     (method, final degree, features, radius R of the centred scores, rho = R/ln L, costs,
     reason; ``predicted_bound`` and ``extra["relative_bound"]`` the certified worst ratio of
@@ -196,8 +199,10 @@ def lora_gradient(
             approx = None
             break
         plan, approx = nxt.plan, nxt.approx
-    loss, dw = exact_gradients(inp, progress)
+    parts: dict[str, torch.Tensor] = {}
+    loss, dw = exact_gradients(inp, progress, parts)
     grads = adapter_grads(inp, dw)
+    bounds = exact_bounds(inp, dw, grads, parts)  # the exact path's rounding bound
     used = next(iter(dw.values())).dtype
     if used != inp.dtype:  # the compute dtype's pass overflowed: say so
         plan = dataclasses.replace(
@@ -219,7 +224,7 @@ def lora_gradient(
         extra.update(scales=_ab(scales), kappa=_ab(conditioning), kappa_max=_kmax(conditioning))
     plan = dataclasses.replace(plan, extra=extra)
     return LoraResult(
-        loss, grads, None, plan, time.perf_counter() - t0, scales=scales,
+        loss, grads, bounds, plan, time.perf_counter() - t0, scales=scales,
         conditioning=conditioning,
     )  # fmt: skip
 

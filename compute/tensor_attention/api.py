@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -146,8 +147,10 @@ def tensor_attention(
     )
     plan, choice = make_plan(problem, method)
     if choice is None:
-        out = run_exact(fq, fa, fb, fv1, fv2, sc, stats, progress).to(out_dtype)
-        bound = None
+        out, bound = run_exact(fq, fa, fb, fv1, fv2, sc, stats, progress, out_dtype)
+        out = out.to(out_dtype)
+        # the exact path's bound is a-priori too (from the statistics, before the kernel runs)
+        plan = dataclasses.replace(plan, predicted_bound=bound)
     elif (kern := native.run_ok(choice.dtype, stats.xt, fv1, fv2)) is not None:
         out = native.run_native(
             kern,

@@ -9,8 +9,11 @@ from functools import lru_cache
 
 import torch
 
+from ..core.device import float32_matmul_is_ieee
 from ..core.errors import OutOfRangeError
+from ..core.exact_bound import TF32_UNIT_ROUNDOFF, loop_geometry, softmax_rounding_bound, tiny
 from ..core.progress import Progress, report
+from ..core.rounding import gamma, round_bound_up, unit_roundoff
 from ..core.scaling import mul_pow2_, times_pow2
 from .balance import balance_shifts, normalise_into, value_exponents
 from .stats import Stats
@@ -19,6 +22,7 @@ __all__ = [
     "EXACT_BLOCK",
     "check_output_range",
     "dtype_max",
+    "exact_bound",
     "exact_forward",
     "exact_wide",
     "run_exact",
@@ -112,6 +116,104 @@ def exact_forward(
     return out
 
 
+def _matmul_u(dtype: torch.dtype) -> float:
+    """The unit roundoff of float32 GEMM operands (TF32/bf16 when allowed), else 0."""
+    if dtype == torch.float32 and not float32_matmul_is_ieee():
+        return TF32_UNIT_ROUNDOFF
+    return 0.0
+
+
+def exact_bound(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    scale: float,
+    *,
+    value_range: float,
+    value_absmax: float,
+    out_dtype: torch.dtype,
+    log_h: float | None = None,
+    entry_max: float = 1.0,
+    dtype: torch.dtype | None = None,
+) -> float:
+    """Certified bound on ``max |exact_forward(...) - exact tensor attention|`` (output units,
+    the cast to ``out_dtype`` included) for values ``v1 ⊘ v2`` of column range <=
+    ``value_range`` and ``max |v1 v2| <= value_absmax`` (docs/tensor_attention.md, "The exact
+    path's bound"): the online-softmax model of ``core.exact_bound`` with
+
+    - the scores' bound ``H = |scale| max_i sum_l |q_il| max|k1_l| max|k2_l|`` (float64; it
+      also bounds the fixed shift ``h_i``), or ``e^log_h`` when given (``exact_wide``: from
+      logarithms, balanced entries at most ``entry_max``);
+    - score error ``gamma_{d+4} 2 H`` with the fixed shift (per term the scale, the two
+      products, the GEMM's sum of d + 1 terms, the shift folded in, relative to ``sum |terms|
+      <= S + h <= 2 H``), ``gamma_{d+3} H`` with a running max;
+    - the geometry of the loop: ``n2 + b1`` keys summed in an unknown order per block (the
+      GEMM over j2, the sum over the block's j1), ``ceil(n1 / b1)`` blocks, ``n1 n2`` keys, and
+      one rounding of each value product ``v2 v1``;
+    - the denominator at least ``exp(-2 H - 2 Delta)`` (1 - exp's error) with the fixed shift.
+
+    ``dtype``: the kernel's dtype (default q's; with ``log_h`` the tensors give only shapes).
+    """
+    dtype = q.dtype if dtype is None else dtype
+    B, n, d = q.shape
+    n1, n2 = k1.shape[1], k2.shape[1]
+    u = unit_roundoff(dtype)
+    g = gamma(d + 3, u)  # the kernel's own h_i (scaled queries, products, sum) errs by this
+    if log_h is None:
+        f64 = torch.float64
+        m12 = k1.abs().amax(dim=1).double() * k2.abs().amax(dim=1).double()  # [B, d]
+        h = (q.abs().to(f64) * m12.unsqueeze(1)).sum(dim=-1).amax() if q.numel() else 0.0
+        H0 = abs(scale) * float(h)
+        H = H0 * (1.0 + 1e-12) + d * 5e-324
+        h_low = H0 * (1.0 - 1e-12) * (1.0 - g)  # the kernel's largest h_i is at least this
+    else:
+        H = math.exp(log_h) if log_h < 700.0 else math.inf
+        h_low = 0.0  # unknown: the balanced kernel may take either branch
+    if not math.isfinite(H):
+        return math.inf
+    H *= 1.0 + g  # also bounds the kernel's h_i
+    um = _matmul_u(dtype)
+    # a product q scale k1 k2 whose partial product underflows loses tiny times the factors
+    # still to come: at most (1 + max|k1|)(1 + max|k2|) (balanced: entry_max each)
+    if log_h is None and k1.numel() and k2.numel():
+        f1, f2 = float(k1.abs().amax()), float(k2.abs().amax())
+    else:
+        f1 = f2 = entry_max
+    under = 3.0 * d * tiny(dtype) * (abs(scale) + 1.0) * (f1 + 1.0) * (f2 + 1.0)
+    limit = SHIFT_LIMIT.get(dtype, 40.0)
+    # the kernel's branch: the fixed shift when its largest h_i <= limit / 2 (then every score
+    # is at most h_i <= limit / 2 too), else a running max; both when undecidable from here
+    fixed = 2.0 * h_low <= limit
+    running = limit < 2.0 * H
+    delta = 0.0
+    floor = 1.0
+    if fixed:
+        # the shift is a term of the GEMM's sum: relative to S + h <= 2 min(H, limit / 2)
+        h_top = min(H, 0.5 * limit * (1.0 + g))
+        delta = (gamma(d + 4, u) + 2.01 * um) * 2.0 * h_top + under
+        # weights exp(s - h) <= 1, the largest at least exp(-2 h_top - 2 Delta) (1 - exp's)
+        floor = math.exp(-2.0 * h_top - 2.0 * delta) * (1.0 - 64.0 * u)
+    if running:  # a running max subtracts afterwards (an exp argument's rounding, E2 (b))
+        delta = max(delta, (gamma(d + 3, u) + 2.01 * um) * H + under)
+    _, b1 = exact_blocks(B, n, n1, n2)
+    geometry = loop_geometry(n1, b1)
+    geometry = type(geometry)(inner=n2 + geometry.inner, blocks=geometry.blocks)
+    total = softmax_rounding_bound(
+        score_bound=H,
+        score_error=delta,
+        keys=n1 * n2,
+        geometry=geometry,
+        value_range=value_range,
+        value_absmax=value_absmax,
+        compute_dtype=dtype,
+        out_dtype=out_dtype,
+        value_roundings=1,
+        matmul_u=um or None,
+        den_floor=floor,
+    )
+    return round_bound_up(total)
+
+
 def exact_is_safe(
     maxima: list[float],
     vmax: tuple[float, float],
@@ -193,16 +295,26 @@ def run_exact(
     scale: float,
     stats: Stats,
     progress: Progress | None,
-) -> torch.Tensor:
-    """The exact path of ``tensor_attention``: the blocked kernel on the raw inputs when all its
-    intermediates are safely finite (``exact_is_safe``), else ``exact_wide`` in the input's
-    compute dtype when the balanced intermediates (``<= 64 d R3``) fit it, else in float64;
-    ``OutOfRangeError`` when R3 is beyond float64 too. Returns the compute dtype or float64."""
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, float]:
+    """The exact path of ``tensor_attention`` and its certified bound: the blocked kernel on the
+    raw inputs when all its intermediates are safely finite (``exact_is_safe``), else
+    ``exact_wide`` in the input's compute dtype when the balanced intermediates (``<= 64 d
+    R3``) fit it, else in float64; ``OutOfRangeError`` when R3 is beyond float64 too. Returns
+    the compute dtype or float64, and the bound for the result cast to ``out_dtype`` (default
+    the compute dtype); docs/tensor_attention.md, "The exact path's bound"."""
     dtype = q.dtype
+    out_dtype = dtype if out_dtype is None else out_dtype
     d, n1, n2 = q.shape[-1], k1.shape[1], k2.shape[1]
     vmax = (_pow2_up(int(stats.e1.max())), _pow2_up(int(stats.e2.max())))  # >= max |v1|, |v2|
+    v_range = float(stats.value_range.max()) if stats.value_range.size else 0.0
+    v_absmax = float(stats.value_absmax.max()) if stats.value_absmax.size else 0.0
     if exact_is_safe(stats.maxima, vmax, scale, d, n1, n2, dtype):
-        return exact_forward(q, k1, k2, v1, v2, scale, progress)
+        out = exact_forward(q, k1, k2, v1, v2, scale, progress)
+        bound = exact_bound(
+            q, k1, k2, scale, value_range=v_range, value_absmax=v_absmax, out_dtype=out_dtype
+        )
+        return out, bound
     # P = |scale| max|q| max|k1| max|k2| (in logarithms: it may exceed float64): balanced
     # entries are at most (16 P)^(1/3), every intermediate at most 64 d P (see exact_wide)
     if scale == 0.0 or min(stats.maxima) == 0.0:
@@ -216,13 +328,57 @@ def run_exact(
     ) + math.log(3.0)
     for wide in (dtype, torch.float64):
         if log_need < math.log(float(torch.finfo(wide).max) / 64.0):
-            return exact_wide(q, k1, k2, v1, v2, scale, wide, progress)
+            out = exact_wide(q, k1, k2, v1, v2, scale, wide, progress)
+            bound = _wide_bound(q, k1, k2, scale, stats, log_p, wide, out_dtype)
+            return out, bound
     raise OutOfRangeError(
         "q",
         f"the scores scale * q k1 k2 reach about 1e{log_p / math.log(10.0):.0f} (|scale| "
         "max|q| max|k1| max|k2|), beyond the range of float64; rescale q, k1 or k2, or pass a "
         "smaller scale",
     )
+
+
+def _wide_bound(
+    q: torch.Tensor,
+    k1: torch.Tensor,
+    k2: torch.Tensor,
+    scale: float,
+    stats: Stats,
+    log_p: float,
+    wide: torch.dtype,
+    out_dtype: torch.dtype,
+) -> float:
+    """``exact_wide``'s bound: the kernel's on the balanced inputs (scores at most ``d P``,
+    entries at most ``entry_max``, what balancing flushes in the score error) and normalised
+    values (``|v1' v2'| < 1``, range 2, each flushed value at most ``tiny``), times the largest
+    ``2^(e1 + e2)`` (the exact float64 scaling back), plus the float64 result's own underflow
+    and the cast to ``out_dtype``."""
+    _, scale_b, entry_max = balance_shifts(stats.maxima, scale, wide)
+    if scale == 0.0 or min(stats.maxima) == 0.0:  # exact_wide zeroes every score
+        scale_b, log_h, entry_max = 0.0, -math.inf, 1.0
+    else:
+        log_h = log_p + math.log(q.shape[-1])
+    # the kernel sees q, k1, k2 in the wide dtype (exact casts); only their shapes matter here
+    kernel = exact_bound(
+        q,
+        k1,
+        k2,
+        scale_b,
+        value_range=2.0 + 4.0 * tiny(wide),
+        value_absmax=1.0 + 2.0 * tiny(wide),
+        out_dtype=wide,
+        log_h=log_h,
+        entry_max=entry_max,
+        dtype=wide,
+    )
+    top = float(stats.value_scale.max()) if stats.value_scale.size else 0.0
+    v_absmax = float(stats.value_absmax.max()) if stats.value_absmax.size else 0.0
+    cast = 0.0
+    if out_dtype != torch.float64:
+        cast = unit_roundoff(out_dtype) * (v_absmax + kernel * top) + tiny(out_dtype)
+    total = kernel * top + 2.0 * float(torch.finfo(torch.float64).tiny) + cast
+    return round_bound_up(total)
 
 
 def check_output_range(out: torch.Tensor, top: float) -> None:
