@@ -413,3 +413,17 @@ def test_lora_exact_bound_holds_on_drawn_inputs(
 ) -> None:
     x, y, w, ad = _lora_case(L, dm, dh, r, full, seed, kind)
     _lora_check(x, y, w, ad, dtype)
+
+
+def test_tensor_exact_bound_subnormal_products_amplified_by_v1() -> None:
+    """The kernel forms sum_j2 w v2 before multiplying by v1: with v2 subnormal and v1 large
+    the partial sum's rounding comes back times max|v1| (found by tests/test_fp_edges.py)."""
+    gen = torch.Generator().manual_seed(0)
+    for e1 in (5, 36, 100):
+        q, k1, k2 = (torch.randn(1, 3, 3, generator=gen) for _ in range(3))
+        v1 = torch.randn(1, 3, 2, generator=gen) * 2.0**e1
+        v2 = torch.randn(1, 3, 2, generator=gen) * 2.0**-147
+        res = compute.tensor_attention(q, k1, k2, v1, v2, method="exact")
+        assert res.error_bound is not None
+        err = err_vs(res.output, ref_tensor_attention(q, k1, k2, v1, v2, 1.0 / math.sqrt(3))[0])
+        assert err <= res.error_bound, (e1, err, res.error_bound)

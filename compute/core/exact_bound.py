@@ -90,6 +90,7 @@ def softmax_rounding_bound(
     value_roundings: int = 0,
     matmul_u: float | None = None,
     den_floor: float = 1.0,
+    num_under_scale: float = 1.0,
 ) -> float:
     """Certified bound on ``max |T~ - T|`` (output units, before any scaling back) for one
     online-softmax kernel (see module and docs/attention.md, "The exact path's bound").
@@ -109,6 +110,9 @@ def softmax_rounding_bound(
         den_floor: a lower bound of the computed denominator in the kernel's units: 1 for a
             running max (the maximal key's weight is ``exp(0) = 1``), less for a kernel that
             shifts by a fixed bound instead (tensor attention's ``exp(s - h)``).
+        num_under_scale: the largest factor a partial result of the numerator is multiplied by
+            after it may have underflowed (tensor attention multiplies ``sum_j2 w v2`` by
+            ``v1``: ``max |v1|``); 1 when the values enter first.
     """
     if not (
         math.isfinite(value_range)
@@ -154,13 +158,14 @@ def softmax_rounding_bound(
     if not den_floor > 0.0:
         return math.inf
     e_u = under_ops * t_c / den_floor  # relative to the computed denominator
+    e_num = e_u * max(1.0, num_under_scale)  # the numerator's, amplified by later factors
     weights_lo = (1.0 - e_u) / (1.0 + g_den)  # sum of the computed weights over den~
     if not weights_lo > 0.0:
         return math.inf
     flushed = 2.0 * m * t_c * value_range / (weights_lo * den_floor)
     # E4 continued: |num~/den~ - T'| with T' the ratio of the computed weights (|T'| <= max|v|)
-    ratio = (g_num + g_den) * value_absmax * (1.0 + e_u) / (1.0 - g_den) + e_u * (
-        1.0 + value_absmax
+    ratio = (g_num + g_den) * value_absmax * (1.0 + e_u) / (1.0 - g_den) + (
+        e_num + e_u * value_absmax
     )
     # values rounded before the kernel (tensor attention's v1 * v2): the convex combination moves
     # by at most their largest error

@@ -135,6 +135,7 @@ def exact_bound(
     log_h: float | None = None,
     entry_max: float = 1.0,
     dtype: torch.dtype | None = None,
+    v1_max: float = 1.0,
 ) -> float:
     """Certified bound on ``max |exact_forward(...) - exact tensor attention|`` (output units,
     the cast to ``out_dtype`` included) for values ``v1 ⊘ v2`` of column range <=
@@ -153,6 +154,8 @@ def exact_bound(
     - the denominator at least ``exp(-2 H - 2 Delta)`` (1 - exp's error) with the fixed shift.
 
     ``dtype``: the kernel's dtype (default q's; with ``log_h`` the tensors give only shapes).
+    ``v1_max``: ``max |v1|``, by which the kernel multiplies ``sum_j2 w v2`` after it may have
+    underflowed (normalised values: 1).
     """
     dtype = q.dtype if dtype is None else dtype
     B, n, d = q.shape
@@ -210,6 +213,7 @@ def exact_bound(
         value_roundings=1,
         matmul_u=um or None,
         den_floor=floor,
+        num_under_scale=v1_max,
     )
     return round_bound_up(total)
 
@@ -312,7 +316,14 @@ def run_exact(
     if exact_is_safe(stats.maxima, vmax, scale, d, n1, n2, dtype):
         out = exact_forward(q, k1, k2, v1, v2, scale, progress)
         bound = exact_bound(
-            q, k1, k2, scale, value_range=v_range, value_absmax=v_absmax, out_dtype=out_dtype
+            q,
+            k1,
+            k2,
+            scale,
+            value_range=v_range,
+            value_absmax=v_absmax,
+            out_dtype=out_dtype,
+            v1_max=vmax[0],  # 2^e1 >= max |v1|
         )
         return out, bound
     # P = |scale| max|q| max|k1| max|k2| (in logarithms: it may exceed float64): balanced
