@@ -147,13 +147,13 @@ def cost_exact(rt: Rates, *, batch: int, n: int, d: int, full: bool) -> float:
 
 
 def cost_polynomial(rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bool) -> float:
-    """float64: features in three passes, four ``[r, 2d+2]``-ish GEMMs (the bound's extra
-    columns included) and one (partial) or two (full) ``[r', d (d+1)]`` derivative GEMMs per
-    row, ``r' = C(d + g - 1, g - 1)``."""
+    """float64: features in three passes, four ``[r, 2d+2]``-ish GEMMs (the bound's and the
+    natural scale's extra columns included) and one (partial) or two (full) ``[r', d (d+1)]``
+    derivative GEMMs per row, ``r' = C(d + g - 1, g - 1)``."""
     r, r_low = feature_count(d, g), feature_count(d, g - 1)
     feats = float(batch) * 3.0 * n * r
     deriv = (2.0 if full else 1.0) * 2.0 * r_low * d * (d + 1)
-    flops = float(batch) * n * (2.0 * r * (2 * d + 1 + 3 * d + 3 + 3 * d + 2) + deriv)
+    flops = float(batch) * n * (2.0 * r * (2 * d + 1 + 4 * d + 3 + 4 * d + 2) + deriv)
     blocks = -(-batch * n * r // POLY_BLOCK_ELEMS)
     overhead = LAUNCH_SECONDS * (40 + (8 * g + 30) * 3 * blocks)
     return feats / rt64.elems + flops / rt64.skinny + overhead
