@@ -39,7 +39,8 @@ def exact_qkv_grads(
     ``E_b = O_b - Y_b``, ``D_b = rowsum(E_b ∘ O_b)`` (= ``(F∘G) 1``),
     ``dS_b = F_b ∘ (E_b V^T - D_b)``,
     ``dQ_b = scale dS_b K``, and the key-side sums ``dK += scale dS_b^T Q_b``, ``dV += F_b^T E_b``.
-    ``colsum``: a float64 ``[nb, L]`` to which the column sums of the computed ``F`` are added,
+    ``colsum``: a float64 ``[nb, L]`` to which the column sums of the computed ``F`` over each
+    block of ``exact_blocks`` rows are added (each summed in ``F``'s dtype),
     ``enorm``: a float64 ``[nb, L]`` that receives the row 2-norms of the computed ``E`` (both
     for the exact path's bound, ``compute/lora/exact_bound.py``).
     """
@@ -60,8 +61,10 @@ def exact_qkv_grads(
         f = torch.bmm(qb * scale, kt)
         f.sub_(f.amax(dim=-1, keepdim=True)).exp_()
         f.div_(f.sum(dim=-1, keepdim=True))  # F_b, rows sum to 1
-        if colsum is not None:
-            colsum += f.sum(dim=1, dtype=torch.float64)  # [nb, L]
+        if colsum is not None:  # in the compute dtype (a GEMV): at most gamma_bq relative
+            # error for these non-negative terms in any order (compute/lora/exact_bound.py)
+            ones = torch.ones((nb, 1, i1 - i0), dtype=f.dtype, device=f.device)
+            colsum += torch.bmm(ones, f).squeeze(1).to(torch.float64)  # [nb, L]
         o = torch.bmm(f, v)  # [nb, b, dh]
         e = o - y[:, i0:i1]  # [nb, b, dh]
         if enorm is not None:  # (sqrt(dh) max |e_i| where float64 squares may underflow)

@@ -134,7 +134,10 @@ def exact_bounds(
     # computed softmax: F <= (F~ + tau) / (1 - theta))
     nblk = -(-L // exact_blocks(nb, L))
     g_lb = gamma(L + nblk, u)
-    cols = (parts["colsum"].reshape(-1) * (1.0 + 1e-9) + L * tau) / (1.0 - th)  # [N]
+    # colsum: per block of bq rows a sum of non-negative terms in dt (|error| <= gamma_{bq-1}
+    # of the true block sum, any order), the blocks added in float64 (the 1e-9)
+    g_cs = gamma(exact_blocks(nb, L), u)
+    cols = (parts["colsum"].reshape(-1) * (1.0 + 1e-9) / (1.0 - g_cs) + L * tau) / (1.0 - th)
     m_k = float((a * qmax + h * e_q + g_lb * (h + a) * qmax).max())
     m_v = float(((th + g_lb * (1.0 + th)) * en_hat + e_e).max())
     en_top = float(en_hat.max())
