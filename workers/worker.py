@@ -9,6 +9,7 @@ passes its time limit (at a block boundary, or by the watchdog when the compute 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -223,6 +224,7 @@ class Worker:
         if "tensor-attention" in self.ops and self.device.type == "cpu":
             # build (or load), self-test and calibrate the compiled kernel now, not in a job
             log.info("tensor attention CPU kernel: %s", kernel_status())
+        self._warm_planner()
         next_reclaim = next_tune = 0.0
         reclaims = 0
         pause = 0.1
@@ -282,6 +284,24 @@ class Worker:
             return
         metrics.GROUPS_RECREATED.labels("worker").inc(made)
         log.warning("consumer groups were missing (Redis lost data?): created %d", made)
+
+    def _warm_planner(self) -> None:
+        """Read (or, on a new machine, measure once) the cost model's constants now, at the
+        thread count jobs will run with, so that no job pays for the calibration
+        (compute/core/calibration.py). Best effort: a failure here is logged, never fatal."""
+        with contextlib.suppress(redis.RedisError):  # else the loop tunes them once it answers
+            self._tune_threads()
+        t0 = time.perf_counter()
+        for name in self.ops:
+            op = compute.OPERATIONS.get(name)
+            if op is None or op.plan is None:
+                continue
+            for dtype in ("float32", "float64"):
+                try:
+                    op.plan(n=4096, d=8, radius=1.0, eps=1e-3, dtype=dtype, device=self.device)
+                except Exception as exc:  # an operation whose planner takes other arguments
+                    log.debug("planner warm-up of %s (%s) skipped: %s", name, dtype, exc)
+        log.info("cost model ready in %.2f s", time.perf_counter() - t0)
 
     def _tune_threads(self) -> None:
         """PyTorch threads: WORKER_THREADS, or the host's cores shared among its live workers
