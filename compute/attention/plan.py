@@ -69,9 +69,15 @@ def select(
     if not math.isfinite(R) or R > planner.MAX_RADIUS:
         return Selection(None, planner.beyond_regime(NAME, R))
     n_max = max(n_q, n_k)
-    for approx in planner.polynomials(R):
+    # the polynomial part of every bound below is at least t(approx) * value_range (rounding
+    # only widens [dmin, dmax], and t grows with the interval): degrees whose own t already
+    # misses the target are skipped without pricing any dtype or chunking (cached t table)
+    start = planner.first_degree(R, target / value_range if value_range > 0.0 else math.inf)
+    for approx in planner.polynomials(R, start=start):
         g = approx.degree
         r = feature_count(d, g)
+        if not approx.t * value_range <= target * (1.0 + 1e-9):
+            continue  # no dtype or chunking can certify this degree (see above)
         for dtype in dtypes:
             fp32 = dtype != torch.float64
             for ck_max, cr_max in FLOAT32_CHUNKS if fp32 else ((0, 0),):

@@ -1,0 +1,352 @@
+"""The compiled CPU route of attention (docs/attention.md, "Compiled CPU kernel").
+
+``attention_poly.c`` beside this file computes the statistics of a float32 call in one pass
+per tensor (``at_stats``) and the non-causal float32 polynomial path after balancing and
+normalisation (``at_moments``, ``at_readout``), with the rounding model of the PyTorch route
+(``polynomial.noncausal_blocks``), so one certified bound covers both. It is built by
+``core.native`` on first use (sharing its C building blocks with tensor attention:
+``core/native_poly.h``) and used only once it has passed its self-test in this process
+(``kernel``); else, and wherever ``NATIVE`` is False, the PyTorch route runs. float64, CUDA and
+causal calls always take the PyTorch route.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...core.cost import best_time
+from ...core.monomials import MonomialTable, monomial_table
+from ...core.native import NativeKernel, native_steps
+from ...core.polynomials import certified_best
+from ...core.progress import Progress, report
+from ..polynomial import NativeCore, polynomial_forward
+from ..stats import torch_reductions
+
+__all__ = [
+    "NATIVE",
+    "SOURCE",
+    "AttentionPoly",
+    "bound_core",
+    "core",
+    "kernel",
+    "kernel_status",
+    "native_rate",
+    "reductions",
+    "route_ok",
+    "status",
+]
+
+_log = logging.getLogger(__name__)
+
+# Use the compiled kernel for float32 CPU statistics and non-causal polynomial paths when it
+# builds; tests turn this off to exercise the PyTorch route (same rounding model).
+NATIVE = True
+# keys (or queries) per thread below which one thread does all (a wake-up costs ~50 us)
+PARALLEL_MIN = 8192
+# queries read out between two progress reports (a cancelled call stops there)
+QUERY_BLOCK = 16384
+
+
+class AttentionPoly:
+    """ctypes bindings of ``attention_poly.c``."""
+
+    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+        self.path = path
+        self.vector_bytes = int(lib.at_vector_bytes())
+        p, i, lg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        st = lib.at_stats
+        st.argtypes = [p, p, p, i, i, i, i, i, p, p]
+        st.restype = i
+        mo = lib.at_moments
+        mo.argtypes = [p, lg, i, i, i, p, i, p, i, i, i, i, i, p]
+        mo.restype = i
+        ro = lib.at_readout
+        ro.argtypes = [p, lg, i, i, i, p, i, p, i, i, i, i, i, p, p, p]
+        ro.restype = i
+        self._stats, self._moments, self._readout = st, mo, ro
+
+    def stats(self, *args: int) -> None:
+        _check(self._stats(*args))
+
+    def moments(self, *args: int) -> None:
+        _check(self._moments(*args))
+
+    def readout(self, *args: int) -> None:
+        _check(self._readout(*args))
+
+
+def _check(rc: int) -> None:
+    """The C functions' return codes: 0 success, -1 out of memory, -2 bad arguments."""
+    if rc == -1:
+        raise MemoryError("attention_poly: out of memory for the feature buffers")
+    if rc != 0:
+        raise ValueError(f"attention_poly: arguments out of range (code {rc})")
+
+
+SOURCE = Path(__file__).with_name("attention_poly.c")
+_KERNEL = NativeKernel(SOURCE, AttentionPoly)
+
+
+def kernel() -> AttentionPoly | None:
+    """The compiled kernel once it has passed its self-test in this process, else None."""
+    if not NATIVE:
+        return None
+    got = _KERNEL.checked(self_test)
+    if got is None and _KERNEL.self_test_failed():
+        _log.warning("compiled attention kernel failed its self-test: not used")
+    return got
+
+
+def status() -> str:
+    """One line: the compiled kernel's path and vector width, or why it is not used."""
+    return _KERNEL.status(lambda k: f"{k.path.name}, {k.vector_bytes}-byte vectors")
+
+
+def kernel_status() -> str:
+    """One line for logs: whether float32 CPU calls run the compiled kernel, or why not
+    (builds, self-tests and calibrates it now, so that the first call does not)."""
+    if not NATIVE:
+        return "PyTorch route: the compiled kernel is turned off"
+    if kernel() is None:
+        if _KERNEL.self_test_failed():
+            return "PyTorch route: the compiled kernel failed its self-test"
+        return status()
+    native_rate()
+    return status()
+
+
+def stats_ok(*ts: torch.Tensor) -> bool:
+    return NATIVE and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def route_ok(dtype: torch.dtype, device: torch.device, causal: bool) -> bool:
+    """Whether a polynomial path in ``dtype`` on ``device`` runs in the compiled kernel (if it
+    loads and passes its self-test)."""
+    return NATIVE and dtype == torch.float32 and device.type == "cpu" and not causal
+
+
+def reductions_native(
+    kern: AttentionPoly, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[np.ndarray, torch.Tensor]:
+    """``at_stats``: the host numbers of ``stats.statistics`` (its layout) and the key columns'
+    midranges ``[L, d]`` (float32), from one pass per tensor (plus one over q and k for the
+    centred norms and Hölder sums)."""
+    L, n, d = q.shape
+    m, dv = k.shape[1], v.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    host = np.empty(3 + 2 * L * d + 3 * L + 2 * L * dv, dtype=np.float64)
+    mid = torch.empty(L, d, dtype=torch.float32)
+    kern.stats(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, host.ctypes.data, mid.data_ptr()
+    )
+    return host, mid
+
+
+def bound_core(kern: AttentionPoly | None) -> NativeCore | None:
+    """``core`` bound to ``kern`` (looked up when called), the form ``polynomial_forward``
+    takes; None for None."""
+    if kern is None:
+        return None
+
+    def run(*args: Any, **kw: Any) -> torch.Tensor:
+        return core(kern, *args, **kw)
+
+    return run
+
+
+def reductions(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[np.ndarray, torch.Tensor] | None:
+    """The compiled statistics where they run (float32 on the CPU), else None."""
+    kern = kernel() if stats_ok(q, k, v) else None
+    return None if kern is None else reductions_native(kern, q, k, v)
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="attention-native")
+        return _POOL
+
+
+def _threads() -> int:
+    return max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _spans(total: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-total // parts)
+    return [(s, min(total, s + step)) for s in range(0, total, step)]
+
+
+def core(
+    kern: AttentionPoly,
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    vn: torch.Tensor,
+    c: torch.Tensor,
+    p2: torch.Tensor,
+    w64: torch.Tensor,
+    table: MonomialTable,
+    key_inner: int,
+    feature_inner: int,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    min_part: int = PARALLEL_MIN,
+) -> torch.Tensor:
+    """The non-causal polynomial path of ``polynomial_forward`` after its preparation, compiled.
+
+    ``qb [L, d, n]``, ``kb [L, d, m]`` balanced and transposed (float32), ``vn [L, m, dv]`` the
+    normalised centred values, ``c [L, 1, dv]`` their centre (float32), ``p2 [L, 1, dv]``
+    (float64) the normalisation, ``w64 [r]`` the weights; float32 dot products of depth at
+    most ``key_inner`` (keys) and ``feature_inner`` (features), what the bound certified.
+    Returns ``[L, n, dv]`` float32: ``(num / den) p2 + c`` rounded once.
+
+    With ``threads`` > 1 (default: torch's thread count) long problems are split: keys into
+    contiguous parts of at least ``min_part`` keys whose float64 moments are added in float64
+    (one more float64 addition per part, within the model's float64 chain: docs/attention.md),
+    queries into parts read out independently (the same arithmetic). ``progress(done, total)``
+    after each slice's moments and each block of ``QUERY_BLOCK`` queries.
+    """
+    L, d, n = qb.shape
+    m, dv = kb.shape[2], vn.shape[2]
+    e, r = dv + 1, table.r
+    steps, nlow, top = native_steps(d, table.g)
+    nsteps = len(table.steps)
+    qb, kb = qb.contiguous(), kb.contiguous()
+    ve = torch.cat([vn, torch.ones(L, m, 1, dtype=vn.dtype)], dim=2).contiguous()  # [L, m, e]
+    c32 = c.reshape(L, dv).to(torch.float32).contiguous()
+    p64 = p2.reshape(L, dv).to(torch.float64).contiguous()
+    w = w64.to(torch.float64).contiguous()
+    out = torch.empty(L, n, dv, dtype=torch.float32)
+    nt = _threads() if threads is None else max(1, threads)
+    # key parts only when each is long (then the extra float64 additions stay within the chain
+    # the bound counts: see docs/attention.md, "Compiled CPU kernel")
+    kparts = max(1, min(nt, m // min_part)) if key_inner >= 64 else 1
+    sp = steps.data_ptr()
+    total = L * (1 + -(-n // QUERY_BLOCK))
+    done = 0
+    for b in range(L):
+        kbp, vep = kb[b].data_ptr(), ve[b].data_ptr()
+
+        def moments(span: tuple[int, int], kbp: int = kbp, vep: int = vep) -> np.ndarray:
+            M = np.empty((e, r), dtype=np.float64)
+            kern.moments(
+                kbp, m, span[0], span[1], d, vep, e, sp, nsteps, nlow, top, r, key_inner,
+                M.ctypes.data,
+            )  # fmt: skip
+            return M
+
+        kspans = _spans(m, kparts)
+        if len(kspans) == 1:
+            M = moments(kspans[0])
+        else:
+            parts = list(_pool().map(moments, kspans))
+            M = parts[0]
+            for extra in parts[1:]:
+                M = M + extra  # float64
+        done += 1
+        report(progress, done, total)
+        # weights in float64, one rounding to float32 (as Mw.to(float32))
+        me = torch.from_numpy(M * w.numpy()[None, :]).to(torch.float32).contiguous()  # [e, r]
+        qbp, mep = qb[b].data_ptr(), me.data_ptr()
+        p2p, cp, ob = p64[b].data_ptr(), c32[b].data_ptr(), out[b]
+
+        def readout(
+            span: tuple[int, int], qbp: int = qbp, mep: int = mep, p2p: int = p2p, cp: int = cp,
+            ob: torch.Tensor = ob,
+        ) -> None:  # fmt: skip
+            kern.readout(
+                qbp, n, span[0], span[1], d, mep, e, sp, nsteps, nlow, top, r, feature_inner,
+                p2p, cp, ob[span[0]:].data_ptr(),
+            )  # fmt: skip
+
+        for i0 in range(0, n, QUERY_BLOCK):
+            i1 = min(n, i0 + QUERY_BLOCK)
+            qparts = max(1, min(nt, (i1 - i0) // max(1, min_part // 2)))
+            qspans = [(i0 + a, i0 + b) for a, b in _spans(i1 - i0, qparts)]
+            if len(qspans) == 1:
+                readout(qspans[0])
+            else:
+                list(_pool().map(readout, qspans))
+            done += 1
+            report(progress, done, total)
+    return out
+
+
+def _probe(
+    n: int, m: int, d: int, dv: int, g: int, L: int = 2, seed: int = 20261129
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = 0.4 * torch.randn(L, n, d, generator=gen)
+    k = 0.4 * torch.randn(L, m, d, generator=gen) + 0.25
+    v = torch.randn(L, m, dv, generator=gen) - 0.5
+    return q, k, v
+
+
+def self_test(kern: AttentionPoly) -> bool:
+    """The compiled statistics and polynomial core against the PyTorch route, once per process.
+
+    Small fixed problems (two slices, unequal lengths, short chunks: several segments and
+    feature chunks, threads on and off): the column extremes and midranges must be identical,
+    the norms equal to 1e-12, and the outputs of the same degree-3 polynomial equal to float32
+    rounding. Guards against a compiler or CPU that builds the library but computes something
+    else.
+    """
+    try:
+        q, k, v = _probe(137, 450, 3, 2, 3)
+        host_c, mid_c = reductions_native(kern, q, k, v)
+        host_t, mid_t, _ = torch_reductions(q, k, v)
+        if not torch.equal(mid_c, mid_t) or not np.allclose(host_c, host_t, rtol=1e-12, atol=0):
+            return False
+        approx = certified_best(1.0, 3)
+        for threads, key_chunk, min_part in ((1, 16, PARALLEL_MIN), (2, 64, 100)):
+            # (threads, long key chunks and short parts: keys and queries split in two)
+            kw = {"dtype": torch.float32, "key_chunk": key_chunk, "feature_chunk": 8}
+            ref = polynomial_forward(q, k, v, approx, 0.5, **kw).double()  # type: ignore[arg-type]
+            got = polynomial_forward(
+                q, k, v, approx, 0.5, native=bound_core(kern), native_threads=threads,
+                native_min_part=min_part, **kw,  # type: ignore[arg-type]
+            ).double()  # fmt: skip
+            if not bool((got - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12):
+                return False
+        return True
+    except (ValueError, MemoryError, RuntimeError):
+        return False
+
+
+@lru_cache(maxsize=1)
+def native_rate() -> float:
+    """Multiply-adds per second of the compiled core (features, moments, readout; one
+    thread): timed once per process on n = m = 2048, d = dv = 8, degree 3 (best of 3, about
+    2 ms); 0.0 without the kernel."""
+    kern = kernel()
+    if kern is None:
+        return 0.0
+    n, d, dv, g = 2048, 8, 8, 3
+    table = monomial_table(d, g)
+    gen = torch.Generator().manual_seed(1)
+    qb, kb = (0.5 * torch.randn(1, d, n, generator=gen) for _ in range(2))
+    vn = 0.5 * torch.randn(1, n, dv, generator=gen)
+    c, p2 = torch.zeros(1, 1, dv), torch.ones(1, 1, dv, dtype=torch.float64)
+    w = torch.ones(table.r, dtype=torch.float64)
+    best = best_time(
+        lambda: core(kern, qb, kb, vn, c, p2, w, table, 512, 256, threads=1),
+        torch.device("cpu"),
+        reps=3,
+    )
+    return 2 * n * table.r * (dv + 1) / best

@@ -1,0 +1,218 @@
+/* Compiled float32 CPU route of attention (compute/attention/): the statistics of one call in
+ * one pass per tensor (at_stats), and the non-causal polynomial path after planning, as two
+ * halves that can run in parallel threads on disjoint keys or queries (at_moments, at_readout).
+ *
+ * The polynomial steps are those of compute/attention/polynomial.py (docs/attention.md, "The
+ * rounding model, step by step"), in the same arithmetic, with every block of features kept
+ * in cache instead of a [r, B] feature block in memory (the building blocks are shared with
+ * tensor attention: compute/core/native_poly.h):
+ *
+ *   moments  M[c][alpha] = float64 sum of float32 dot products of depth <= kchunk over the
+ *            keys, sum_j k_j^alpha * [vn_j, 1][c] (the PyTorch route: float32 products over
+ *            key chunks of key_inner keys, float64 across chunks; here each vector lane adds
+ *            at most kchunk - 5 keys and the 16 lanes a tree of depth 4: at most kchunk
+ *            roundings per term, the count the bound uses, and at most ceil(m / kchunk)
+ *            float64 additions, as many as the PyTorch route has chunks);
+ *   weights  me = (float) (w[alpha] * M[alpha])   (float64, one rounding to float32: as
+ *            Mw.to(float32) in the PyTorch route);
+ *   readout  o[c][i] = float64 sum over chunks of fchunk features of float32 dot products
+ *            sum_alpha me[c][alpha] q_i^alpha (the PyTorch route's feature chunks of
+ *            feature_inner); out[i][c] = (float) ((o[c][i] / o[dv][i]) * p2[c] + cv[c]).
+ *
+ * Features: degree m from degree m - 1 by one float32 multiplication, the top degree formed in
+ * registers where it is consumed: the same single rounding per multiplication as the PyTorch
+ * feature builder. Gradual underflow: the same products and casts as the PyTorch route (the
+ * model's H' and absolute terms). Compile WITHOUT -ffast-math; -ffp-contract=fast only fuses
+ * multiply-adds (fewer roundings than the model counts).
+ *
+ * Returns 0 on success, -1 when memory could not be allocated, -2 for bad arguments.
+ */
+#define _POSIX_C_SOURCE 200112L
+#include "native_poly.h" /* compute/core/: features, key moments, readout (shared) */
+
+int at_vector_bytes(void) {
+#if defined(__AVX512F__)
+    return 64;
+#elif defined(__AVX2__) || defined(__AVX__)
+    return 32;
+#else
+    return 16;
+#endif
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Statistics                                                                                 */
+/* ---------------------------------------------------------------------------------------- */
+
+/* The numbers of compute/attention/stats.py `statistics`, float32 inputs, one slice at a time:
+ * q: [L][n][d], k: [L][m][d], v: [L][m][dv] contiguous. Writes host (float64), in the layout
+ * statistics reads: [3] peaks (max|q|, max|k|, max|v|; NaN when the tensor has a NaN, inf when
+ * an infinity) | [L][d] max|q| per column | [L][d] max|k - mid| | [L] largest row 2-norm of q
+ * | [L] of k - mid | [L] largest Hoelder sum sum_l |q_il| max|k_l - mid_l| | [L][dv] max v |
+ * [L][dv] min v; and mid [L][d] (float32): the midrange of every key column, hi/2 + lo/2 as
+ * core.radius.midrange. Squares and products of float32 numbers are exact in float64; the
+ * sums are in float64 (another order than torch's: a few ulps, within the radius' inflation). */
+int at_stats(const float *q, const float *k, const float *v, int L, int n, int m, int d, int dv,
+             double *host, float *mid) {
+    if (L < 1 || n < 1 || m < 1 || d < 1 || dv < 1) return -2;
+    float *qh = scratch(B_EXTRA0, sizeof(float) * 2 * (size_t)d);
+    float *kh = scratch(B_EXTRA1, sizeof(float) * 2 * (size_t)d);
+    float *vh = scratch(B_EXTRA2, sizeof(float) * 2 * (size_t)dv);
+    float *ka = scratch(B_EXTRA3, sizeof(float) * (size_t)d);
+    if (!qh || !kh || !vh || !ka) return -1;
+    float *ql = qh + d, *kl = kh + d, *vl = vh + dv;
+    const double nan = __builtin_nan("");
+    double *peaks = host, *qa_o = host + 3, *ka_o = host + 3 + (long)L * d;
+    double *qn_o = host + 3 + 2L * L * d, *kn_o = qn_o + L, *hs_o = kn_o + L;
+    double *vh_o = hs_o + L, *vl_o = vh_o + (long)L * dv;
+    int bad_q = 0, bad_k = 0, bad_v = 0;
+    float pq = 0.0f, pk = 0.0f, pv = 0.0f;
+    for (int b = 0; b < L; b++) {
+        const float *qb = q + (long)b * n * d, *kb = k + (long)b * m * d, *vb = v + (long)b * m * dv;
+        for (int l = 0; l < d; l++) {
+            qh[l] = ql[l] = qb[l];
+            kh[l] = kl[l] = kb[l];
+        }
+        for (int c = 0; c < dv; c++) vh[c] = vl[c] = vb[c];
+        double qn = 0.0;
+        for (int i = 0; i < n; i++) {
+            const float *x = qb + (long)i * d;
+            double sq = 0.0;
+            for (int l = 0; l < d; l++) {
+                const float t = x[l];
+                bad_q |= t != t;
+                sq += (double)t * (double)t;
+                qh[l] = t > qh[l] ? t : qh[l];
+                ql[l] = t < ql[l] ? t : ql[l];
+            }
+            qn = sq > qn ? sq : qn;
+        }
+        for (int j = 0; j < m; j++) {
+            const float *x = kb + (long)j * d;
+            for (int l = 0; l < d; l++) {
+                const float t = x[l];
+                bad_k |= t != t;
+                kh[l] = t > kh[l] ? t : kh[l];
+                kl[l] = t < kl[l] ? t : kl[l];
+            }
+        }
+        for (int j = 0; j < m; j++) {
+            const float *x = vb + (long)j * dv;
+            for (int c = 0; c < dv; c++) {
+                const float t = x[c];
+                bad_v |= t != t;
+                vh[c] = t > vh[c] ? t : vh[c];
+                vl[c] = t < vl[c] ? t : vl[c];
+            }
+        }
+        float *mb = mid + (long)b * d;
+        for (int l = 0; l < d; l++) {
+            /* hi * 0.5 + lo * 0.5 with both products rounded (never one fused multiply-add) */
+            volatile float h2 = kh[l] * 0.5f, l2 = kl[l] * 0.5f;
+            mb[l] = h2 + l2;
+            const float a = __builtin_fabsf(kh[l] - mb[l]), c = __builtin_fabsf(kl[l] - mb[l]);
+            ka[l] = a > c ? a : c;
+            const float qa = __builtin_fabsf(qh[l]) > __builtin_fabsf(ql[l]) ? __builtin_fabsf(qh[l])
+                                                                          : __builtin_fabsf(ql[l]);
+            qa_o[(long)b * d + l] = qa;
+            ka_o[(long)b * d + l] = ka[l];
+            pq = qa > pq ? qa : pq;
+            const float kk = __builtin_fabsf(kh[l]) > __builtin_fabsf(kl[l]) ? __builtin_fabsf(kh[l])
+                                                                          : __builtin_fabsf(kl[l]);
+            pk = kk > pk ? kk : pk;
+        }
+        for (int c = 0; c < dv; c++) {
+            vh_o[(long)b * dv + c] = vh[c];
+            vl_o[(long)b * dv + c] = vl[c];
+            const float a = __builtin_fabsf(vh[c]) > __builtin_fabsf(vl[c]) ? __builtin_fabsf(vh[c])
+                                                                         : __builtin_fabsf(vl[c]);
+            pv = a > pv ? a : pv;
+        }
+        double kn = 0.0, hs = 0.0;
+        for (int j = 0; j < m; j++) {
+            const float *x = kb + (long)j * d;
+            double sq = 0.0;
+            for (int l = 0; l < d; l++) {
+                const float t = x[l] - mb[l]; /* fl(k - mid), as the centred keys */
+                sq += (double)t * (double)t;
+            }
+            kn = sq > kn ? sq : kn;
+        }
+        for (int i = 0; i < n; i++) {
+            const float *x = qb + (long)i * d;
+            double s = 0.0;
+            for (int l = 0; l < d; l++) s += (double)__builtin_fabsf(x[l]) * (double)ka[l];
+            hs = s > hs ? s : hs;
+        }
+        qn_o[b] = sqrt(qn);
+        kn_o[b] = sqrt(kn);
+        hs_o[b] = hs;
+    }
+    peaks[0] = bad_q ? nan : (double)pq;
+    peaks[1] = bad_k ? nan : (double)pk;
+    peaks[2] = bad_v ? nan : (double)pv;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Polynomial path (non-causal)                                                               */
+/* ---------------------------------------------------------------------------------------- */
+
+static int check_table(int d, int e, int r, int top, int nsteps, int nlow, const int *steps) {
+    if (d < 1 || e < 2 || r < 1 || top < 1 || top > r || nlow < 0 || nlow > nsteps) return -2;
+    for (int s = 0; s < nsteps; s++) {
+        const int *st = steps + 4 * s;
+        if (st[0] < 1 || st[1] > r || st[0] > st[1] || st[2] < 0 || st[3] < 0 || st[3] >= d ||
+            st[2] + (st[1] - st[0]) > r || (s < nlow) != (st[0] < top))
+            return -2;
+    }
+    return 0;
+}
+
+/* M[c][alpha] (float64, [e][r]) for the keys [j0, j1) of kb (d rows, row l at kb + l * xs:
+ * balanced keys, transposed) with values ve ([m][e] float32, row j at ve + j * e: the
+ * normalised centred values and a column of ones). kchunk >= 6. */
+int at_moments(const float *kb, long xs, int j0, int j1, int d, const float *ve, int e,
+               const int *steps, int nsteps, int nlow, int top, int r, int kchunk, double *M) {
+    if (j0 < 0 || j1 <= j0 || kchunk < 6 || xs < j1) return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    Problem p = {kb, xs, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL};
+    KeyWork kw;
+    if (key_work_alloc(&kw, &p)) return -1;
+    moments(&p, &kw, j0, j1 - j0, ve + (long)j0 * e, M);
+    scratch_trim();
+    return 0;
+}
+
+/* out[i][c] (float32, row i at out + (i - i0) * dv) for the queries [i0, i1) of qb (d rows,
+ * row l at qb + l * xs: balanced queries, transposed): the readout with me ([e][r] float32,
+ * the weighted moments), fchunk features per float32 dot product, then
+ * (float) ((o[c] / o[dv]) * p2[c] + cv[c]) with p2 the normalisation (float64) and cv the
+ * values' centre (float32), dv = e - 1. */
+int at_readout(const float *qb, long xs, int i0, int i1, int d, const float *me, int e,
+               const int *steps, int nsteps, int nlow, int top, int r, int fchunk,
+               const double *p2, const float *cv, float *out) {
+    if (i0 < 0 || i1 <= i0 || fchunk < 1 || xs < i1) return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    const int dv = e - 1, cnt = i1 - i0;
+    int *src_of = scratch(B_SRC, sizeof(int) * (size_t)(r - top + 1));
+    int *var_of = scratch(B_VAR, sizeof(int) * (size_t)(r - top + 1));
+    double *t64 = scratch(B_T64, sizeof(double) * (size_t)cnt * dv);
+    QueryWork qw;
+    Problem p = {qb + i0, xs, d, e, r, top, 6, fchunk, steps, nlow, nsteps, NULL, NULL};
+    if (!src_of || !var_of || !t64 || query_work_alloc(&qw, &p)) return -1;
+    for (int k = nlow; k < nsteps; k++) {
+        const int *st = steps + 4 * k;
+        for (int i = 0; i < st[1] - st[0]; i++) {
+            src_of[st[0] + i - top] = st[2] + i;
+            var_of[st[0] + i - top] = st[3];
+        }
+    }
+    p.src_of = src_of;
+    p.var_of = var_of;
+    readout(&p, &qw, me, 0, cnt, t64);
+    for (long i = 0; i < (long)cnt; i++)
+        for (int c = 0; c < dv; c++) out[i * dv + c] = (float)(t64[i * dv + c] * p2[c] + (double)cv[c]);
+    scratch_trim();
+    return 0;
+}
