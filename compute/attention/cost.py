@@ -3,7 +3,10 @@ cost model").
 
 The exact path's model (``core.cost.predict_exact_attention``) counts the unfused loop; the
 non-causal exact path runs PyTorch's fused kernel, whose constant is measured here once per
-process. The polynomial path's features are priced at the feature builder's measured rate.
+process. The polynomial path's features are priced at the feature builder's measured rate, or,
+where the compiled route runs (``native``), at the compiled core's measured rate.
+``polynomial_floor`` is a lower bound of every polynomial prediction with at least r features:
+the planner's fast exit to exact.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ from ..core.cost import (
     predict_polynomial_attention,
     rates,
 )
+from . import native
 from .polynomial import CAUSAL_BLOCK, Config
 
-__all__ = ["predict_exact", "predict_polynomial"]
+__all__ = ["NATIVE_PREP", "polynomial_floor", "predict_exact", "predict_polynomial"]
+
+# the compiled route's fixed cost (planning, balancing, normalisation, the calls): seconds,
+# plus NATIVE_PREP_ELEM per input element (about 10 passes over q, k, v)
+NATIVE_PREP = 6e-5
+NATIVE_PREP_ELEM = 2e-9
 
 
 @lru_cache(maxsize=16)
@@ -70,8 +79,14 @@ def predict_polynomial(
     """Predicted seconds: features on both sides, the skinny products, per-block overhead.
 
     Uses ``core.cost.rates`` for the products (``predict_polynomial_attention`` with the feature
-    term replaced by the feature builder's measured rate) and about 4 us per launched op.
+    term replaced by the feature builder's measured rate) and about 4 us per launched op. Where
+    the compiled route runs (float32, CPU, non-causal, kernel live), its own measured rate of
+    multiply-adds (features, moments and readout together) and its fixed cost instead.
     """
+    if native.route_ok(cfg.dtype, device, causal) and native.kernel() is not None:
+        rate = native.native_rate() * max(1, min(2, torch.get_num_threads()))
+        if rate > 0.0:
+            return native_seconds(rate, batch, n_q, n_k, cfg.features, d, dv)
     rt = rates(device, cfg.dtype)
     r = cfg.features
     rate = feature_rate(str(device), cfg.dtype)
@@ -87,3 +102,37 @@ def predict_polynomial(
     if causal:  # diagonal sub-blocks: pairwise polynomial (inner r) and its product with V
         t += float(batch) * n_q * CAUSAL_BLOCK * 2.0 * (r + dv + 1) / rt.skinny
     return t
+
+
+def native_seconds(rate: float, batch: int, n_q: int, n_k: int, r: int, d: int, dv: int) -> float:
+    """The compiled route's prediction: ``(n_q + n_k) r (dv + 1)`` multiply-adds at ``rate``
+    plus its fixed and per-element costs."""
+    work = float(batch) * (n_q + n_k) * r * (dv + 1) / rate
+    return work + NATIVE_PREP + float(batch) * (n_q + n_k) * (d + dv) * NATIVE_PREP_ELEM
+
+
+def polynomial_floor(
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...],
+    *,
+    batch: int,
+    n_q: int,
+    n_k: int,
+    r: int,
+    d: int,
+    dv: int,
+    causal: bool,
+) -> float:
+    """A lower bound of ``predict_polynomial`` for every configuration with at least ``r``
+    features in one of ``dtypes``: the two skinny products at the fastest dtype's rate, or the
+    compiled route's prediction where it may run, whichever is smaller."""
+    best = float("inf")
+    for dt in dtypes:
+        rt = rates(device, dt)
+        flops = float(batch) * 2.0 * (n_q + n_k) * r * (dv + 1) * (2.0 if causal else 1.0)
+        best = min(best, flops / rt.skinny)
+        if native.route_ok(dt, device, causal) and native.kernel() is not None:
+            rate = native.native_rate() * max(1, min(2, torch.get_num_threads()))
+            if rate > 0.0:
+                best = min(best, native_seconds(rate, batch, n_q, n_k, r, d, dv))
+    return best

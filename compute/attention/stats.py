@@ -24,7 +24,8 @@ __all__ = ["Extremes", "Reductions", "Stats", "statistics", "torch_reductions"]
 # a compiled route of the reductions (``attention.native.reductions``): the host numbers and
 # the key midranges, or None where it does not run
 Reductions = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor], "tuple[np.ndarray, torch.Tensor] | None"
+    [torch.Tensor, torch.Tensor, torch.Tensor, float],
+    "tuple[np.ndarray, torch.Tensor, np.ndarray] | None",
 ]
 
 
@@ -62,6 +63,17 @@ class Stats:
 
 
 _INPUT_NAMES = ("q", "k", "v")
+
+
+def _radius(
+    host: np.ndarray, qa_h: np.ndarray, ka_h: np.ndarray, L: int, d: int, s: float
+) -> float:
+    """``matrix_radius`` from the host numbers (``radius_from``, guards included)."""
+    at = 3 + 2 * L * d
+    qn, kn, hs = (host[at + i * L : at + (i + 1) * L] for i in range(3))
+    qt, kt = qa_h.max(axis=1), ka_h.max(axis=1)  # [L]: largest |q|, |kc| per slice
+    # as matrix_radius (also float64 inputs whose squares or products under- or overflow)
+    return radius_from(qn, kn, hs, qt, kt, d, s)
 
 
 def torch_reductions(
@@ -140,43 +152,50 @@ def statistics(
     """
     L, dv = q.shape[0], v.shape[2]
     d = q.shape[-1]
-    got = None if reductions is None else reductions(q, k, v)
+    got = None if reductions is None else reductions(q, k, v, scale)
     if got is None:
         host, mid, (qa, ka, v_hi, v_lo) = torch_reductions(q, k, v)
+        info = None
     else:
-        host, mid = got
+        host, mid, info = got
     for name, peak in zip(_INPUT_NAMES, host[:3], strict=True):
         if not math.isfinite(float(peak)):
             raise InvalidInputError(name, "contains NaN or Inf")
     qa_h = host[3 : 3 + L * d].reshape(L, d)  # exact
     ka_h = host[3 + L * d : 3 + 2 * L * d].reshape(L, d)
     at = 3 + 2 * L * d
-    qn, kn, hs = (host[at + i * L : at + (i + 1) * L] for i in range(3))
     hi = host[at + 3 * L : at + 3 * L + L * dv]  # [L dv] float64, exact
     lo = host[at + 3 * L + L * dv :]  # [L dv]
-    if got is not None:  # the compiled route: the device extremes from the (exact) host copy
-        qa, ka = (torch.from_numpy(x).to(q.dtype) for x in (qa_h, ka_h))
-        v_hi, v_lo = (torch.from_numpy(x.reshape(L, dv)).to(q.dtype) for x in (hi, lo))
-    qt, kt = qa_h.max(axis=1), ka_h.max(axis=1)  # [L]: largest |q|, |kc| per slice
-    # as matrix_radius (also float64 inputs whose squares or products under- or overflow)
-    radius = radius_from(qn, kn, hs, qt, kt, q.shape[-1], scale)
-    with np.errstate(over="ignore"):  # float64 values near the top: range inf, path exact
-        spans = hi - lo  # [L dv]
-        value_range = float(spans.max())
-    value_exp = None
-    if math.isfinite(value_range):
-        # max |v - c| <= (hi - lo)/2 (1 + 2u) + the centre's rounding (half a subnormal spacing)
-        # < 2^e, e the exponent of the column's range (plus two spacings): 2^e <= 2 range (+4
-        # spacings), within the widened range the bound uses; 0 (factor 1) for a constant column
-        sig = 2.0 * subnormal_spacing(q.dtype)
-        raw = np.frexp(spans * (1.0 + 2.0**-20) + sig)[1].astype(np.float64)
-        value_exp = np.where(spans > 0.0, raw, 0.0).reshape(L, 1, dv)
+    if info is not None:  # the compiled route: its host arithmetic, the extremes from the host
+        hv = torch.from_numpy(host).to(q.dtype)  # one cast (exact for the extremes)
+        qa, ka = hv[3 : 3 + L * d].view(L, d), hv[3 + L * d : 3 + 2 * L * d].view(L, d)
+        v_hi = hv[at + 3 * L : at + 3 * L + L * dv].view(L, dv)
+        v_lo = hv[at + 3 * L + L * dv :].view(L, dv)
+        radius, value_range, value_absmax = float(info[0]), float(info[1]), float(info[2])
+        value_exp: np.ndarray | None = info[3:].reshape(L, 1, dv)
+        if not math.isfinite(radius):  # one of radius_from's guards applies
+            radius = _radius(host, qa_h, ka_h, L, d, scale)
+    else:
+        radius = _radius(host, qa_h, ka_h, L, d, scale)
+        with np.errstate(over="ignore"):  # float64 values near the top: range inf, path exact
+            spans = hi - lo  # [L dv]
+            value_range = float(spans.max())
+        value_exp = None
+        if math.isfinite(value_range):
+            # max |v - c| <= (hi - lo)/2 (1 + 2u) + the centre's rounding (half a subnormal
+            # spacing) < 2^e, e the exponent of the column's range (plus two spacings):
+            # 2^e <= 2 range (+4 spacings), within the widened range the bound uses; 0 (factor
+            # 1) for a constant column
+            sig = 2.0 * subnormal_spacing(q.dtype)
+            raw = np.frexp(spans * (1.0 + 2.0**-20) + sig)[1].astype(np.float64)
+            value_exp = np.where(spans > 0.0, raw, 0.0).reshape(L, 1, dv)
+        value_absmax = float(np.maximum(np.abs(hi), np.abs(lo)).max())
     return Stats(
         k=k,
         mid=mid,
         radius=radius,
         value_range=value_range,
-        value_absmax=float(np.maximum(np.abs(hi), np.abs(lo)).max()),
+        value_absmax=value_absmax,
         extremes=Extremes(
             q_absmax=qa,
             k_absmax=ka,

@@ -29,6 +29,7 @@ __all__ = [
     "MAX_RADIUS",
     "PlanArgs",
     "beyond_regime",
+    "certified_best",
     "certifiable_dtypes",
     "check_plan_args",
     "chosen",
@@ -42,6 +43,7 @@ __all__ = [
     "rho",
     "uncertified",
     "uncertified_error",
+    "useless_polynomial",
     "where",
 ]
 
@@ -205,6 +207,16 @@ def beyond_regime(name: str, radius: float) -> str:
 
 def exact_requested(what: str) -> str:
     return f"method='exact' was requested: {what}, no approximation error to bound."
+
+
+def useless_polynomial(where: str, degree: int, features: int, floor: float, exact: float) -> str:
+    """``auto`` runs exact without pricing each polynomial: every certified one has at least
+    degree ``degree`` and ``features`` features, predicted at least ``floor`` seconds."""
+    return (
+        f"{where}: a certified polynomial needs degree >= {degree} (r >= {features} features), "
+        f"predicted at least {format_seconds(floor)} versus {format_seconds(exact)} exact, so "
+        "exact is cheaper."
+    )
 
 
 def uncertified(where: str, why: str) -> str:

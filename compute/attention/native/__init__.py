@@ -29,6 +29,8 @@ from ...core.monomials import MonomialTable, monomial_table
 from ...core.native import NativeKernel, native_steps
 from ...core.polynomials import certified_best
 from ...core.progress import Progress, report
+from ...core.radius import INFLATE
+from ...core.rounding import subnormal_spacing
 from ..polynomial import NativeCore, polynomial_forward
 from ..stats import torch_reductions
 
@@ -65,7 +67,8 @@ class AttentionPoly:
         self.vector_bytes = int(lib.at_vector_bytes())
         p, i, lg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         st = lib.at_stats
-        st.argtypes = [p, p, p, i, i, i, i, i, p, p]
+        d = ctypes.c_double
+        st.argtypes = [p, p, p, i, i, i, i, i, p, p, d, d, d, p]
         st.restype = i
         mo = lib.at_moments
         mo.argtypes = [p, lg, i, i, i, p, i, p, i, i, i, i, i, p]
@@ -75,7 +78,7 @@ class AttentionPoly:
         ro.restype = i
         self._stats, self._moments, self._readout = st, mo, ro
 
-    def stats(self, *args: int) -> None:
+    def stats(self, *args: float) -> None:
         _check(self._stats(*args))
 
     def moments(self, *args: int) -> None:
@@ -136,20 +139,33 @@ def route_ok(dtype: torch.dtype, device: torch.device, causal: bool) -> bool:
 
 
 def reductions_native(
-    kern: AttentionPoly, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> tuple[np.ndarray, torch.Tensor]:
-    """``at_stats``: the host numbers of ``stats.statistics`` (its layout) and the key columns'
+    kern: AttentionPoly, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+    """``at_stats``: the host numbers of ``stats.statistics`` (its layout), the key columns'
     midranges ``[L, d]`` (float32), from one pass per tensor (plus one over q and k for the
-    centred norms and Hölder sums)."""
+    centred norms and Hölder sums), and what statistics derives from them (``info``: the
+    radius in radius_from's usual case, else NaN; value range; max|v|; the value columns'
+    normalisation exponents), in the same float64 operations."""
     L, n, d = q.shape
     m, dv = k.shape[1], v.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     host = np.empty(3 + 2 * L * d + 3 * L + 2 * L * dv, dtype=np.float64)
+    info = np.empty(3 + L * dv, dtype=np.float64)
     mid = torch.empty(L, d, dtype=torch.float32)
     kern.stats(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, host.ctypes.data, mid.data_ptr()
-    )
-    return host, mid
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, host.ctypes.data,
+        mid.data_ptr(), float(scale), 2.0 * subnormal_spacing(torch.float32), INFLATE,
+        info.ctypes.data,
+    )  # fmt: skip
+    return host, mid, info
+
+
+def reductions(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray] | None:
+    """The compiled statistics where they run (float32 on the CPU), else None."""
+    kern = kernel() if stats_ok(q, k, v) else None
+    return None if kern is None else reductions_native(kern, q, k, v, scale)
 
 
 def bound_core(kern: AttentionPoly | None) -> NativeCore | None:
@@ -162,14 +178,6 @@ def bound_core(kern: AttentionPoly | None) -> NativeCore | None:
         return core(kern, *args, **kw)
 
     return run
-
-
-def reductions(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> tuple[np.ndarray, torch.Tensor] | None:
-    """The compiled statistics where they run (float32 on the CPU), else None."""
-    kern = kernel() if stats_ok(q, k, v) else None
-    return None if kern is None else reductions_native(kern, q, k, v)
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -309,7 +317,7 @@ def self_test(kern: AttentionPoly) -> bool:
     """
     try:
         q, k, v = _probe(137, 450, 3, 2, 3)
-        host_c, mid_c = reductions_native(kern, q, k, v)
+        host_c, mid_c, _ = reductions_native(kern, q, k, v)
         host_t, mid_t, _ = torch_reductions(q, k, v)
         if not torch.equal(mid_c, mid_t) or not np.allclose(host_c, host_t, rtol=1e-12, atol=0):
             return False

@@ -51,9 +51,15 @@ int at_vector_bytes(void) {
  * | [L] of k - mid | [L] largest Hoelder sum sum_l |q_il| max|k_l - mid_l| | [L][dv] max v |
  * [L][dv] min v; and mid [L][d] (float32): the midrange of every key column, hi/2 + lo/2 as
  * core.radius.midrange. Squares and products of float32 numbers are exact in float64; the
- * sums are in float64 (another order than torch's: a few ulps, within the radius' inflation). */
+ * sums are in float64 (another order than torch's: a few ulps, within the radius' inflation).
+ *
+ * info [3 + L dv] (float64): what statistics derives from these on the host, in the same
+ * float64 operations: the radius of core.radius.radius_from in its usual case (NaN where one
+ * of its guards applies: Python computes it then), the value range max(hi - lo), max|v|, and
+ * per column the normalisation exponent (frexp of range (1 + 2^-20) + sig; 0 for a constant
+ * column). inflate: radius_from's inflation factor. */
 int at_stats(const float *q, const float *k, const float *v, int L, int n, int m, int d, int dv,
-             double *host, float *mid) {
+             double *host, float *mid, double scale, double sig, double inflate, double *info) {
     if (L < 1 || n < 1 || m < 1 || d < 1 || dv < 1) return -2;
     float *qh = scratch(B_EXTRA0, sizeof(float) * 2 * (size_t)d);
     float *kh = scratch(B_EXTRA1, sizeof(float) * 2 * (size_t)d);
@@ -151,6 +157,39 @@ int at_stats(const float *q, const float *k, const float *v, int L, int n, int m
     peaks[0] = bad_q ? nan : (double)pq;
     peaks[1] = bad_k ? nan : (double)pk;
     peaks[2] = bad_v ? nan : (double)pv;
+    /* radius_from, usual case: min(qn kn, holder + d 2^-1074) |scale|, max over slices */
+    double lo = INFINITY, hi = 0.0, radius = 0.0;
+    const double as = fabs(scale), tiny = 4.9406564584124654e-324;
+    for (int b = 0; b < L; b++) { /* per slice: the largest |q| and |kc| (their min over L) */
+        double qt = 0.0, kt = 0.0;
+        for (int l = 0; l < d; l++) {
+            qt = qa_o[(long)b * d + l] > qt ? qa_o[(long)b * d + l] : qt;
+            kt = ka_o[(long)b * d + l] > kt ? ka_o[(long)b * d + l] : kt;
+        }
+        lo = qt < lo ? qt : lo;
+        lo = kt < lo ? kt : lo;
+        const double hsb = hs_o[b] + d * tiny;
+        hi = qn_o[b] > hi ? qn_o[b] : hi;
+        hi = kn_o[b] > hi ? kn_o[b] : hi;
+        hi = hsb > hi ? hsb : hi;
+        const double cs = qn_o[b] * kn_o[b];
+        const double rb = (cs < hsb ? cs : hsb) * as;
+        radius = rb > radius ? rb : radius;
+    }
+    const int usual = lo > 0x1p-200 && hi < 0x1p200 && as > 0x1p-300 && as < 0x1p300;
+    info[0] = usual && !bad_q && !bad_k ? radius * inflate : nan;
+    double range = 0.0, absmax = 0.0;
+    for (long i = 0; i < (long)L * dv; i++) {
+        const double span = vh_o[i] - vl_o[i];
+        range = span > range ? span : range;
+        const double a = fabs(vh_o[i]) > fabs(vl_o[i]) ? fabs(vh_o[i]) : fabs(vl_o[i]);
+        absmax = a > absmax ? a : absmax;
+        int ex = 0;
+        if (span > 0.0) frexp(span * (1.0 + 0x1p-20) + sig, &ex);
+        info[3 + i] = (double)ex;
+    }
+    info[1] = bad_v ? nan : range;
+    info[2] = bad_v ? nan : absmax;
     return 0;
 }
 
