@@ -49,21 +49,27 @@ def make(
 
 
 def both_routes(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, monkeypatch: pytest.MonkeyPatch
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float,
+    monkeypatch: pytest.MonkeyPatch,
+    causal: bool = False,
 ) -> tuple[compute.AttentionResult, compute.AttentionResult]:
     """``method="polynomial"`` by the compiled route and by the PyTorch route."""
     calls: list[int] = []
-    real = at_native.core
+    name = "core_causal" if causal and q.shape[1] <= k.shape[1] else "core"
+    real = getattr(at_native, name)
 
     def spy(*a: object, **kw: object) -> torch.Tensor:
         calls.append(1)
-        return real(*a, **kw)  # type: ignore[arg-type]
+        return real(*a, **kw)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(at_native, "core", spy)
-    nat = compute.attention(q, k, v, method="polynomial", eps=eps)
+    monkeypatch.setattr(at_native, name, spy)
+    nat = compute.attention(q, k, v, method="polynomial", eps=eps, causal=causal)
     assert calls, "the compiled core did not run"
     monkeypatch.setattr(at_native, "NATIVE", False)
-    ref = compute.attention(q, k, v, method="polynomial", eps=eps)
+    ref = compute.attention(q, k, v, method="polynomial", eps=eps, causal=causal)
     monkeypatch.setattr(at_native, "NATIVE", True)
     assert len(calls) == 1
     assert nat.plan.degree == ref.plan.degree and nat.error_bound == ref.error_bound
@@ -71,7 +77,11 @@ def both_routes(
 
 
 def check_rounding_part(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, res: compute.AttentionResult
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    res: compute.AttentionResult,
+    causal: bool = False,
 ) -> None:
     """The output is within the bound's rounding part of what the path computes in exact
     arithmetic: P(S) v / P(S) 1 on the keys centred in float32 (their rounding belongs to the
@@ -79,16 +89,22 @@ def check_rounding_part(
     plan = res.plan
     approx = certified_best(plan.radius, plan.degree)
     assert approx.family == plan.family
-    ideal = naive_attention(q.double(), centre(k).double(), v.double(), poly=approx.coeffs)
+    n = q.shape[1]
+    if causal and k.shape[1] > n:  # keys beyond the last query are never visible
+        k, v = k[:, :n], v[:, :n]
+    ideal = naive_attention(
+        q.double(), centre(k).double(), v.double(), causal=causal, poly=approx.coeffs
+    )
     err = float((res.output.double() - ideal).abs().max())
     rounding = plan.extra["bound_rounding"]
     assert err <= rounding, (err, rounding)
-    exact = naive_attention(q, k, v)
+    exact = naive_attention(q, k, v, causal=causal)
     assert res.error_bound is not None
     assert float((res.output.double() - exact).abs().max()) <= res.error_bound
 
 
 @needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(
     ("L", "n", "m", "d", "dv", "radius", "eps"),
     [
@@ -97,6 +113,7 @@ def check_rounding_part(
         (1, 1, 1, 1, 1, 0.5, 1e-3),
         (3, 64, 700, 6, 2, 1.5, 1e-3),
         (1, 40, 50, 3, 9, 0.0, 1e-3),  # q = 0: degree 0
+        (1, 13, 13, 5, 70, 1.0, 1e-3),  # dv > 64 (causal: two column groups); one sub-block
     ],
 )
 def test_compiled_core_matches_the_pytorch_route(
@@ -107,14 +124,15 @@ def test_compiled_core_matches_the_pytorch_route(
     dv: int,
     radius: float,
     eps: float,
+    causal: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     q, k, v = make(L, n, m, d, dv, radius, seed=n + m, offset=0.75)
     if radius == 0.0:
         q = torch.zeros_like(q)
-    nat, ref = both_routes(q, k, v, eps, monkeypatch)
-    check_rounding_part(q, k, v, nat)
-    check_rounding_part(q, k, v, ref)
+    nat, ref = both_routes(q, k, v, eps, monkeypatch, causal)
+    check_rounding_part(q, k, v, nat, causal)
+    check_rounding_part(q, k, v, ref, causal)
 
 
 @needs_kernel
@@ -128,6 +146,7 @@ def test_compiled_core_matches_the_pytorch_route(
     radius=st.floats(0.05, 2.5),
     eps=st.sampled_from([1e-2, 1e-3, 1e-4]),
     offset=st.floats(-50.0, 50.0),
+    causal=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_compiled_core_within_the_rounding_part_drawn(
@@ -139,16 +158,17 @@ def test_compiled_core_within_the_rounding_part_drawn(
     radius: float,
     eps: float,
     offset: float,
+    causal: bool,
     seed: int,
 ) -> None:
     q, k, v = make(L, n, m, d, dv, radius, seed, offset)
     try:
-        res = compute.attention(q, k, v, method="polynomial", eps=eps)
+        res = compute.attention(q, k, v, method="polynomial", eps=eps, causal=causal)
     except compute.CertificationError:
         return
     if res.plan.compute_dtype != "float32":
         return  # float64 runs the PyTorch route
-    check_rounding_part(q, k, v, res)
+    check_rounding_part(q, k, v, res, causal)
 
 
 @needs_kernel
@@ -228,13 +248,15 @@ def test_compiled_statistics_name_the_non_finite_input(arg: str, bad: float) -> 
         compute.attention(q, k, v)
 
 
-def test_float64_and_causal_take_the_pytorch_route(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_float64_takes_the_pytorch_route(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*a: object, **kw: object) -> torch.Tensor:
         raise AssertionError("compiled core used")
 
     monkeypatch.setattr(at_native, "core", boom)
+    monkeypatch.setattr(at_native, "core_causal", boom)
     q, k, v = make(1, 200, 200, 4, 3, 1.0, seed=2)
-    for args, causal in (((q.double(), k.double(), v.double()), False), ((q, k, v), True)):
+    args = (q.double(), k.double(), v.double())
+    for causal in (False, True):
         res = compute.attention(*args, method="polynomial", eps=1e-3, causal=causal)
         assert res.error_bound is not None
         exact = naive_attention(*args, causal=causal)

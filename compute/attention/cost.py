@@ -84,9 +84,9 @@ def predict_polynomial(
     multiply-adds (features, moments and readout together) and its fixed cost instead.
     """
     if native.route_ok(cfg.dtype, device, causal) and native.kernel() is not None:
-        rate = native.native_rate() * max(1, min(2, torch.get_num_threads()))
+        rate = native_threads_rate(batch, causal)
         if rate > 0.0:
-            return native_seconds(rate, batch, n_q, n_k, cfg.features, d, dv)
+            return native_seconds(rate, batch, n_q, n_k, cfg.features, d, dv, causal)
     rt = rates(device, cfg.dtype)
     r = cfg.features
     rate = feature_rate(str(device), cfg.dtype)
@@ -104,10 +104,25 @@ def predict_polynomial(
     return t
 
 
-def native_seconds(rate: float, batch: int, n_q: int, n_k: int, r: int, d: int, dv: int) -> float:
-    """The compiled route's prediction: ``(n_q + n_k) r (dv + 1)`` multiply-adds at ``rate``
-    plus its fixed and per-element costs."""
-    work = float(batch) * (n_q + n_k) * r * (dv + 1) / rate
+def native_threads_rate(batch: int, causal: bool) -> float:
+    """The compiled core's multiply-adds per second with the threads it uses: up to two
+    (long non-causal slices are split; causal slices run one per thread)."""
+    threads = max(1, min(2, torch.get_num_threads()))
+    if causal:
+        threads = min(threads, batch)
+    return native.native_rate() * threads
+
+
+def native_seconds(
+    rate: float, batch: int, n_q: int, n_k: int, r: int, d: int, dv: int, causal: bool = False
+) -> float:
+    """The compiled route's prediction: ``(n_q + n_k) r (dv + 1)`` multiply-adds (causal: plus
+    the pairwise diagonal sub-blocks, ``n_q CAUSAL_BLOCK r``) at ``rate`` plus its fixed and
+    per-element costs."""
+    macs = float(batch) * (n_q + n_k) * r * (dv + 1)
+    if causal:
+        macs += float(batch) * n_q * CAUSAL_BLOCK * (r + dv + 1)
+    work = macs / rate
     return work + NATIVE_PREP + float(batch) * (n_q + n_k) * (d + dv) * NATIVE_PREP_ELEM
 
 
@@ -132,7 +147,7 @@ def polynomial_floor(
         flops = float(batch) * 2.0 * (n_q + n_k) * r * (dv + 1) * (2.0 if causal else 1.0)
         best = min(best, flops / rt.skinny)
         if native.route_ok(dt, device, causal) and native.kernel() is not None:
-            rate = native.native_rate() * max(1, min(2, torch.get_num_threads()))
+            rate = native_threads_rate(batch, causal)
             if rate > 0.0:
-                best = min(best, native_seconds(rate, batch, n_q, n_k, r, d, dv))
+                best = min(best, native_seconds(rate, batch, n_q, n_k, r, d, dv, causal))
     return best

@@ -41,6 +41,8 @@ class NativeCore(Protocol):
         feature_inner: int,
         threads: int | None = None,
         progress: Progress | None = None,
+        *,
+        causal: bool = False,
         **kw: Any,
     ) -> torch.Tensor: ...
 
@@ -172,8 +174,8 @@ def polynomial_forward(
     qb, kb, s_mant = balance(q, kc, scale, qa, ka, known)
     w64 = torch.from_numpy(weights(approx.coeffs, plan, s_mant)).to(dev)  # [r] float64
 
-    if native is not None and not causal and fp32 and dev.type == "cpu" and ck is not None:
-        out = native(
+    if native is not None and fp32 and dev.type == "cpu" and ck is not None:
+        return native(
             qb.to(dtype),
             kb.to(dtype),
             vc.to(dtype),
@@ -181,13 +183,13 @@ def polynomial_forward(
             p2,
             w64,
             plan,
-            key_inner=ck,
+            key_inner=unit if causal else ck,  # causal: the sub-block rows (the causal unit)
             feature_inner=cr or r,
             threads=native_threads,
             progress=progress,
+            causal=causal,
             **({} if native_min_part is None else {"min_part": native_min_part}),
         )
-        return out
     Lg = max(1, min(L, FEATURE_BLOCK_ELEMS // (rp * B)))
     out = torch.empty((L, n, dv), dtype=dtype, device=dev)
     groups = list(range(0, L, Lg))

@@ -40,6 +40,7 @@ __all__ = [
     "AttentionPoly",
     "bound_core",
     "core",
+    "core_causal",
     "kernel",
     "kernel_status",
     "native_rate",
@@ -76,7 +77,10 @@ class AttentionPoly:
         ro = lib.at_readout
         ro.argtypes = [p, lg, i, i, i, p, i, p, i, i, i, i, i, p, p, p]
         ro.restype = i
-        self._stats, self._moments, self._readout = st, mo, ro
+        ca = lib.at_causal
+        ca.argtypes = [p, p, lg, i, i, p, i, p, i, i, i, i, i, i, p, p, p, p]
+        ca.restype = i
+        self._stats, self._moments, self._readout, self._causal = st, mo, ro, ca
 
     def stats(self, *args: float) -> None:
         _check(self._stats(*args))
@@ -86,6 +90,9 @@ class AttentionPoly:
 
     def readout(self, *args: int) -> None:
         _check(self._readout(*args))
+
+    def causal(self, *args: int) -> None:
+        _check(self._causal(*args))
 
 
 def _check(rc: int) -> None:
@@ -132,10 +139,10 @@ def stats_ok(*ts: torch.Tensor) -> bool:
     return NATIVE and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
 
 
-def route_ok(dtype: torch.dtype, device: torch.device, causal: bool) -> bool:
+def route_ok(dtype: torch.dtype, device: torch.device, causal: bool = False) -> bool:
     """Whether a polynomial path in ``dtype`` on ``device`` runs in the compiled kernel (if it
-    loads and passes its self-test)."""
-    return NATIVE and dtype == torch.float32 and device.type == "cpu" and not causal
+    loads and passes its self-test); causal or not."""
+    return NATIVE and dtype == torch.float32 and device.type == "cpu"
 
 
 def reductions_native(
@@ -174,8 +181,8 @@ def bound_core(kern: AttentionPoly | None) -> NativeCore | None:
     if kern is None:
         return None
 
-    def run(*args: Any, **kw: Any) -> torch.Tensor:
-        return core(kern, *args, **kw)
+    def run(*args: Any, causal: bool = False, **kw: Any) -> torch.Tensor:
+        return (core_causal if causal else core)(kern, *args, **kw)
 
     return run
 
@@ -296,6 +303,58 @@ def core(
     return out
 
 
+def core_causal(
+    kern: AttentionPoly,
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    vn: torch.Tensor,
+    c: torch.Tensor,
+    p2: torch.Tensor,
+    w64: torch.Tensor,
+    table: MonomialTable,
+    key_inner: int,
+    feature_inner: int,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    **_: Any,
+) -> torch.Tensor:
+    """The causal polynomial path of ``polynomial_forward`` (``causal_blocks``) after its
+    preparation, compiled (``at_causal``): sub-blocks of ``key_inner`` rows (the causal unit,
+    16 or 32), feature chunks of ``feature_inner``; n queries and n keys. One thread per slice
+    (slices in parallel when there are several); ``progress`` after each slice."""
+    L, d, n = qb.shape
+    dv = vn.shape[2]
+    e = dv + 1
+    steps, nlow, top = native_steps(d, table.g)
+    nsteps = len(table.steps)
+    qb, kb = qb.contiguous(), kb.contiguous()
+    ve = torch.cat([vn, torch.ones(L, n, 1, dtype=vn.dtype)], dim=2).contiguous()  # [L, n, e]
+    c32 = c.reshape(L, dv).to(torch.float32).contiguous()
+    p64 = p2.reshape(L, dv).to(torch.float64).contiguous()
+    w = w64.to(torch.float64).contiguous()
+    out = torch.empty(L, n, dv, dtype=torch.float32)
+
+    def one(b: int) -> None:
+        kern.causal(
+            qb[b].data_ptr(), kb[b].data_ptr(), n, n, d, ve[b].data_ptr(), e, steps.data_ptr(),
+            nsteps, nlow, top, table.r, feature_inner, key_inner, w.data_ptr(),
+            p64[b].data_ptr(), c32[b].data_ptr(), out[b].data_ptr(),
+        )  # fmt: skip
+
+    nt = _threads() if threads is None else max(1, threads)
+    done = 0
+    for b0 in range(0, L, nt):
+        group = list(range(b0, min(L, b0 + nt)))
+        if len(group) == 1 or n < PARALLEL_MIN // 8:
+            for b in group:
+                one(b)
+        else:
+            list(_pool().map(one, group))
+        done += len(group)
+        report(progress, done, L)
+    return out
+
+
 def _probe(
     n: int, m: int, d: int, dv: int, g: int, L: int = 2, seed: int = 20261129
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,6 +389,15 @@ def self_test(kern: AttentionPoly) -> bool:
                 q, k, v, approx, 0.5, native=bound_core(kern), native_threads=threads,
                 native_min_part=min_part, **kw,  # type: ignore[arg-type]
             ).double()  # fmt: skip
+            if not bool((got - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12):
+                return False
+        for m_ in (137, 7):  # causal: several sub-blocks of 32, and one of 16
+            qc, kc, vc = q[:, :m_], k[:, :m_], v[:, :m_]
+            kw = {"dtype": torch.float32, "key_chunk": 64, "feature_chunk": 8}
+            ref = polynomial_forward(qc, kc, vc, approx, 0.5, causal=True, **kw)  # type: ignore[arg-type]
+            got = polynomial_forward(
+                qc, kc, vc, approx, 0.5, causal=True, native=bound_core(kern), **kw  # type: ignore[arg-type]
+            )  # fmt: skip
             if not bool((got - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12):
                 return False
         return True

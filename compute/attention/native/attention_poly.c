@@ -255,3 +255,147 @@ int at_readout(const float *qb, long xs, int i0, int i1, int d, const float *me,
     scratch_trim();
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Polynomial path (causal)                                                                   */
+/* ---------------------------------------------------------------------------------------- */
+
+/* All features of VL * nv items (one per lane), top degree included: G[alpha][S]. */
+static void full_features(const Problem *p, const float *X, int S, float *G) {
+    lane_features(p, X, S, S, G);
+    for (int k = p->nlow; k < p->nsteps; k++) {
+        const int *st = p->steps + 4 * k;
+        const float *xv = X + (long)st[3] * S;
+        for (int i = 0; i < st[1] - st[0]; i++) {
+            const float *a = G + (long)(st[2] + i) * S;
+            float *o = G + (long)(st[0] + i) * S;
+            for (int t = 0; t < S; t += VL) store_a(o + t, load_a(a + t) * load_a(xv + t));
+        }
+    }
+}
+
+/* Causal attention of one slice, n queries and n keys (query i sees keys j <= i), in
+ * sub-blocks of `sub` rows (16 or 32: the PyTorch route's causal unit), the PyTorch route's
+ * arithmetic (polynomial.causal_blocks):
+ *   key state  S[c][alpha] = float64 sum over the sub-blocks before this one of float32 dot
+ *              products over their `sub` keys (one lane per key, a lane tree of depth 4: at
+ *              most 1 + sub/16 + 4 <= sub roundings per term), rounded to float32 once per
+ *              sub-block (as prefix.to(float32));
+ *   weights    on the query side in float32: u1w = (float) w * u1 (as u1 *= wc);
+ *   readout    off[c][i] = float64 sum over chunks of fchunk features of float32 dot products
+ *              state[c] . u1w_i;
+ *   diagonal   P[i][j] = float64 sum over the same chunks of float32 dot products u1w_i . u2_j
+ *              for j <= i in the sub-block; diag[c][i] = sum_j P[i][j] ve[j][c] in float64;
+ *   output     (float) (((off + diag)[c] / (off + diag)[dv]) * p2[c] + cv[c]).
+ * qb, kb: d rows, row l at qb + l * xs (balanced, transposed); ve: [n][e] float32 (normalised
+ * centred values and a column of ones); w: [r] float64; out: [n][dv] float32. */
+int at_causal(const float *qb, const float *kb, long xs, int n, int d, const float *ve, int e,
+              const int *steps, int nsteps, int nlow, int top, int r, int fchunk, int sub,
+              const double *w, const double *p2, const float *cv, float *out) {
+    if (n < 1 || xs < n || fchunk < 1 || (sub != 16 && sub != 32)) return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    const int dv = e - 1, nv = sub / VL;
+    Problem p = {qb, xs, d, e, r, top, 6, fchunk, steps, nlow, nsteps, NULL, NULL};
+    double *S = scratch(B_A1, sizeof(double) * (size_t)e * r);
+    float *st32 = scratch(B_ME, sizeof(float) * (size_t)e * r);
+    float *wc = scratch(B_INV, sizeof(float) * (size_t)r);
+    float *X = scratch(B_QX, sizeof(float) * (size_t)d * sub);
+    float *G1 = scratch(B_QG, sizeof(float) * (size_t)r * sub);
+    float *G2 = scratch(B_KG, sizeof(float) * (size_t)r * sub);
+    float *V = scratch(B_KV, sizeof(float) * (size_t)e * sub);
+    double *o = scratch(B_QO, sizeof(double) * (size_t)e * sub);
+    double *P = scratch(B_T64, sizeof(double) * (size_t)sub * sub);
+    if (!S || !st32 || !wc || !X || !G1 || !G2 || !V || !o || !P) return -1;
+    memset(S, 0, sizeof(double) * (size_t)e * r);
+    for (int a = 0; a < r; a++) wc[a] = (float)w[a];
+    for (int s0 = 0; s0 < n; s0 += sub) {
+        const int cnt = n - s0 < sub ? n - s0 : sub;
+        /* features of the keys and (weighted) of the queries of this sub-block */
+        for (int side = 0; side < 2; side++) {
+            const float *src0 = (side ? kb : qb) + s0;
+            for (int l = 0; l < d; l++) {
+                for (int t = 0; t < cnt; t++) X[l * sub + t] = src0[(long)l * xs + t];
+                for (int t = cnt; t < sub; t++) X[l * sub + t] = 0.0f;
+            }
+            full_features(&p, X, sub, side ? G2 : G1);
+        }
+        for (int a = 0; a < r; a++) {
+            const vf wa = bcast(wc[a]);
+            for (int q = 0; q < nv; q++)
+                store_a(G1 + (long)a * sub + q * VL, load_a(G1 + (long)a * sub + q * VL) * wa);
+        }
+        for (int c = 0; c < e; c++) {
+            for (int t = 0; t < cnt; t++) V[c * sub + t] = ve[(long)(s0 + t) * e + c];
+            for (int t = cnt; t < sub; t++) V[c * sub + t] = 0.0f;
+        }
+        /* readout against the key state before this sub-block */
+        for (long i = 0; i < (long)e * r; i++) st32[i] = (float)S[i];
+        memset(o, 0, sizeof(double) * (size_t)e * sub);
+        for (int a0 = 0; a0 < r; a0 += fchunk) {
+            const int a1 = r - a0 < fchunk ? r : a0 + fchunk;
+            for (int c = 0; c < e; c++) {
+                vf s[2] = {(vf){0}, (vf){0}};
+                const float *sc = st32 + (long)c * r;
+                for (int a = a0; a < a1; a++) {
+                    const vf b = bcast(sc[a]);
+                    for (int q = 0; q < nv; q++) s[q] += load_a(G1 + (long)a * sub + q * VL) * b;
+                }
+                for (int q = 0; q < nv; q++)
+                    for (int t = 0; t < VL; t++) o[c * sub + q * VL + t] += (double)s[q][t];
+            }
+        }
+        /* the diagonal sub-block, pairwise: P[j][i] = u1w_i . u2_j (float32 chunks) */
+        memset(P, 0, sizeof(double) * (size_t)sub * sub);
+        for (int a0 = 0; a0 < r; a0 += fchunk) {
+            const int a1 = r - a0 < fchunk ? r : a0 + fchunk;
+            for (int j0 = 0; j0 < cnt; j0 += 8) {
+                const int nj = cnt - j0 < 8 ? cnt - j0 : 8;
+                vf s[8][2];
+                for (int j = 0; j < 8; j++) s[j][0] = s[j][1] = (vf){0};
+                for (int a = a0; a < a1; a++) {
+                    vf g[2];
+                    for (int q = 0; q < nv; q++) g[q] = load_a(G1 + (long)a * sub + q * VL);
+                    const float *k2 = G2 + (long)a * sub + j0;
+                    for (int j = 0; j < nj; j++) {
+                        const vf b = bcast(k2[j]);
+                        for (int q = 0; q < nv; q++) s[j][q] += g[q] * b;
+                    }
+                }
+                for (int j = 0; j < nj; j++)
+                    for (int q = 0; q < nv; q++)
+                        for (int t = 0; t < VL; t++) P[(j0 + j) * sub + q * VL + t] += (double)s[j][q][t];
+            }
+        }
+        for (int t = 0; t < cnt; t++) {
+            double num[64], den = o[(long)dv * sub + t];
+            for (int c0 = 0; c0 < dv; c0 += 64) {
+                const int nc = dv - c0 < 64 ? dv - c0 : 64;
+                for (int c = 0; c < nc; c++) num[c] = 0.0;
+                double dd = 0.0;
+                for (int j = 0; j <= t; j++) {
+                    const double pj = P[j * sub + t];
+                    const float *vj = ve + (long)(s0 + j) * e;
+                    for (int c = 0; c < nc; c++) num[c] += pj * (double)vj[c0 + c];
+                    if (c0 == 0) dd += pj * (double)vj[dv];
+                }
+                if (c0 == 0) den += dd;
+                for (int c = 0; c < nc; c++) {
+                    const int cc = c0 + c;
+                    const double y = ((o[(long)cc * sub + t] + num[c]) / den) * p2[cc] + (double)cv[cc];
+                    out[(long)(s0 + t) * dv + cc] = (float)y;
+                }
+            }
+        }
+        /* this sub-block's keys into the state: float32 dot products over its keys */
+        for (int a = 0; a < r; a++) {
+            for (int c = 0; c < e; c++) {
+                vf acc = (vf){0};
+                for (int q = 0; q < nv; q++)
+                    acc += load_a(G2 + (long)a * sub + q * VL) * load_a(V + (long)c * sub + q * VL);
+                S[(long)c * r + a] += (double)lane_sum(acc);
+            }
+        }
+    }
+    scratch_trim();
+    return 0;
+}
