@@ -56,6 +56,7 @@ _log = logging.getLogger(__name__)
 NATIVE = True
 # keys (or queries) per thread below which one thread does all (a wake-up costs ~50 us)
 PARALLEL_MIN = 8192
+_SIG32 = 2.0 * subnormal_spacing(torch.float32)  # (statistics' normalisation slack)
 # queries read out between two progress reports (a cancelled call stops there)
 QUERY_BLOCK = 16384
 
@@ -156,15 +157,16 @@ def reductions_native(
     L, n, d = q.shape
     m, dv = k.shape[1], v.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    host = np.empty(3 + 2 * L * d + 3 * L + 2 * L * dv, dtype=np.float64)
-    info = np.empty(3 + L * dv, dtype=np.float64)
+    size = 3 + 2 * L * d + 3 * L + 2 * L * dv
+    buf = torch.empty(size + 3 + L * dv, dtype=torch.float64)  # host | info, one allocation
     mid = torch.empty(L, d, dtype=torch.float32)
+    at = buf.data_ptr()
     kern.stats(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, host.ctypes.data,
-        mid.data_ptr(), float(scale), 2.0 * subnormal_spacing(torch.float32), INFLATE,
-        info.ctypes.data,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, at, mid.data_ptr(),
+        float(scale), _SIG32, INFLATE, at + 8 * size,
     )  # fmt: skip
-    return host, mid, info
+    both = buf.numpy()
+    return both[:size], mid, both[size:]
 
 
 def reductions(
