@@ -327,3 +327,76 @@ def test_kernel_builds_and_passes_its_self_test_where_a_compiler_exists() -> Non
     ):
         pytest.skip("no C compiler here, or COMPUTE_NATIVE=0")
     assert at_native.kernel() is not None, at_native.kernel_status()
+
+
+# ---- what planning costs: the t prefilter and the fast exit change no decision ---------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    R=st.floats(0.01, 12.0),
+    g=st.integers(0, 12),
+    d=st.integers(1, 16),
+    absmax=st.floats(1e-3, 1e3),
+    range_frac=st.floats(1e-3, 2.0),
+    eps=st.floats(1e-7, 0.5),
+)
+def test_degrees_the_prefilter_skips_certify_nowhere(
+    R: float, g: int, d: int, absmax: float, range_frac: float, eps: float
+) -> None:
+    """A degree whose own ``t range`` misses the target is certified by no dtype or chunking:
+    the rounding only widens [dmin, dmax] (the prefilter in ``plan.select``)."""
+    from compute.attention.bound import certified_bound
+
+    approx = certified_best(R, g)
+    value_range = range_frac * absmax
+    target = eps * absmax
+    if approx.t * value_range <= target * (1.0 + 1e-9):
+        return
+    for dtype in (torch.float32, torch.float64):
+        for block, features in ((16, 8), (512, 256), (4096, 100000)):
+            b = certified_bound(
+                approx,
+                features=features,
+                block=block,
+                compute_dtype=dtype,
+                out_dtype=torch.float32,
+                value_range=value_range,
+                value_absmax=absmax,
+                float64_terms=40,
+                dimension=d,
+            )
+            assert not b.total <= target
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_exit_never_changes_the_method(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    """``auto``'s fast exit (no certified polynomial can be predicted faster) picks exact only
+    where the full search picks exact too."""
+    from compute.attention import plan as at_plan
+
+    cases = [
+        (n, d, R, eps)
+        for n in (16, 256, 1024, 4096, 65536)
+        for d in (4, 8, 64)
+        for R in (0.5, 1.0, 3.0, 6.0)
+        for eps in (1e-2, 1e-3)
+    ]
+    fast = [
+        compute.plan_attention(n=n, d=d, radius=R, eps=eps, causal=causal) for n, d, R, eps in cases
+    ]
+    monkeypatch.setattr(at_plan, "polynomial_floor", lambda *a, **kw: 0.0)  # never exits early
+    full = [
+        compute.plan_attention(n=n, d=d, radius=R, eps=eps, causal=causal) for n, d, R, eps in cases
+    ]
+    exits = 0
+    for f, s in zip(fast, full, strict=True):
+        assert f.method == s.method, (f.reason, s.reason)
+        if "predicted at least" in f.reason:
+            exits += 1
+            assert s.method == "exact"
+            assert s.degree is None or f.degree is None or f.degree <= s.degree
+            assert f.cost_polynomial is not None and f.cost_exact == s.cost_exact
+            if s.cost_polynomial is not None:
+                assert f.cost_polynomial <= s.cost_polynomial
+    assert exits > 0  # the fast exit is exercised
