@@ -16,10 +16,11 @@ import ctypes
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -237,7 +238,8 @@ def core(
     contiguous parts of at least ``min_part`` keys whose float64 moments are added in float64
     (one more float64 addition per part, within the model's float64 chain: docs/attention.md),
     queries into parts read out independently (the same arithmetic). ``progress(done, total)``
-    after each slice's moments and each block of ``QUERY_BLOCK`` queries.
+    after each slice's moments and each block of (at least) ``QUERY_BLOCK`` queries of the part
+    read out on the calling thread.
     """
     L, d, n = qb.shape
     m, dv = kb.shape[2], vn.shape[2]
@@ -251,12 +253,28 @@ def core(
     w = w64.to(torch.float64).contiguous()
     out = torch.empty(L, n, dv, dtype=torch.float32)
     nt = _threads() if threads is None else max(1, threads)
-    # key parts only when each is long (then the extra float64 additions stay within the chain
-    # the bound counts: see docs/attention.md, "Compiled CPU kernel")
-    kparts = max(1, min(nt, m // min_part)) if key_inner >= 64 else 1
+    # a thread takes a part only when it is long: at least min_part keys or queries and about
+    # 2^22 multiply-adds (a hand-off costs ~50 us on a quiet machine, much more on a busy one);
+    # key parts only then (the extra float64 additions stay within the chain the bound counts:
+    # docs/attention.md, "Compiled CPU kernel")
+    floor = max(min_part, (1 << 22) // max(1, r * e)) if min_part == PARALLEL_MIN else min_part
+    kparts = max(1, min(nt, m // floor)) if key_inner >= 64 else 1
+    qparts = max(1, min(nt, n // max(1, floor // 2)))
+    qspans = _spans(n, qparts)
+    # progress after the moments and every block of queries of the first part (read out on
+    # this thread, so that progress and cancellation stay on the caller's thread)
+    qblock = max(QUERY_BLOCK, (1 << 26) // max(1, r * e))
+    first = qspans[0]
+    blocks = [(s, min(first[1], s + qblock)) for s in range(first[0], first[1], qblock)]
     sp = steps.data_ptr()
-    total = L * (1 + -(-n // QUERY_BLOCK))
+    total = L * (1 + len(blocks))
     done = 0
+
+    def tick(_: object) -> None:
+        nonlocal done
+        done += 1
+        report(progress, done, total)
+
     for b in range(L):
         kbp, vep = kb[b].data_ptr(), ve[b].data_ptr()
 
@@ -268,16 +286,11 @@ def core(
             )  # fmt: skip
             return M
 
-        kspans = _spans(m, kparts)
-        if len(kspans) == 1:
-            M = moments(kspans[0])
-        else:
-            parts = list(_pool().map(moments, kspans))
-            M = parts[0]
-            for extra in parts[1:]:
-                M = M + extra  # float64
-        done += 1
-        report(progress, done, total)
+        parts = _on_threads(moments, _spans(m, kparts), lambda _: None)
+        M = parts[0]
+        for extra in parts[1:]:
+            M = M + extra  # float64
+        tick(None)
         # weights in float64, one rounding to float32 (as Mw.to(float32))
         me = torch.from_numpy(M * w.numpy()[None, :]).to(torch.float32).contiguous()  # [e, r]
         qbp, mep = qb[b].data_ptr(), me.data_ptr()
@@ -292,17 +305,35 @@ def core(
                 p2p, cp, ob[span[0]:].data_ptr(),
             )  # fmt: skip
 
-        for i0 in range(0, n, QUERY_BLOCK):
-            i1 = min(n, i0 + QUERY_BLOCK)
-            qparts = max(1, min(nt, (i1 - i0) // max(1, min_part // 2)))
-            qspans = [(i0 + a, i0 + b) for a, b in _spans(i1 - i0, qparts)]
-            if len(qspans) == 1:
-                readout(qspans[0])
-            else:
-                list(_pool().map(readout, qspans))
-            done += 1
-            report(progress, done, total)
+        _on_threads(readout, qspans, tick, blocks)
     return out
+
+
+T = TypeVar("T")
+
+
+def _on_threads(
+    fn: Callable[[tuple[int, int]], T],
+    spans: list[tuple[int, int]],
+    tick: Callable[[object], None],
+    first_blocks: list[tuple[int, int]] | None = None,
+) -> list[T]:
+    """``fn`` on every span: the first on this thread (in ``first_blocks`` if given, calling
+    ``tick`` after each), the others on the pool at the same time; returns the results of the
+    spans in order. Waits for the pool's spans also when this thread's part raises (a cancelled
+    call must not free buffers the kernel is still writing)."""
+    futures = [_pool().submit(fn, sp) for sp in spans[1:]]
+    try:
+        if first_blocks is None:
+            head = fn(spans[0])
+            tick(head)
+        else:
+            for blk in first_blocks:
+                head = fn(blk)
+                tick(head)
+    finally:
+        wait(futures)
+    return [head, *(f.result() for f in futures)]
 
 
 def core_causal(
