@@ -14,6 +14,7 @@ exact.").
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ def polynomials(
 # per grid radius (``polynomials.grid_radius``): the factors t of certified_best, degree by
 # degree from 0, extended lazily as far as a search has needed them
 _T_TABLES: dict[float, list[float]] = {}
+_T_LOCK = threading.Lock()
 
 
 def first_degree(radius: float, ratio: float, max_degree: int = MAX_DEGREE) -> int:
@@ -100,8 +102,11 @@ def first_degree(radius: float, ratio: float, max_degree: int = MAX_DEGREE) -> i
         table = _T_TABLES.setdefault(key, [])
     limit = ratio * (1.0 + 1e-9)
     for g in range(max_degree + 1):
-        if g == len(table):
-            table.append(certified_best(radius, g).t)
+        if g >= len(table):
+            t = certified_best(radius, g).t
+            with _T_LOCK:  # (threads extend a table one degree at a time, in order)
+                if g == len(table):
+                    table.append(t)
         if table[g] <= limit:
             return g
     return max_degree + 1
