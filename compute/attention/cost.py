@@ -27,9 +27,11 @@ from .polynomial import CAUSAL_BLOCK, Config
 
 __all__ = ["NATIVE_PREP", "polynomial_floor", "predict_exact", "predict_polynomial"]
 
-# the compiled route's fixed cost (planning, balancing, normalisation, the calls): seconds,
-# plus NATIVE_PREP_ELEM per input element (about 10 passes over q, k, v)
-NATIVE_PREP = 6e-5
+# the compiled route's fixed cost (statistics, planning and the PyTorch-side preparation:
+# balancing, normalisation, weights, about 80 small tensor operations; measured 0.5-0.7 ms on
+# the 2-core development machine): seconds, plus NATIVE_PREP_ELEM per input element (about
+# 10 passes over q, k, v)
+NATIVE_PREP = 5e-4
 NATIVE_PREP_ELEM = 2e-9
 
 

@@ -21,10 +21,18 @@ from ..core.scaling import times_pow2
 from .balance import balance, normalise_values
 from .stats import Stats
 
-__all__ = ["EXACT_BLOCK_ELEMS", "EXACT_MAX_BLOCK", "exact_forward", "exact_wide", "run_exact"]
+__all__ = [
+    "EXACT_BLOCK_ELEMS",
+    "EXACT_FUSED_ELEMS",
+    "EXACT_MAX_BLOCK",
+    "exact_forward",
+    "exact_wide",
+    "run_exact",
+]
 
 EXACT_BLOCK_ELEMS = 1 << 21  # elements of one score block (slices * Bq * Bk)
-EXACT_MAX_BLOCK = 1024  # rows per query/key block at most
+EXACT_MAX_BLOCK = 1024  # rows per query/key block at most (the loop)
+EXACT_FUSED_ELEMS = 1 << 27  # score entries (slices * query rows * keys) per fused call
 
 
 def exact_forward(
@@ -55,7 +63,9 @@ def exact_forward(
             per block, at most ``EXACT_MAX_BLOCK``).
         fused: for non-causal float32/float64 inputs, let PyTorch's fused SDPA kernel (itself an
             online-softmax flash kernel on CPU and CUDA, exact up to rounding) do each query
-            block: same semantics, about twice as fast. ``False`` always runs the loop below.
+            block (of about ``EXACT_FUSED_ELEMS`` score entries; the whole problem in one call
+            when it is smaller): same semantics, about twice as fast. ``False`` always runs the
+            loop below.
 
     Returns:
         ``[L, n, dv]`` in ``q.dtype``. Memory O(L * block^2 + L * n * (d + dv)); never n x m.
@@ -67,7 +77,11 @@ def exact_forward(
         block = max(16, min(EXACT_MAX_BLOCK, block))
     n_blocks = -(-n // block)
     if fused and not causal and q.dtype in (torch.float32, torch.float64):
-        rows = max(block, 1024)
+        # query blocks as long as about 2^27 score entries (one call up to n = m = 11585 for
+        # one slice): PyTorch's fused kernel is up to 2x slower on short query blocks than on
+        # the whole problem (1024-row blocks at n = 4096, d = 64), and a cancellation still
+        # lands within a fraction of a second
+        rows = max(block, 1024, EXACT_FUSED_ELEMS // max(1, L * m))
         n_blocks = -(-n // rows)
         sdpa = torch.nn.functional.scaled_dot_product_attention
         if n_blocks == 1:  # one query block: the fused kernel's own output, no copy

@@ -202,8 +202,11 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+_CPUS = os.cpu_count() or 1
+
+
 def _threads() -> int:
-    return max(1, min(4, torch.get_num_threads(), os.cpu_count() or 1))
+    return max(1, min(4, torch.get_num_threads(), _CPUS))
 
 
 def _spans(total: int, parts: int) -> list[tuple[int, int]]:

@@ -58,15 +58,66 @@ int at_vector_bytes(void) {
  * of its guards applies: Python computes it then), the value range max(hi - lo), max|v|, and
  * per column the normalisation exponent (frexp of range (1 + 2^-20) + sig; 0 for a constant
  * column). inflate: radius_from's inflation factor. */
+/* Row reductions in float64 with four partial sums (a fixed order that vectorises; another
+ * order than torch's, a few ulps apart, inside the radius' inflation). */
+static inline double row_sq(const float *x, int d) {
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    int l = 0;
+    for (; l + 4 <= d; l += 4)
+        for (int j = 0; j < 4; j++) s[j] += (double)x[l + j] * (double)x[l + j];
+    for (int j = 0; l < d; l++, j++) s[j] += (double)x[l] * (double)x[l];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+static inline double row_sq_centred(const float *x, const float *mid, int d) {
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    int l = 0;
+    for (; l + 4 <= d; l += 4)
+        for (int j = 0; j < 4; j++) {
+            const float t = x[l + j] - mid[l + j]; /* fl(k - mid), as the centred keys */
+            s[j] += (double)t * (double)t;
+        }
+    for (int j = 0; l < d; l++, j++) {
+        const float t = x[l] - mid[l];
+        s[j] += (double)t * (double)t;
+    }
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+static inline double row_holder(const float *x, const float *ka, int d) {
+    double s[4] = {0.0, 0.0, 0.0, 0.0};
+    int l = 0;
+    for (; l + 4 <= d; l += 4)
+        for (int j = 0; j < 4; j++) s[j] += (double)__builtin_fabsf(x[l + j]) * (double)ka[l + j];
+    for (int j = 0; l < d; l++, j++) s[j] += (double)__builtin_fabsf(x[l]) * (double)ka[l];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+/* Column extremes of rows x [rows][d] into hi, lo (initialised by the caller); nan[l]
+ * accumulates x * 0, which is NaN exactly when a NaN or an infinity passed (either makes the
+ * call raise). */
+static void col_extremes(const float *x, long rows, int d, float *hi, float *lo, float *nan) {
+    for (long j = 0; j < rows; j++) {
+        const float *r = x + j * d;
+        for (int l = 0; l < d; l++) {
+            const float t = r[l];
+            hi[l] = t > hi[l] ? t : hi[l];
+            lo[l] = t < lo[l] ? t : lo[l];
+            nan[l] += t * 0.0f;
+        }
+    }
+}
+
 int at_stats(const float *q, const float *k, const float *v, int L, int n, int m, int d, int dv,
              double *host, float *mid, double scale, double sig, double inflate, double *info) {
     if (L < 1 || n < 1 || m < 1 || d < 1 || dv < 1) return -2;
-    float *qh = scratch(B_EXTRA0, sizeof(float) * 2 * (size_t)d);
-    float *kh = scratch(B_EXTRA1, sizeof(float) * 2 * (size_t)d);
-    float *vh = scratch(B_EXTRA2, sizeof(float) * 2 * (size_t)dv);
+    float *qh = scratch(B_EXTRA0, sizeof(float) * 3 * (size_t)d);
+    float *kh = scratch(B_EXTRA1, sizeof(float) * 3 * (size_t)d);
+    float *vh = scratch(B_EXTRA2, sizeof(float) * 3 * (size_t)dv);
     float *ka = scratch(B_EXTRA3, sizeof(float) * (size_t)d);
     if (!qh || !kh || !vh || !ka) return -1;
     float *ql = qh + d, *kl = kh + d, *vl = vh + dv;
+    float *qnan = qh + 2 * d, *knan = kh + 2 * d, *vnan = vh + 2 * dv;
     const double nan = __builtin_nan("");
     double *peaks = host, *qa_o = host + 3, *ka_o = host + 3 + (long)L * d;
     double *qn_o = host + 3 + 2L * L * d, *kn_o = qn_o + L, *hs_o = kn_o + L;
@@ -78,39 +129,20 @@ int at_stats(const float *q, const float *k, const float *v, int L, int n, int m
         for (int l = 0; l < d; l++) {
             qh[l] = ql[l] = qb[l];
             kh[l] = kl[l] = kb[l];
+            qnan[l] = knan[l] = 0.0f;
         }
-        for (int c = 0; c < dv; c++) vh[c] = vl[c] = vb[c];
-        double qn = 0.0;
-        for (int i = 0; i < n; i++) {
-            const float *x = qb + (long)i * d;
-            double sq = 0.0;
-            for (int l = 0; l < d; l++) {
-                const float t = x[l];
-                bad_q |= t != t;
-                sq += (double)t * (double)t;
-                qh[l] = t > qh[l] ? t : qh[l];
-                ql[l] = t < ql[l] ? t : ql[l];
-            }
-            qn = sq > qn ? sq : qn;
+        for (int c = 0; c < dv; c++) {
+            vh[c] = vl[c] = vb[c];
+            vnan[c] = 0.0f;
         }
-        for (int j = 0; j < m; j++) {
-            const float *x = kb + (long)j * d;
-            for (int l = 0; l < d; l++) {
-                const float t = x[l];
-                bad_k |= t != t;
-                kh[l] = t > kh[l] ? t : kh[l];
-                kl[l] = t < kl[l] ? t : kl[l];
-            }
+        col_extremes(qb, n, d, qh, ql, qnan);
+        col_extremes(kb, m, d, kh, kl, knan);
+        col_extremes(vb, m, dv, vh, vl, vnan);
+        for (int l = 0; l < d; l++) {
+            bad_q |= qnan[l] != 0.0f;
+            bad_k |= knan[l] != 0.0f;
         }
-        for (int j = 0; j < m; j++) {
-            const float *x = vb + (long)j * dv;
-            for (int c = 0; c < dv; c++) {
-                const float t = x[c];
-                bad_v |= t != t;
-                vh[c] = t > vh[c] ? t : vh[c];
-                vl[c] = t < vl[c] ? t : vl[c];
-            }
-        }
+        for (int c = 0; c < dv; c++) bad_v |= vnan[c] != 0.0f;
         float *mb = mid + (long)b * d;
         for (int l = 0; l < d; l++) {
             /* hi * 0.5 + lo * 0.5 with both products rounded (never one fused multiply-add) */
@@ -134,21 +166,18 @@ int at_stats(const float *q, const float *k, const float *v, int L, int n, int m
                                                                          : __builtin_fabsf(vl[c]);
             pv = a > pv ? a : pv;
         }
-        double kn = 0.0, hs = 0.0;
-        for (int j = 0; j < m; j++) {
-            const float *x = kb + (long)j * d;
-            double sq = 0.0;
-            for (int l = 0; l < d; l++) {
-                const float t = x[l] - mb[l]; /* fl(k - mid), as the centred keys */
-                sq += (double)t * (double)t;
+        double qn = 0.0, kn = 0.0, hs = 0.0;
+        if (!bad_q && !bad_k) {
+            for (int i = 0; i < n; i++) {
+                const float *x = qb + (long)i * d;
+                const double sq = row_sq(x, d), h = row_holder(x, ka, d);
+                qn = sq > qn ? sq : qn;
+                hs = h > hs ? h : hs;
             }
-            kn = sq > kn ? sq : kn;
-        }
-        for (int i = 0; i < n; i++) {
-            const float *x = qb + (long)i * d;
-            double s = 0.0;
-            for (int l = 0; l < d; l++) s += (double)__builtin_fabsf(x[l]) * (double)ka[l];
-            hs = s > hs ? s : hs;
+            for (int j = 0; j < m; j++) {
+                const double sq = row_sq_centred(kb + (long)j * d, mb, d);
+                kn = sq > kn ? sq : kn;
+            }
         }
         qn_o[b] = sqrt(qn);
         kn_o[b] = sqrt(kn);
