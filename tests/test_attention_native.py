@@ -173,9 +173,19 @@ def test_compiled_core_within_the_rounding_part_drawn(
 
 @needs_kernel
 def test_long_inputs_split_across_threads_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keys and queries split between threads (parts of 8192): the same bound covers it."""
-    q, k, v = make(1, 20000, 17000, 4, 3, 1.0, seed=3)
+    """Keys and queries split between threads: the same bound covers it."""
+    q, k, v = make(1, 20000, 17000, 8, 3, 1.0, seed=3)
+    parts: list[int] = []
+    real = at_native._on_threads
+
+    def spy(fn: object, spans: list[tuple[int, int]], *a: object) -> object:
+        parts.append(len(spans))
+        return real(fn, spans, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(at_native, "_on_threads", spy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     nat, ref = both_routes(q, k, v, 1e-3, monkeypatch)
+    assert parts[:2] == [2, 2]  # keys, then queries, in two parts each
     rows = torch.arange(0, 20000, 97)
     for res in (nat, ref):
         exact = naive_attention(q[:, rows], k, v)

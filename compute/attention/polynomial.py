@@ -128,7 +128,7 @@ def polynomial_forward(
         native: the compiled core (``attention.native.bound_core`` of a self-tested kernel): a
             non-causal float32 CPU call runs it (features, moments, readout) after the same
             preparation, with the same rounding model; ``native_threads`` its thread count and
-            ``native_min_part`` the shortest key or query part a thread takes (tests).
+            ``native_min_part`` the fewest multiply-adds a thread takes (tests).
 
     Returns:
         ``[L, n, dv]`` in ``dtype``. Memory O(L_g * r * B + L * r * dv), never n x m or n x r.

@@ -55,8 +55,9 @@ _log = logging.getLogger(__name__)
 # Use the compiled kernel for float32 CPU statistics and non-causal polynomial paths when it
 # builds; tests turn this off to exercise the PyTorch route (same rounding model).
 NATIVE = True
-# keys (or queries) per thread below which one thread does all (a wake-up costs ~50 us)
-PARALLEL_MIN = 8192
+# multiply-adds per thread below which one thread does all (a hand-off costs ~50 us on a
+# quiet machine, more on a busy one; measured: splitting 2^22 multiply-adds still lost)
+PARALLEL_MIN = 1 << 23
 _SIG32 = 2.0 * subnormal_spacing(torch.float32)  # (statistics' normalisation slack)
 # queries read out between two progress reports (a cancelled call stops there)
 QUERY_BLOCK = 16384
@@ -237,10 +238,11 @@ def core(
     most ``key_inner`` (keys) and ``feature_inner`` (features), what the bound certified.
     Returns ``[L, n, dv]`` float32: ``(num / den) p2 + c`` rounded once.
 
-    With ``threads`` > 1 (default: torch's thread count) long problems are split: keys into
-    contiguous parts of at least ``min_part`` keys whose float64 moments are added in float64
-    (one more float64 addition per part, within the model's float64 chain: docs/attention.md),
-    queries into parts read out independently (the same arithmetic). ``progress(done, total)``
+    With ``threads`` > 1 (default: torch's thread count) long problems are split, each part
+    at least ``min_part`` multiply-adds: keys into contiguous parts of at least ``key_inner``
+    keys whose float64 moments are added in float64 (one more float64 addition per part,
+    within the model's float64 chain: docs/attention.md), queries into parts read out
+    independently (the same arithmetic). ``progress(done, total)``
     after each slice's moments and each block of (at least) ``QUERY_BLOCK`` queries of the part
     read out on the calling thread.
     """
@@ -256,13 +258,15 @@ def core(
     w = w64.to(torch.float64).contiguous()
     out = torch.empty(L, n, dv, dtype=torch.float32)
     nt = _threads() if threads is None else max(1, threads)
-    # a thread takes a part only when it is long: at least min_part keys or queries and about
-    # 2^22 multiply-adds (a hand-off costs ~50 us on a quiet machine, much more on a busy one);
-    # key parts only then (the extra float64 additions stay within the chain the bound counts:
-    # docs/attention.md, "Compiled CPU kernel")
-    floor = max(min_part, (1 << 22) // max(1, r * e)) if min_part == PARALLEL_MIN else min_part
-    kparts = max(1, min(nt, m // floor)) if key_inner >= 64 else 1
-    qparts = max(1, min(nt, n // max(1, floor // 2)))
+    # a thread takes a part only when it has at least min_part multiply-adds; key parts only
+    # of at least key_inner keys each, so that a term's float64 additions (its part's
+    # segments, then the sum of the parts) stay within ceil(m / key_inner): docs/attention.md,
+    # "Compiled CPU kernel"
+    per = max(1, r * e)
+    kparts = max(1, min(nt, m * per // max(1, min_part)))
+    while kparts > 1 and min(b - a for a, b in _spans(m, kparts)) < key_inner:
+        kparts -= 1
+    qparts = max(1, min(nt, n * per // max(1, min_part)))
     qspans = _spans(n, qparts)
     # progress after the moments and every block of queries of the first part (read out on
     # this thread, so that progress and cancellation stay on the caller's thread)
@@ -381,7 +385,7 @@ def core_causal(
     done = 0
     for b0 in range(0, L, nt):
         group = list(range(b0, min(L, b0 + nt)))
-        if len(group) == 1 or n < PARALLEL_MIN // 8:
+        if len(group) == 1 or n * table.r * e < PARALLEL_MIN:
             for b in group:
                 one(b)
         else:
@@ -417,7 +421,7 @@ def self_test(kern: AttentionPoly) -> bool:
         if not torch.equal(mid_c, mid_t) or not np.allclose(host_c, host_t, rtol=1e-12, atol=0):
             return False
         approx = certified_best(1.0, 3)
-        for threads, key_chunk, min_part in ((1, 16, PARALLEL_MIN), (2, 64, 100)):
+        for threads, key_chunk, min_part in ((1, 16, PARALLEL_MIN), (2, 64, 1000)):
             # (threads, long key chunks and short parts: keys and queries split in two)
             kw = {"dtype": torch.float32, "key_chunk": key_chunk, "feature_chunk": 8}
             ref = polynomial_forward(q, k, v, approx, 0.5, **kw).double()  # type: ignore[arg-type]
