@@ -3,10 +3,17 @@
 For n in {1024, 4096, 16384, 65536}, d in {8, 16}, certified radius R in {0.5, 1, 2} and
 eps in {1e-2, 1e-3}: median times of SDPA and ours in one process, their ratio, our measured
 error against float64 (on 256 random query rows recomputed exactly), our certified bound,
-bound / error, peak memory, the time of the path's own two matrix products (U^T [V 1] and
-[M z]^T U, same shapes and blocks, timed in the same run), the crossover n* per case, and a plot.
+bound / error, peak memory, the time of the path's own two matrix products (its GEMM floor:
+U^T [V 1] and [M z]^T U for the polynomial path, same shapes and blocks; Q K^T and P V in blocks
+of 1024 rows for the exact path; timed in the same run) and every row's time over it, the
+crossover n* per case, a causal row against SDPA's is_causal, a small-input table
+(n = 16 ... 1024, d = 8 and 64: method="auto" against SDPA, the planner and checks included),
+and a plot.
 
-    python benchmarks/attention.py [--quick] [--device cpu] [--dtype float32] [--out DIR]
+    python benchmarks/attention.py [--quick] [--best] [--device cpu] [--dtype float32] [--out DIR]
+
+``--best``: every time is the fastest of its repeats instead of their median (for a CPU shared
+with other jobs).
 """
 
 from __future__ import annotations
@@ -24,18 +31,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     markdown_table,
-    median_time,
     parse_args,
     peak_memory,
     plot_path,
     save_text,
     sync,
 )
+from common import (
+    median_time as _median_time,
+)
 
 import compute
 from compute.core.radius import centre, matrix_radius
 
 SAMPLE_ROWS = 256
+BEST = "--best" in sys.argv  # best of the repeats instead of their median (a shared CPU)
+if BEST:
+    sys.argv.remove("--best")
+
+
+def median_time(fn: Any, device: str, repeats: int = 3) -> float:
+    """``common.median_time``, or with ``--best`` the fastest of the runs (on a CPU shared
+    with other jobs the minimum is the least disturbed run)."""
+    if not BEST:
+        return _median_time(fn, device, repeats)
+    fn()
+    sync(device)
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 MAX_PREDICTED_SECONDS = 8.0  # skip polynomial runs the planner predicts slower than this
 
 
@@ -77,6 +107,68 @@ def gemm_time(plan: compute.Plan, n: int, dv: int, device: str, repeats: int) ->
     return median_time(run, device, repeats)
 
 
+def exact_gemm_time(n: int, d: int, device: str, dtype: torch.dtype, repeats: int) -> float:
+    """The exact path's own two products alone: ``Q_b K^T`` and ``P_b V`` for blocks of 1024
+    query rows (fresh outputs reused: the pure GEMM cost, no softmax)."""
+    gen = torch.Generator().manual_seed(2)
+    b = min(n, 1024)
+    q = torch.randn(b, d, generator=gen).to(device, dtype)
+    k = torch.randn(n, d, generator=gen).to(device, dtype)
+    v = torch.randn(n, d, generator=gen).to(device, dtype)
+    s = torch.empty(b, n, device=device, dtype=dtype)
+    o = torch.empty(b, d, device=device, dtype=dtype)
+    blocks = -(-n // b)
+
+    def run() -> None:
+        for _ in range(blocks):
+            torch.matmul(q, k.T, out=s)
+            torch.matmul(s, v, out=o)
+
+    return median_time(run, device, repeats)
+
+
+def small_table(device: str, dtype: torch.dtype, quick: bool) -> tuple[list[list[Any]], list[str]]:
+    """method="auto" (checks, statistics, planner, run) against SDPA on small inputs."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ns = [16, 128, 1024] if quick else [16, 32, 64, 128, 256, 512, 1024]
+    rows: list[list[Any]] = []
+    notes: list[str] = []
+    for d in (8, 64):
+        for n in ns:
+            gen = torch.Generator().manual_seed(n + d)
+            q, k, v = (torch.randn(1, 1, n, d, generator=gen).to(device, dtype) for _ in range(3))
+            reps = 400 if n <= 128 else (100 if n <= 512 else 30)
+            fns = [
+                lambda q=q, k=k, v=v: sdpa(q, k, v),
+                lambda q=q, k=k, v=v: compute.attention(q, k, v),
+            ]
+            for fn in fns:
+                fn()
+            times: list[list[float]] = [[], []]
+            for _ in range(reps):  # interleaved: both see the same machine load
+                for i, fn in enumerate(fns):
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    times[i].append(time.perf_counter() - t0)
+            t_sdpa, t_auto = (min(t) if BEST else sorted(t)[len(t) // 2] for t in times)
+            res = compute.attention(q, k, v)
+            rows.append([n, d, res.plan.method, t_sdpa * 1e3, t_auto * 1e3, t_auto / t_sdpa])
+            if n == 16 and d == 8:
+                ok = t_auto <= 1e-4
+                notes.append(
+                    f"- n=16, d=8, auto: {t_auto * 1e3:.3f} ms (target <= 0.1 ms): "
+                    f"{'met' if ok else 'NOT met'}"
+                )
+            if n == 1024 and res.plan.method == "exact":
+                ok = t_auto <= 1.15 * t_sdpa
+                notes.append(
+                    f"- n=1024, d={d}, auto picks exact: {t_auto / t_sdpa:.2f}x SDPA (target <= "
+                    f"1.15x): {'met' if ok else 'NOT met'}"
+                )
+    return rows, notes
+
+
 def crossover(ns: list[int], speedups: list[float | None]) -> str:
     """Smallest n where ours beats SDPA, interpolated log-log between grid points."""
     prev: tuple[int, float] | None = None
@@ -107,13 +199,18 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[list[Any]] = []
     curves: dict[tuple[int, float, float], list[tuple[int, float | None, float | None]]] = {}
     targets: list[str] = []
+    causal_rows: list[list[Any]] = []
     t_start = time.perf_counter()
     for d in ds:
         for n in ns:
             q, k, v = inputs(n, d, 1.0, dtype, device)
             sdpa_reps = reps if n < 65536 else max(1, min(reps, 3))
             t_sdpa = median_time(lambda q=q, k=k, v=v: sdpa(q, k, v), device, sdpa_reps)
-            log(f"[{time.perf_counter() - t_start:6.1f}s] d={d} n={n}: SDPA {t_sdpa:.4f} s")
+            t_exact_gemm = exact_gemm_time(n, d, device, dtype, sdpa_reps)
+            log(
+                f"[{time.perf_counter() - t_start:6.1f}s] d={d} n={n}: SDPA {t_sdpa:.4f} s, "
+                f"its two GEMMs {t_exact_gemm:.4f} s"
+            )
             for R in Rs:
                 q, k, v = inputs(n, d, R, dtype, device, seed=1)
                 for eps in epss:
@@ -158,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
                     t_gemm = (
                         gemm_time(first.plan, n, d, device, reps)
                         if method == "polynomial"
-                        else None
+                        else t_exact_gemm
                     )
                     speed = t_sdpa / t_ours
                     key = (d, R, eps)
@@ -193,25 +290,30 @@ def main(argv: list[str] | None = None) -> None:
                         f"g={p.degree} r={p.features} ours {t_ours:.4f} s ({speed:.1f}x), err "
                         f"{err:.2e} bound {bound if bound is None else f'{bound:.2e}'}"
                     )
-                    if d == 8 and R == 1.0 and eps == 1e-3 and n == 65536:
-                        ok = speed >= 30 and bound is not None and err <= bound <= 1e-3 * vmax
+                    if d == 8 and R == 1.0 and eps == 1e-3 and n == max(ns):
+                        ok = speed >= 100 and bound is not None and err <= bound <= 1e-3 * vmax
                         targets.append(
-                            f"- d=8, R=1, eps=1e-3, n=65536: {speed:.1f}x SDPA (target >= 30x), "
-                            f"error {err:.2e} <= bound {bound} <= 1e-3 max|v| = "
+                            f"- d=8, R=1, eps=1e-3, n={n}: {speed:.1f}x SDPA (target >= 100x at "
+                            f"n=65536), error {err:.2e} <= bound {bound:.3g} <= 1e-3 max|v| = "
                             f"{1e-3 * vmax:.2e}: {'met' if ok else 'NOT met'}"
                         )
+                        causal_rows.append(causal_row(q, k, v, eps, device, reps))
     cross_rows = []
     for (d, R, eps), pts in sorted(curves.items()):
         c = crossover([p[0] for p in pts], [p[1] for p in pts])
         cross_rows.append([d, R, eps, c])
         if d == 8 and R == 1.0 and eps == 1e-3:
-            targets.append(f"- crossover n* for d=8, R=1, eps=1e-3: {c} (target <= 4096)")
-    gemm_ratios = [r[16] for r in rows if isinstance(r[16], float)]
+            targets.append(f"- crossover n* for d=8, R=1, eps=1e-3: {c} (target <= 1024)")
+    gemm_ratios = [r[16] for r in rows if isinstance(r[16], float) and r[4] != "exact"]
     if gemm_ratios:
+        worst = max(gemm_ratios)
         targets.append(
-            f"- polynomial path / its own two matrix products: {min(gemm_ratios):.2f}x to "
-            f"{max(gemm_ratios):.2f}x (target <= 3x; the products are timed unchunked)"
+            f"- polynomial path / its own two-GEMM floor: {min(gemm_ratios):.2f}x to "
+            f"{worst:.2f}x (target <= 1.5x for every r; the products are timed unchunked): "
+            f"{'met' if worst <= 1.5 else 'NOT met'}"
         )
+    small_rows, small_notes = small_table(device, dtype, args.quick)
+    targets.extend(small_notes)
     headers = [
         "n",
         "d",
@@ -228,13 +330,13 @@ def main(argv: list[str] | None = None) -> None:
         "bound",
         "bound/error",
         "bound/max|v|",
-        "2 GEMMs s",
-        "ours/GEMMs",
+        "own 2 GEMMs s",
+        "time / own GEMM floor",
         "peak MiB",
     ]
     text = [
         f"# Attention benchmark ({device}, {args.dtype}, {torch.get_num_threads()} threads, "
-        f"median of {reps})",
+        f"{'best' if BEST else 'median'} of {reps})",
         "",
         "Inputs: q, k, v ~ N(0, 1) of shape [1, 1, n, d] (dv = d), q rescaled so that the "
         "certified radius R of the centred keys is exact; scale 1/sqrt(d). 'ours' is "
@@ -248,6 +350,30 @@ def main(argv: list[str] | None = None) -> None:
         "",
         markdown_table(["d", "R", "eps", "n*"], cross_rows),
         "",
+        "Causal (SDPA with is_causal=True against the causal polynomial path):",
+        "",
+        markdown_table(
+            [
+                "n",
+                "d",
+                "R",
+                "eps",
+                "method",
+                "r",
+                "SDPA causal s",
+                "ours s",
+                "speedup",
+                "error",
+                "bound",
+            ],
+            causal_rows,
+        ),
+        "",
+        "Small inputs: method='auto' (argument checks, statistics, planner and run) against "
+        f"SDPA, {'best' if BEST else 'median'} of interleaved runs:",
+        "",
+        markdown_table(["n", "d", "auto picks", "SDPA ms", "auto ms", "auto / SDPA"], small_rows),
+        "",
         "Targets:",
         *targets,
         "",
@@ -257,6 +383,27 @@ def main(argv: list[str] | None = None) -> None:
     print(out)
     save_text(args.out, "attention.md", out)
     _plot(curves, plot_path(args.out, "attention.png"))
+
+
+def causal_row(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, device: str, reps: int
+) -> list[Any]:
+    """One causal case: SDPA ``is_causal=True`` against ``method="polynomial", causal=True``."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    n, d = q.shape[-2], q.shape[-1]
+    t_sdpa = median_time(lambda: sdpa(q, k, v, is_causal=True), device, max(1, min(reps, 3)))
+    first = compute.attention(q, k, v, method="polynomial", eps=eps, causal=True, sample_rows=256)
+    t_ours = median_time(
+        lambda: compute.attention(q, k, v, method="polynomial", eps=eps, causal=True),
+        device,
+        max(1, min(reps, 3)),
+    )
+    p = first.plan
+    R = round(p.radius, 3)
+    return [
+        n, d, R, eps, f"poly g={p.degree} {p.family}", p.features, t_sdpa, t_ours,
+        t_sdpa / t_ours, first.measured_error, first.error_bound,
+    ]  # fmt: skip
 
 
 def _plot(

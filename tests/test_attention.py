@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compute
+from compute.attention import exact as exact_module
 from compute.attention.balance import balance
 from compute.attention.exact import exact_forward
 from compute.attention.naive import naive_attention as reference
@@ -393,7 +394,10 @@ def test_exact_forward_positions_give_rows() -> None:
     assert float((full[:, rows] - part).abs().max()) < 1e-14
 
 
-def test_progress_is_called_and_can_cancel() -> None:
+def test_progress_is_called_and_can_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (the fused exact path makes one call up to EXACT_FUSED_ELEMS score entries: smaller here,
+    # so that a 3000 x 3000 problem still has several blocks)
+    monkeypatch.setattr(exact_module, "EXACT_FUSED_ELEMS", 1 << 20)
     q, k, v = make((), 3000, 3000, 8, 8, torch.float32, 1.0)
     for method in ("exact", "polynomial"):
         calls: list[tuple[int, int]] = []

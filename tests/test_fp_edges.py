@@ -48,6 +48,7 @@ from strategies import (
 )
 
 import compute
+from compute.attention import native as att_native
 from compute.attention import polynomial as att_poly
 from compute.core.monomials import monomial_table, weight_max, weights
 from compute.core.polynomials import approximation, certified_best, grid_radius, tv_factor
@@ -526,6 +527,16 @@ def test_polynomial_products_see_normalised_values(
         return real(work, **kw)
 
     monkeypatch.setattr(att_poly, name, spy)
+    for core_name in ("core", "core_causal"):  # the compiled route's values [L, dv]
+        real_core = getattr(att_native, core_name)
+
+        def spy_core(
+            kern: Any, qb: Any, kb: Any, vn: Any, *a: Any, real_core: Any = real_core, **kw: Any
+        ) -> Any:
+            seen.append(vn.abs().amax(dim=1).double())
+            return real_core(kern, qb, kb, vn, *a, **kw)
+
+        monkeypatch.setattr(att_native, core_name, spy_core)
     gen = torch.Generator().manual_seed(13)
     q, k = (torch.randn(2, 96, 3, generator=gen, dtype=F64).to(dtype) * 0.5 for _ in range(2))
     v = build(gen, (2, 96, 2), dtype, Entries("ints", exponent))

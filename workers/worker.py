@@ -28,6 +28,7 @@ from app.jobs.errors import StaleAttempt, job_error
 from app.jobs.queue import Queue
 from app.jobs.records import Attempt
 from app.jobs.settings import Settings
+from compute.attention import kernel_status as attention_kernel_status
 from compute.tensor_attention import kernel_status
 from workers.run import Progress, resolve_device, run_op
 
@@ -224,6 +225,8 @@ class Worker:
         if "tensor-attention" in self.ops and self.device.type == "cpu":
             # build (or load), self-test and calibrate the compiled kernel now, not in a job
             log.info("tensor attention CPU kernel: %s", kernel_status())
+        if "attention" in self.ops and self.device.type == "cpu":
+            log.info("attention CPU kernel: %s", attention_kernel_status())
         self._warm_planner()
         next_reclaim = next_tune = 0.0
         reclaims = 0

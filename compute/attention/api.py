@@ -14,6 +14,7 @@ from ..core.progress import Progress
 from ..core.radius import centre
 from ..core.result import AttentionResult
 from ..core.rounding import subnormal_spacing, unit_roundoff
+from . import native as native_route
 from . import shapes
 from .exact import exact_wide, run_exact
 from .plan import make_plan
@@ -142,8 +143,8 @@ def attention(
             if not bool(torch.isfinite(x).all()):
                 raise InvalidInputError(name, "contains NaN or Inf")
         k3, v3, m = k3[:, :n], v3[:, :n], n
-    stats = statistics(q3, k3, v3, s)  # raises InvalidInputError on NaN/Inf
-    kc3 = stats.kc  # [L, m, d]: the keys the polynomial path uses (softmax shift invariance)
+    # raises InvalidInputError on NaN/Inf; float32 CPU inputs: compiled, one pass per tensor
+    stats = statistics(q3, k3, v3, s, native_route.reductions)
     R = stats.radius  # matrix_radius(q3, centre(k3), s)
     value_range = stats.value_range  # exact in float64
     value_absmax = stats.value_absmax
@@ -168,8 +169,17 @@ def attention(
     )
     bound: float | None = None
     if cfg is not None:
+        kern = native_route.kernel() if native_route.route_ok(cfg.dtype, q.device, causal) else None
         out3 = run_polynomial(
-            q3, kc3, v3, cfg, s, causal=causal, progress=progress, extremes=stats.extremes
+            q3,
+            stats.kc,  # [L, m, d]: centred keys (softmax shift invariance)
+            v3,
+            cfg,
+            s,
+            causal=causal,
+            progress=progress,
+            extremes=stats.extremes,
+            native=native_route.bound_core(kern),
         )
         bound = float(cfg.bound.total)
         # finite exactly when both global extremes are (NaN propagates): one cheap reduction

@@ -4,7 +4,9 @@ cost model").
 The exact path's model (``core.cost.predict_exact_attention``) counts the unfused loop; the
 non-causal exact path runs PyTorch's fused kernel, whose constant is measured here (once per
 machine, ``core.calibration``). The polynomial path's features are priced at the feature
-builder's measured rate.
+builder's measured rate, or, where the compiled route runs (``native``), at the compiled core's
+measured rate. ``polynomial_floor`` is a lower bound of every polynomial prediction with at least
+r features: the planner's fast exit to exact.
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ from ..core.cost import (
     predict_polynomial_attention,
     rates,
 )
+from . import native
 from .polynomial import CAUSAL_BLOCK, Config
 
-__all__ = ["predict_exact", "predict_polynomial"]
+__all__ = ["NATIVE_PREP", "polynomial_floor", "predict_exact", "predict_polynomial"]
+
+# the compiled route's fixed cost (statistics, planning and the PyTorch-side preparation:
+# balancing, normalisation, weights, about 80 small tensor operations; measured 0.5-0.7 ms on
+# the 2-core development machine): seconds, plus NATIVE_PREP_ELEM per input element (about
+# 10 passes over q, k, v)
+NATIVE_PREP = 5e-4
+NATIVE_PREP_ELEM = 2e-9
 
 
 FUSED_N, FUSED_D = 1024, 16  # the fused kernel's calibration problem: n queries and keys, d = dv
@@ -79,8 +89,14 @@ def predict_polynomial(
     """Predicted seconds: features on both sides, the skinny products, per-block overhead.
 
     Uses ``core.cost.rates`` for the products (``predict_polynomial_attention`` with the feature
-    term replaced by the feature builder's measured rate) and about 4 us per launched op.
+    term replaced by the feature builder's measured rate) and about 4 us per launched op. Where
+    the compiled route runs (float32, CPU, non-causal, kernel live), its own measured rate of
+    multiply-adds (features, moments and readout together) and its fixed cost instead.
     """
+    if native.route_ok(cfg.dtype, device, causal) and native.kernel() is not None:
+        rate = native_threads_rate(batch, causal)
+        if rate > 0.0:
+            return native_seconds(rate, batch, n_q, n_k, cfg.features, d, dv, causal)
     rt = rates(device, cfg.dtype)
     r = cfg.features
     rate = feature_rate(str(device), cfg.dtype)
@@ -96,3 +112,52 @@ def predict_polynomial(
     if causal:  # diagonal sub-blocks: pairwise polynomial (inner r) and its product with V
         t += float(batch) * n_q * CAUSAL_BLOCK * 2.0 * (r + dv + 1) / rt.skinny
     return t
+
+
+def native_threads_rate(batch: int, causal: bool) -> float:
+    """The compiled core's multiply-adds per second with the threads it uses: up to two
+    (long non-causal slices are split; causal slices run one per thread)."""
+    threads = max(1, min(2, torch.get_num_threads()))
+    if causal:
+        threads = min(threads, batch)
+    return native.native_rate() * threads
+
+
+def native_seconds(
+    rate: float, batch: int, n_q: int, n_k: int, r: int, d: int, dv: int, causal: bool = False
+) -> float:
+    """The compiled route's prediction: ``(n_q + n_k) r (dv + 1)`` multiply-adds (causal: plus
+    the pairwise diagonal sub-blocks, ``n_q CAUSAL_BLOCK r``) at ``rate`` plus its fixed and
+    per-element costs."""
+    macs = float(batch) * (n_q + n_k) * r * (dv + 1)
+    if causal:
+        macs += float(batch) * n_q * CAUSAL_BLOCK * (r + dv + 1)
+    work = macs / rate
+    return work + NATIVE_PREP + float(batch) * (n_q + n_k) * (d + dv) * NATIVE_PREP_ELEM
+
+
+def polynomial_floor(
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...],
+    *,
+    batch: int,
+    n_q: int,
+    n_k: int,
+    r: int,
+    d: int,
+    dv: int,
+    causal: bool,
+) -> float:
+    """A lower bound of ``predict_polynomial`` for every configuration with at least ``r``
+    features in one of ``dtypes``: the two skinny products at the fastest dtype's rate, or the
+    compiled route's prediction where it may run, whichever is smaller."""
+    best = float("inf")
+    for dt in dtypes:
+        rt = rates(device, dt)
+        flops = float(batch) * 2.0 * (n_q + n_k) * r * (dv + 1) * (2.0 if causal else 1.0)
+        best = min(best, flops / rt.skinny)
+        if native.route_ok(dt, device, causal) and native.kernel() is not None:
+            rate = native_threads_rate(batch, causal)
+            if rate > 0.0:
+                best = min(best, native_seconds(rate, batch, n_q, n_k, r, d, dv, causal))
+    return best

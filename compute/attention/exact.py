@@ -32,6 +32,7 @@ from .stats import Stats
 
 __all__ = [
     "EXACT_BLOCK_ELEMS",
+    "EXACT_FUSED_ELEMS",
     "EXACT_MAX_BLOCK",
     "default_block",
     "exact_bound",
@@ -42,7 +43,8 @@ __all__ = [
 ]
 
 EXACT_BLOCK_ELEMS = 1 << 21  # elements of one score block (slices * Bq * Bk)
-EXACT_MAX_BLOCK = 1024  # rows per query/key block at most
+EXACT_MAX_BLOCK = 1024  # rows per query/key block at most (the loop)
+EXACT_FUSED_ELEMS = 1 << 27  # score entries (slices * query rows * keys) per fused call
 
 
 def exact_forward(
@@ -73,7 +75,9 @@ def exact_forward(
             per block, at most ``EXACT_MAX_BLOCK``).
         fused: for non-causal float32/float64 inputs, let PyTorch's fused SDPA kernel (itself an
             online-softmax flash kernel on CPU and CUDA, exact up to rounding) do each query
-            block: same semantics, about twice as fast. ``False`` always runs the loop below.
+            block (of about ``EXACT_FUSED_ELEMS`` score entries; the whole problem in one call
+            when it is smaller): same semantics, about twice as fast. ``False`` always runs the
+            loop below.
 
     Returns:
         ``[L, n, dv]`` in ``q.dtype``. Memory O(L * block^2 + L * n * (d + dv)); never n x m.
@@ -84,12 +88,20 @@ def exact_forward(
         block = default_block(L)
     if positions is None:
         positions = torch.arange(n, device=q.device)
-    out = torch.empty((L, n, dv), dtype=q.dtype, device=q.device)
     n_blocks = -(-n // block)
     if fused and uses_fused(causal, q.dtype):
-        rows = max(block, 1024)
+        # query blocks as long as about 2^27 score entries (one call up to n = m = 11585 for
+        # one slice): PyTorch's fused kernel is up to 2x slower on short query blocks than on
+        # the whole problem (1024-row blocks at n = 4096, d = 64), and a cancellation still
+        # lands within a fraction of a second
+        rows = max(block, 1024, EXACT_FUSED_ELEMS // max(1, L * m))
         n_blocks = -(-n // rows)
         sdpa = torch.nn.functional.scaled_dot_product_attention
+        if n_blocks == 1:  # one query block: the fused kernel's own output, no copy
+            o = sdpa(q[None], k[None], v[None], scale=scale)[0]  # [L, n, dv]
+            report(progress, 1, 1)
+            return o
+        out = torch.empty((L, n, dv), dtype=q.dtype, device=q.device)
         for bi, s in enumerate(range(0, n, rows)):
             e = min(n, s + rows)
             # 4-D [1, L, b, d]: the layout the fused CPU kernel takes (3-D falls back to math)
@@ -97,6 +109,7 @@ def exact_forward(
             out[:, s:e] = o[0]
             report(progress, bi + 1, n_blocks)
         return out
+    out = torch.empty((L, n, dv), dtype=q.dtype, device=q.device)
     qs = q * scale  # [L, n, d]
     kt = k.transpose(1, 2)  # [L, d, m]
     key_cols = torch.arange(m, device=q.device)

@@ -21,7 +21,7 @@ from ..core.result import Plan
 from ..core.rounding import unit_roundoff
 from ..core.validate import check_count, check_flag, dtype_name
 from .bound import certified_bound
-from .cost import predict_exact, predict_polynomial
+from .cost import polynomial_floor, predict_exact, predict_polynomial
 from .polynomial import CAUSAL_BLOCK, Config, geometry
 
 __all__ = ["FLOAT32_CHUNKS", "MAX_FEATURES", "MAX_STATE_BYTES", "make_plan", "plan_attention"]
@@ -69,9 +69,15 @@ def select(
     if not math.isfinite(R) or R > planner.MAX_RADIUS:
         return Selection(None, planner.beyond_regime(NAME, R))
     n_max = max(n_q, n_k)
-    for approx in planner.polynomials(R):
+    # the polynomial part of every bound below is at least t(approx) * value_range (rounding
+    # only widens [dmin, dmax], and t grows with the interval): degrees whose own t already
+    # misses the target are skipped without pricing any dtype or chunking (cached t table)
+    start = planner.first_degree(R, target / value_range if value_range > 0.0 else math.inf)
+    for approx in planner.polynomials(R, start=start):
         g = approx.degree
         r = feature_count(d, g)
+        if not approx.t * value_range <= target * (1.0 + 1e-9):
+            continue  # no dtype or chunking can certify this degree (see above)
         for dtype in dtypes:
             fp32 = dtype != torch.float64
             for ck_max, cr_max in FLOAT32_CHUNKS if fp32 else ((0, 0),):
@@ -186,21 +192,48 @@ def make_plan(
             **base,
         )
         return plan, None
+    target = eps * value_absmax
+    dtypes = planner.certifiable_dtypes(compute_dtype)
+    where = planner.where(NAME, R, rho, d, eps)
+    if method == "auto" and R <= planner.MAX_RADIUS:
+        # fast exit: no certified polynomial has fewer features than the first degree whose own
+        # t meets the target, and none can beat exact when even that many features cost more
+        # (polynomial_floor <= every prediction): exact, without pricing degrees and chunkings
+        g0 = planner.first_degree(R, target / value_range if value_range > 0.0 else math.inf)
+        r0 = feature_count(d, g0) if g0 <= planner.MAX_DEGREE else 0
+        # (beyond the caps select says so in its own words)
+        if 0 < r0 <= MAX_FEATURES and r0 * (dv + 1) * 8 <= MAX_STATE_BYTES:
+            floor = polynomial_floor(
+                device, dtypes, batch=batch, n_q=n_q, n_k=n_k, r=r0, d=d, dv=dv, causal=causal
+            )
+            if floor >= cost_exact:
+                plan = Plan(
+                    method="exact",
+                    reason=planner.useless_polynomial(where, g0, r0, floor, cost_exact),
+                    compute_dtype=dtype_name(compute_dtype),
+                    # lower bounds here ("needs degree >= g0"): the family of that degree's best
+                    family=planner.certified_best(R, g0).family,
+                    degree=g0,
+                    features=r0,
+                    cost_polynomial=floor,
+                    extra=extra,
+                    **base,
+                )
+                return plan, None
     sel = select(
         R=R,
         d=d,
         dv=dv,
         n_q=n_q,
         n_k=n_k,
-        target=eps * value_absmax,
+        target=target,
         value_range=value_range,
         value_absmax=value_absmax,
-        dtypes=planner.certifiable_dtypes(compute_dtype),
+        dtypes=dtypes,
         out_dtype=out_dtype,
         causal=causal,
         centring_dtype=compute_dtype,
     )
-    where = planner.where(NAME, R, rho, d, eps)
     if sel.config is None:
         if method == "polynomial":
             raise planner.uncertified_error(eps, "max|v|", where, sel.why_not)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -24,11 +24,35 @@ from ..core.rounding import BoundParts
 from .balance import balance, normalise_values
 from .stats import Extremes
 
+
+class NativeCore(Protocol):
+    """The compiled non-causal core (``attention.native.core`` bound to its kernel)."""
+
+    def __call__(
+        self,
+        qb: torch.Tensor,
+        kb: torch.Tensor,
+        vn: torch.Tensor,
+        c: torch.Tensor,
+        p2: torch.Tensor,
+        w64: torch.Tensor,
+        table: MonomialTable,
+        key_inner: int,
+        feature_inner: int,
+        threads: int | None = None,
+        progress: Progress | None = None,
+        *,
+        causal: bool = False,
+        **kw: Any,
+    ) -> torch.Tensor: ...
+
+
 __all__ = [
     "CAUSAL_BLOCK",
     "FEATURE_BLOCK_ELEMS",
     "MAX_BLOCK",
     "Config",
+    "NativeCore",
     "geometry",
     "polynomial_forward",
     "run_polynomial",
@@ -74,6 +98,9 @@ def polynomial_forward(
     progress: Progress | None = None,
     centred: bool = False,
     extremes: Extremes | None = None,
+    native: NativeCore | None = None,
+    native_threads: int | None = None,
+    native_min_part: int | None = None,
 ) -> torch.Tensor:
     """Factored attention ``(U1 (w*M)) / (U1 (w*z))`` streamed in blocks.
 
@@ -98,6 +125,10 @@ def polynomial_forward(
         centred: k is already ``centre(k)`` in ``dtype`` (skips recentring; same result).
         extremes: column extremes of these q, (centred) k and v already reduced by
             ``statistics`` (skips those reductions; same result bit for bit).
+        native: the compiled core (``attention.native.bound_core`` of a self-tested kernel): a
+            non-causal float32 CPU call runs it (features, moments, readout) after the same
+            preparation, with the same rounding model; ``native_threads`` its thread count and
+            ``native_min_part`` the fewest multiply-adds a thread takes (tests).
 
     Returns:
         ``[L, n, dv]`` in ``dtype``. Memory O(L_g * r * B + L * r * dv), never n x m or n x r.
@@ -143,6 +174,22 @@ def polynomial_forward(
     qb, kb, s_mant = balance(q, kc, scale, qa, ka, known)
     w64 = torch.from_numpy(weights(approx.coeffs, plan, s_mant)).to(dev)  # [r] float64
 
+    if native is not None and fp32 and dev.type == "cpu" and ck is not None:
+        return native(
+            qb.to(dtype),
+            kb.to(dtype),
+            vc.to(dtype),
+            c.to(dtype),
+            p2,
+            w64,
+            plan,
+            key_inner=unit if causal else ck,  # causal: the sub-block rows (the causal unit)
+            feature_inner=cr or r,
+            threads=native_threads,
+            progress=progress,
+            causal=causal,
+            **({} if native_min_part is None else {"min_part": native_min_part}),
+        )
     Lg = max(1, min(L, FEATURE_BLOCK_ELEMS // (rp * B)))
     out = torch.empty((L, n, dv), dtype=dtype, device=dev)
     groups = list(range(0, L, Lg))
@@ -358,10 +405,12 @@ def run_polynomial(
     causal: bool,
     progress: Progress | None,
     extremes: Extremes | None = None,
+    native: NativeCore | None = None,
 ) -> torch.Tensor:
     """Dispatch to :func:`polynomial_forward`; causal with m < n runs the rows >= m unmasked.
 
-    ``extremes``: from ``statistics`` on these q3, k3 (uncentred), v3.
+    ``extremes``: from ``statistics`` on these q3, k3 (uncentred), v3; ``native``: the compiled
+    non-causal float32 CPU core (None: the PyTorch route).
     """
     kw: dict[str, Any] = {
         "dtype": cfg.dtype,
@@ -369,6 +418,7 @@ def run_polynomial(
         "key_chunk": cfg.key_chunk if cfg.dtype != torch.float64 else None,
         "feature_chunk": cfg.feature_chunk if cfg.dtype != torch.float64 else None,
         "centred": True,  # k3 is centre(k) in the input compute dtype; casts up are exact
+        "native": native,
     }
     n, m = q3.shape[1], k3.shape[1]
     if not causal or n == m:

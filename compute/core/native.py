@@ -1,7 +1,9 @@
 """Optional compiled CPU kernels: plain C, built on first use with the system C compiler.
 
 A kernel is a C source file beside the operation that uses it and a ctypes binding of its
-functions (``tensor_attention/native/`` is the one so far). This module is what every kernel
+functions (``attention/native/`` and ``tensor_attention/native/``); what their C code shares
+(features, key moments, readout) is the header ``native_poly.h`` beside this module
+(``HEADERS``), included by both and hashed into both. This module is what every kernel
 shares: :class:`NativeKernel` compiles the source once per process (thread-safe), loads it,
 binds it, and says which route is active and why (:meth:`NativeKernel.status`). A kernel that
 cannot be used here (no C compiler, a failed build, ``COMPUTE_NATIVE=0``) is None, and its
@@ -12,7 +14,8 @@ the dot products; never ``-ffast-math``: it would flush subnormals to zero proce
 reassociate sums) into a cache directory (``COMPUTE_NATIVE_CACHE``, else
 ``$XDG_CACHE_HOME/attention-service``, else ``~/.cache/attention-service``, else the temporary
 directory), under a name that hashes the source, the flags, the compiler and this CPU's feature
-flags, so a cache shared between machines never loads code built for another CPU. The build
+flags (and the shared headers), so a cache shared between machines never loads code built for
+another CPU and an edited header is never served from an old library. The build
 writes a temporary file and renames it: concurrent processes never load a half-written library.
 """
 
@@ -27,11 +30,18 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["FLAGS", "NativeKernel", "build", "cache_dir"]
+import torch
 
+from .monomials import monomial_table
+
+__all__ = ["FLAGS", "HEADERS", "NativeKernel", "build", "cache_dir", "native_steps"]
+
+# headers the kernels include ("native_poly.h"); on the include path of every build
+HEADERS = (Path(__file__).with_name("native_poly.h"),)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=gnu11", "-Wall")
 T = TypeVar("T")
 
@@ -71,10 +81,15 @@ def build(source: Path) -> tuple[ctypes.CDLL, Path] | str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         return "no C compiler found (cc/gcc)"
-    src = source.read_bytes()
+    try:
+        src = source.read_bytes()
+        headers = [h.read_bytes() for h in HEADERS]
+    except OSError as exc:
+        return f"reading {source.name} failed: {exc}"
     key = hashlib.sha256(
-        b"\0".join([src, " ".join(FLAGS).encode(), _cpu_flags().encode(), cc.encode()])
+        b"\0".join([src, *headers, " ".join(FLAGS).encode(), _cpu_flags().encode(), cc.encode()])
     ).hexdigest()[:16]
+    includes = sorted({f"-I{h.parent}" for h in HEADERS})
     out_dir = cache_dir()
     lib_path = out_dir / f"{source.stem}-{key}.so"
     if not lib_path.exists():
@@ -84,7 +99,7 @@ def build(source: Path) -> tuple[ctypes.CDLL, Path] | str:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
             os.close(fd)
             proc = subprocess.run(
-                [cc, *FLAGS, "-o", tmp, str(source), "-lm"],
+                [cc, *FLAGS, *includes, "-o", tmp, str(source), "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -113,6 +128,7 @@ class NativeKernel(Generic[T]):
         self._bind = bind
         self._lock = threading.Lock()
         self._state: T | str | None = None  # the binding, or why there is none
+        self._tested: bool | None = None  # the self-test's verdict (``checked``)
 
     def _load(self) -> T | str:
         got = build(self.source)
@@ -137,3 +153,31 @@ class NativeKernel(Generic[T]):
         if got is not None:
             return f"native ({describe(got)})"
         return f"PyTorch route: {self._state}"
+
+    def checked(self, self_test: Callable[[T], bool]) -> T | None:
+        """The bound kernel once ``self_test(kernel)`` has passed in this process (run on the
+        first call, verdict cached), else None: a compiler or CPU that builds the library but
+        computes something else is never used."""
+        got = self.get()
+        if got is None:
+            return None
+        if self._tested is None:
+            self._tested = bool(self_test(got))
+        return got if self._tested else None
+
+    def self_test_failed(self) -> bool:
+        """Whether the kernel loaded but failed its self-test (``checked``)."""
+        return self._tested is False
+
+
+@lru_cache(maxsize=64)
+def native_steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
+    """The monomial table's steps for C (``native_poly.h``): every step (degree 1 included) as
+    int32 ``[nsteps, 4]`` (dst, end, src, var), the number of steps below the top degree and
+    the first row of the top degree (1 when there are no steps)."""
+    tables = monomial_table(d, g)
+    steps = tables.steps
+    top = tables.offsets[g] if g >= 1 else 1
+    nlow = sum(1 for dst, _, _, _ in steps if dst < top)
+    arr = torch.tensor(steps if steps else [[0, 0, 0, 0]], dtype=torch.int32)
+    return arr, nlow, top

@@ -20,6 +20,7 @@ margin (:func:`exact_instead`).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ import torch
 from . import validate
 from .device import float32_matmul_is_ieee, resolve_device
 from .errors import CertificationError
-from .polynomials import Approximation, certified_best
+from .polynomials import MAX_CERTIFIED_RADIUS, Approximation, certified_best, grid_radius
 
 __all__ = [
     "MARGIN",
@@ -37,12 +38,14 @@ __all__ = [
     "PlanArgs",
     "beyond_regime",
     "certifiable_dtypes",
+    "certified_best",
     "check_plan_args",
     "chosen",
     "costs_phrase",
     "exact_cheaper",
     "exact_instead",
     "exact_requested",
+    "first_degree",
     "format_seconds",
     "polynomial_phrase",
     "polynomial_wins",
@@ -50,6 +53,7 @@ __all__ = [
     "rho",
     "uncertified",
     "uncertified_error",
+    "useless_polynomial",
     "where",
     "within_margin",
 ]
@@ -77,13 +81,48 @@ def rho(radius: float, *lengths: int) -> float:
     return radius / max(log_n, math.log(2.0))
 
 
-def polynomials(radius: float, max_degree: int = MAX_DEGREE) -> Iterator[Approximation]:
-    """The degree search: degree by degree from 0 (lazily), the certified polynomial with the
-    smallest total-variation factor (``certified_best``); nothing beyond ``MAX_RADIUS``."""
+def polynomials(
+    radius: float, max_degree: int = MAX_DEGREE, start: int = 0
+) -> Iterator[Approximation]:
+    """The degree search: degree by degree from ``start`` (default 0; lazily), the certified
+    polynomial with the smallest total-variation factor (``certified_best``); nothing beyond
+    ``MAX_RADIUS``."""
     if not radius <= MAX_RADIUS:
         return
-    for g in range(max_degree + 1):
+    for g in range(start, max_degree + 1):
         yield certified_best(radius, g)
+
+
+# per grid radius (``polynomials.grid_radius``): the factors t of certified_best, degree by
+# degree from 0, extended lazily as far as a search has needed them
+_T_TABLES: dict[float, list[float]] = {}
+_T_LOCK = threading.Lock()
+
+
+def first_degree(radius: float, ratio: float, max_degree: int = MAX_DEGREE) -> int:
+    """The smallest degree whose certified polynomial has ``t <= ratio`` (a necessary condition
+    for any bound ``t' range + rounding <= target`` with ``ratio = target / range``, up to a
+    relative slack of 1e-9), or ``max_degree + 1`` when none has: where the degree search may
+    start. From a cached table of t per grid radius (``certified_best`` is built on the grid),
+    so a repeated search costs a few comparisons."""
+    if not radius <= MAX_RADIUS:
+        return max_degree + 1
+    key = grid_radius(float(radius)) if radius <= MAX_CERTIFIED_RADIUS else float(radius)
+    table = _T_TABLES.get(key)
+    if table is None:
+        if len(_T_TABLES) > 4096:
+            _T_TABLES.clear()
+        table = _T_TABLES.setdefault(key, [])
+    limit = ratio * (1.0 + 1e-9)
+    for g in range(max_degree + 1):
+        if g >= len(table):
+            t = certified_best(radius, g).t
+            with _T_LOCK:  # (threads extend a table one degree at a time, in order)
+                if g == len(table):
+                    table.append(t)
+        if table[g] <= limit:
+            return g
+    return max_degree + 1
 
 
 def certifiable_dtypes(compute_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
@@ -186,6 +225,16 @@ def beyond_regime(name: str, radius: float) -> str:
 
 def exact_requested(what: str) -> str:
     return f"method='exact' was requested: {what}, no approximation error to bound."
+
+
+def useless_polynomial(where: str, degree: int, features: int, floor: float, exact: float) -> str:
+    """``auto`` runs exact without pricing each polynomial: every certified one has at least
+    degree ``degree`` and ``features`` features, predicted at least ``floor`` seconds."""
+    return (
+        f"{where}: a certified polynomial needs degree >= {degree} (r >= {features} features), "
+        f"predicted at least {format_seconds(floor)} versus {format_seconds(exact)} exact, so "
+        "exact is cheaper."
+    )
 
 
 def uncertified(where: str, why: str) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "INFLATE",
     "centre",
     "column_midrange",
     "guard_norms",
@@ -27,7 +28,7 @@ __all__ = [
     "tensor_radius_from",
 ]
 
-_INFLATE = 1.0 + 1e-12
+INFLATE = _INFLATE = 1.0 + 1e-12  # (the compiled statistics repeat radius_from's usual case)
 _TINY_NORM = 2.0**-480  # float64 rows below this may lose squares to underflow
 _SUBNORMAL = 5e-324  # 2^-1074
 

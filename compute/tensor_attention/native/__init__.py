@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from ...core.calibration import calibrated
 from ...core.cost import best_time
 from ...core.monomials import feature_count, monomial_table
-from ...core.native import NativeKernel
+from ...core.native import NativeKernel, native_steps
 from ...core.polynomials import Approximation, certified_best
 from ...core.progress import Progress, report
 from ...core.scaling import mul_pow2_
@@ -107,16 +106,7 @@ def route_ok(dt: torch.dtype, dev: torch.device) -> bool:
     return NATIVE and dt == torch.float32 and dev.type == "cpu"
 
 
-@lru_cache(maxsize=64)
-def _native_steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
-    """Every table step (degree 1 included) as int32 ``[nsteps, 4]`` (dst, end, src, var),
-    the number of steps below the top degree and the first row of the top degree."""
-    tables = monomial_table(d, g)
-    steps = tables.steps
-    top = tables.offsets[g] if g >= 1 else 1
-    nlow = sum(1 for dst, _, _, _ in steps if dst < top)
-    arr = torch.tensor(steps if steps else [[0, 0, 0, 0]], dtype=torch.int32)
-    return arr, nlow, top
+_native_steps = native_steps  # shared with attention's kernel (core.native)
 
 
 _CHECKED: dict[str, bool] = {}

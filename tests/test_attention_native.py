@@ -1,0 +1,412 @@
+"""Attention's compiled CPU route (compute/attention/native/): statistics and the non-causal
+float32 polynomial core against the PyTorch route, the rounding model, and the fallbacks."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import compute
+from compute.attention import native as at_native
+from compute.attention import polynomial as at_poly
+from compute.attention.naive import naive_attention
+from compute.attention.stats import statistics
+from compute.core import native as core_native
+from compute.core.polynomials import certified_best
+from compute.core.radius import centre, matrix_radius
+
+F64 = torch.float64
+needs_kernel = pytest.mark.skipif(
+    at_native.kernel() is None, reason="no compiled attention kernel here (no C compiler)"
+)
+
+
+@pytest.fixture(autouse=True)
+def _warm() -> None:
+    """Build, self-test and calibrate the kernel first (they call ``core`` themselves), so
+    that the spies below count only the calls under test."""
+    at_native.kernel_status()
+
+
+def make(
+    L: int, n: int, m: int, d: int, dv: int, radius: float, seed: int, offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(L, n, d, generator=gen, dtype=F64)
+    k = torch.randn(L, m, d, generator=gen, dtype=F64) + offset
+    v = torch.randn(L, m, dv, generator=gen, dtype=F64) - offset
+    r0 = matrix_radius(q, centre(k), 1 / math.sqrt(d))
+    if r0 > 0:
+        q = q * (radius / r0)
+    return q.float(), k.float(), v.float()
+
+
+def both_routes(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float,
+    monkeypatch: pytest.MonkeyPatch,
+    causal: bool = False,
+) -> tuple[compute.AttentionResult, compute.AttentionResult]:
+    """``method="polynomial"`` by the compiled route and by the PyTorch route."""
+    calls: list[int] = []
+    name = "core_causal" if causal and q.shape[1] <= k.shape[1] else "core"
+    real = getattr(at_native, name)
+
+    def spy(*a: object, **kw: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*a, **kw)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(at_native, name, spy)
+    nat = compute.attention(q, k, v, method="polynomial", eps=eps, causal=causal)
+    assert calls, "the compiled core did not run"
+    monkeypatch.setattr(at_native, "NATIVE", False)
+    ref = compute.attention(q, k, v, method="polynomial", eps=eps, causal=causal)
+    monkeypatch.setattr(at_native, "NATIVE", True)
+    assert len(calls) == 1
+    assert nat.plan.degree == ref.plan.degree and nat.error_bound == ref.error_bound
+    return nat, ref
+
+
+def check_rounding_part(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    res: compute.AttentionResult,
+    causal: bool = False,
+) -> None:
+    """The output is within the bound's rounding part of what the path computes in exact
+    arithmetic: P(S) v / P(S) 1 on the keys centred in float32 (their rounding belongs to the
+    polynomial part, rounding model step 1), P the polynomial actually used."""
+    plan = res.plan
+    approx = certified_best(plan.radius, plan.degree)
+    assert approx.family == plan.family
+    n = q.shape[1]
+    if causal and k.shape[1] > n:  # keys beyond the last query are never visible
+        k, v = k[:, :n], v[:, :n]
+    ideal = naive_attention(
+        q.double(), centre(k).double(), v.double(), causal=causal, poly=approx.coeffs
+    )
+    err = float((res.output.double() - ideal).abs().max())
+    rounding = plan.extra["bound_rounding"]
+    assert err <= rounding, (err, rounding)
+    exact = naive_attention(q, k, v, causal=causal)
+    assert res.error_bound is not None
+    assert float((res.output.double() - exact).abs().max()) <= res.error_bound
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    ("L", "n", "m", "d", "dv", "radius", "eps"),
+    [
+        (1, 300, 280, 8, 8, 1.0, 1e-3),
+        (2, 97, 131, 4, 3, 2.0, 1e-2),
+        (1, 1, 1, 1, 1, 0.5, 1e-3),
+        (3, 64, 700, 6, 2, 1.5, 1e-3),
+        (1, 40, 50, 3, 9, 0.0, 1e-3),  # q = 0: degree 0
+        (1, 13, 13, 5, 70, 1.0, 1e-3),  # dv > 64 (causal: two column groups); one sub-block
+    ],
+)
+def test_compiled_core_matches_the_pytorch_route(
+    L: int,
+    n: int,
+    m: int,
+    d: int,
+    dv: int,
+    radius: float,
+    eps: float,
+    causal: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    q, k, v = make(L, n, m, d, dv, radius, seed=n + m, offset=0.75)
+    if radius == 0.0:
+        q = torch.zeros_like(q)
+    nat, ref = both_routes(q, k, v, eps, monkeypatch, causal)
+    check_rounding_part(q, k, v, nat, causal)
+    check_rounding_part(q, k, v, ref, causal)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(
+    L=st.integers(1, 2),
+    n=st.integers(1, 260),
+    m=st.integers(1, 260),
+    d=st.integers(1, 7),
+    dv=st.integers(1, 10),
+    radius=st.floats(0.05, 2.5),
+    eps=st.sampled_from([1e-2, 1e-3, 1e-4]),
+    offset=st.floats(-50.0, 50.0),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compiled_core_within_the_rounding_part_drawn(
+    L: int,
+    n: int,
+    m: int,
+    d: int,
+    dv: int,
+    radius: float,
+    eps: float,
+    offset: float,
+    causal: bool,
+    seed: int,
+) -> None:
+    q, k, v = make(L, n, m, d, dv, radius, seed, offset)
+    try:
+        res = compute.attention(q, k, v, method="polynomial", eps=eps, causal=causal)
+    except compute.CertificationError:
+        return
+    if res.plan.compute_dtype != "float32":
+        return  # float64 runs the PyTorch route
+    check_rounding_part(q, k, v, res, causal)
+
+
+@needs_kernel
+def test_long_inputs_split_across_threads_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys and queries split between threads: the same bound covers it."""
+    q, k, v = make(1, 20000, 17000, 8, 3, 1.0, seed=3)
+    parts: list[int] = []
+    real = at_native._on_threads
+
+    def spy(fn: object, spans: list[tuple[int, int]], *a: object) -> object:
+        parts.append(len(spans))
+        return real(fn, spans, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(at_native, "_on_threads", spy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    nat, ref = both_routes(q, k, v, 1e-3, monkeypatch)
+    assert parts[:2] == [2, 2]  # keys, then queries, in two parts each
+    rows = torch.arange(0, 20000, 97)
+    for res in (nat, ref):
+        exact = naive_attention(q[:, rows], k, v)
+        assert res.error_bound is not None
+        assert float((res.output[:, rows].double() - exact).abs().max()) <= res.error_bound
+    rounding = nat.plan.extra["bound_rounding"]
+    assert float((nat.output - ref.output).abs().max()) <= 2 * rounding
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(
+    L=st.integers(1, 3),
+    n=st.integers(1, 70),
+    m=st.integers(1, 70),
+    d=st.integers(1, 9),
+    dv=st.integers(1, 5),
+    log_size=st.floats(-30.0, 30.0),
+    offset=st.floats(-1e3, 1e3),
+    scale=st.floats(-4.0, 4.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compiled_statistics_equal_pytorch_statistics(
+    L: int,
+    n: int,
+    m: int,
+    d: int,
+    dv: int,
+    log_size: float,
+    offset: float,
+    scale: float,
+    seed: int,
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    size = 2.0**log_size
+    q = (torch.randn(L, n, d, generator=gen, dtype=F64) * size).float()
+    k = (torch.randn(L, m, d, generator=gen, dtype=F64) * size + offset).float()
+    v = (torch.randn(L, m, dv, generator=gen, dtype=F64) * size - offset).float()
+    if seed % 3 == 0:
+        q[:, : n // 2] = 0.0
+        k[:, m // 2 :] = k[:, :1]
+    a = statistics(q, k, v, scale)
+    b = statistics(q, k, v, scale, at_native.reductions)
+    assert torch.equal(a.kc, b.kc) and torch.equal(b.kc, centre(k))
+    assert a.value_range == b.value_range and a.value_absmax == b.value_absmax
+    assert (a.q_peak, a.k_peak) == (b.q_peak, b.k_peak)
+    # float64 sums of exact squares and products in another order: within the inflation
+    assert abs(a.radius - b.radius) <= 1e-13 * a.radius
+    assert b.radius >= matrix_radius(q.double(), centre(k).double(), scale) * (1 - 1e-13)
+    for x, y in zip(
+        (a.extremes.q_absmax, a.extremes.k_absmax, a.extremes.v_hi, a.extremes.v_lo),
+        (b.extremes.q_absmax, b.extremes.k_absmax, b.extremes.v_hi, b.extremes.v_lo),
+        strict=True,
+    ):
+        assert x is not None and y is not None and torch.equal(x, y)
+    for x, y in zip(a.extremes.balance or (), b.extremes.balance or (), strict=True):
+        assert np.array_equal(x, y)
+    assert a.extremes.value_exp is not None and b.extremes.value_exp is not None
+    assert np.array_equal(a.extremes.value_exp, b.extremes.value_exp)
+
+
+@needs_kernel
+@pytest.mark.parametrize("arg", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_compiled_statistics_name_the_non_finite_input(arg: str, bad: float) -> None:
+    q, k, v = make(2, 9, 11, 4, 3, 1.0, seed=1)
+    t = {"q": q, "k": k, "v": v}[arg]
+    t[1, 3, 0] = bad
+    with pytest.raises(compute.InvalidInputError, match=arg):
+        compute.attention(q, k, v)
+
+
+def test_float64_takes_the_pytorch_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a: object, **kw: object) -> torch.Tensor:
+        raise AssertionError("compiled core used")
+
+    monkeypatch.setattr(at_native, "core", boom)
+    monkeypatch.setattr(at_native, "core_causal", boom)
+    q, k, v = make(1, 200, 200, 4, 3, 1.0, seed=2)
+    args = (q.double(), k.double(), v.double())
+    for causal in (False, True):
+        res = compute.attention(*args, method="polynomial", eps=1e-3, causal=causal)
+        assert res.error_bound is not None
+        exact = naive_attention(*args, causal=causal)
+        assert float((res.output.double() - exact).abs().max()) <= res.error_bound
+
+
+def test_compiled_kernel_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPUTE_NATIVE", "0")
+    assert core_native.build(at_native.SOURCE) == "disabled by COMPUTE_NATIVE=0"
+
+
+def test_failed_build_or_self_test_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A compiler that fails leaves no library and says why; a kernel that fails its self-test
+    is never used; either way the call runs the PyTorch route with the same bound."""
+    monkeypatch.setenv("COMPUTE_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exits 1
+    got = core_native.build(at_native.SOURCE)
+    assert isinstance(got, str) and "failed" in got
+    assert not list(tmp_path.glob("*.so"))
+    q, k, v = make(1, 300, 300, 4, 3, 1.0, seed=4)
+    ref = naive_attention(q, k, v)
+    # no compiler: a fresh kernel object whose build fails
+    monkeypatch.setattr(at_native, "_KERNEL", core_native.NativeKernel(at_native.SOURCE, object))
+    assert at_native.kernel() is None and "failed" in at_native.status()
+    res = compute.attention(q, k, v, method="polynomial")
+    assert res.error_bound is not None
+    assert float((res.output.double() - ref).abs().max()) <= res.error_bound
+    # a kernel that builds but computes something else: its self-test fails
+    monkeypatch.delenv("CC")
+    monkeypatch.delenv("COMPUTE_NATIVE_CACHE")
+    fresh = core_native.NativeKernel(at_native.SOURCE, at_native.AttentionPoly)
+    if fresh.get() is None:
+        pytest.skip("no C compiler here")
+    real = at_native.AttentionPoly.readout
+
+    def wrong(self: at_native.AttentionPoly, *args: int) -> None:
+        real(self, *args)
+        ctypes.c_float.from_address(args[-1]).value += 1.0  # scribble on the first output
+
+    monkeypatch.setattr(at_native.AttentionPoly, "readout", wrong)
+    monkeypatch.setattr(at_native, "_KERNEL", fresh)
+    assert at_native.kernel() is None
+    assert "self-test" in at_native.kernel_status()
+    res = compute.attention(q, k, v, method="polynomial")
+    assert res.error_bound is not None
+    assert float((res.output.double() - ref).abs().max()) <= res.error_bound
+
+
+def test_pytorch_route_unchanged_by_the_native_argument() -> None:
+    """``polynomial_forward`` without ``native`` is the PyTorch route (used by the self-test)."""
+    q, k, v = make(1, 50, 60, 3, 2, 1.0, seed=5)
+    approx = certified_best(1.0, 3)
+    a = at_poly.polynomial_forward(q, k, v, approx, 0.5)
+    b = at_poly.polynomial_forward(q, k, v, approx, 0.5, native=None)
+    assert torch.equal(a, b)
+
+
+def test_kernel_builds_and_passes_its_self_test_where_a_compiler_exists() -> None:
+    """Where cc/gcc exists the compiled route must be live (else every test above would skip
+    and a broken kernel would go unnoticed)."""
+    import os
+    import shutil
+
+    if os.environ.get("COMPUTE_NATIVE", "1") == "0" or not (
+        os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    ):
+        pytest.skip("no C compiler here, or COMPUTE_NATIVE=0")
+    assert at_native.kernel() is not None, at_native.kernel_status()
+
+
+# ---- what planning costs: the t prefilter and the fast exit change no decision ---------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    R=st.floats(0.01, 12.0),
+    g=st.integers(0, 12),
+    d=st.integers(1, 16),
+    absmax=st.floats(1e-3, 1e3),
+    range_frac=st.floats(1e-3, 2.0),
+    eps=st.floats(1e-7, 0.5),
+)
+def test_degrees_the_prefilter_skips_certify_nowhere(
+    R: float, g: int, d: int, absmax: float, range_frac: float, eps: float
+) -> None:
+    """A degree whose own ``t range`` misses the target is certified by no dtype or chunking:
+    the rounding only widens [dmin, dmax] (the prefilter in ``plan.select``)."""
+    from compute.attention.bound import certified_bound
+
+    approx = certified_best(R, g)
+    value_range = range_frac * absmax
+    target = eps * absmax
+    if approx.t * value_range <= target * (1.0 + 1e-9):
+        return
+    for dtype in (torch.float32, torch.float64):
+        for block, features in ((16, 8), (512, 256), (4096, 100000)):
+            b = certified_bound(
+                approx,
+                features=features,
+                block=block,
+                compute_dtype=dtype,
+                out_dtype=torch.float32,
+                value_range=value_range,
+                value_absmax=absmax,
+                float64_terms=40,
+                dimension=d,
+            )
+            assert not b.total <= target
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_exit_never_changes_the_method(monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    """``auto``'s fast exit (no certified polynomial can be predicted faster) picks exact only
+    where the full search picks exact too."""
+    from compute.attention import plan as at_plan
+
+    cases = [
+        (n, d, R, eps)
+        for n in (16, 256, 1024, 4096, 65536)
+        for d in (4, 8, 64)
+        for R in (0.5, 1.0, 3.0, 6.0)
+        for eps in (1e-2, 1e-3)
+    ]
+    fast = [
+        compute.plan_attention(n=n, d=d, radius=R, eps=eps, causal=causal) for n, d, R, eps in cases
+    ]
+    monkeypatch.setattr(at_plan, "polynomial_floor", lambda *a, **kw: 0.0)  # never exits early
+    full = [
+        compute.plan_attention(n=n, d=d, radius=R, eps=eps, causal=causal) for n, d, R, eps in cases
+    ]
+    exits = 0
+    for f, s in zip(fast, full, strict=True):
+        assert f.method == s.method, (f.reason, s.reason)
+        if "predicted at least" in f.reason:
+            exits += 1
+            assert s.method == "exact"
+            assert s.degree is None or f.degree is None or f.degree <= s.degree
+            assert f.cost_polynomial is not None and f.cost_exact == s.cost_exact
+            if s.cost_polynomial is not None:
+                assert f.cost_polynomial <= s.cost_polynomial
+    assert exits > 0  # the fast exit is exercised
