@@ -206,7 +206,7 @@ def make_plan(
             floor = polynomial_floor(
                 device, dtypes, batch=batch, n_q=n_q, n_k=n_k, r=r0, d=d, dv=dv, causal=causal
             )
-            if floor >= cost_exact:
+            if not planner.polynomial_wins(floor, cost_exact):  # nor does any prediction
                 plan = Plan(
                     method="exact",
                     reason=planner.useless_polynomial(where, g0, r0, floor, cost_exact),

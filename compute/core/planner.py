@@ -229,11 +229,16 @@ def exact_requested(what: str) -> str:
 
 def useless_polynomial(where: str, degree: int, features: int, floor: float, exact: float) -> str:
     """``auto`` runs exact without pricing each polynomial: every certified one has at least
-    degree ``degree`` and ``features`` features, predicted at least ``floor`` seconds."""
+    degree ``degree`` and ``features`` features, predicted at least ``floor`` seconds, which
+    does not beat ``exact`` by ``MARGIN``."""
     return (
         f"{where}: a certified polynomial needs degree >= {degree} (r >= {features} features), "
         f"predicted at least {format_seconds(floor)} versus {format_seconds(exact)} exact, so "
-        "exact is cheaper."
+        + (
+            "exact is predicted to be faster."
+            if floor >= exact
+            else f"the polynomial path is at best within {MARGIN:.0%} of exact: exact runs."
+        )
     )
 
 
