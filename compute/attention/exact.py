@@ -38,6 +38,7 @@ __all__ = [
     "exact_bound",
     "exact_forward",
     "exact_wide",
+    "raw_score_bound",
     "run_exact",
     "uses_fused",
 ]
@@ -179,6 +180,8 @@ def exact_bound(
     out_dtype: torch.dtype,
     block: int | None = None,
     fused: bool = True,
+    score_bound: float | None = None,
+    k_peak: float | None = None,
 ) -> float:
     """Certified bound on ``max |exact_forward(q, k, v, scale) - exact attention|`` (output
     units, cast to ``out_dtype`` included) for values of column range <= ``value_range`` and
@@ -188,14 +191,18 @@ def exact_bound(
     certified radius of the raw (uncentred) keys, ``S = matrix_radius(q, k, scale) >= |scale|
     sum_l |q_il| |k_jl|`` (O((n + m) d), float64). The geometry is the loop's (``block``) for
     causal attention, else the fused
-    kernel's, of which only ``KERNEL_MIN_KEY_BLOCK`` is assumed.
+    kernel's, of which only ``KERNEL_MIN_KEY_BLOCK`` is assumed. ``score_bound`` (any certified
+    bound on ``|scale| sum_l |q_il| |k_jl|``, e.g. ``raw_score_bound``) and ``k_peak``
+    (``max |k|``) spare the two passes over the inputs that compute them here.
     """
     dtype = q.dtype
     L, m, d = k.shape
-    S = matrix_radius(q, k, scale)  # raw keys: the scores the kernel forms
+    # raw keys: the scores the kernel forms
+    S = matrix_radius(q, k, scale) if score_bound is None else score_bound
     if not math.isfinite(S):
         return math.inf
-    k_peak = float(k.abs().amax()) if k.numel() else 0.0
+    if k_peak is None:
+        k_peak = float(k.abs().amax()) if k.numel() else 0.0
     if fused and uses_fused(causal, dtype):
         geometry = fused_geometry(m)
     else:
@@ -340,6 +347,28 @@ def exact_wide(
     return torch.minimum(torch.maximum(out, v_lo.double()), v_hi.double()).to(dtype)
 
 
+def raw_score_bound(stats: Stats, scale: float, dtype: torch.dtype) -> float | None:
+    """A certified bound on ``|scale| sum_l |q_il| |k_jl|`` (the raw keys' scores) from the
+    statistics alone, no pass over the inputs: with ``c`` the key midranges and
+    ``kc = fl(k - c)``, ``|k_jl| (1 - u) <= |kc_jl| + (1 + u) |c_l|``, so the sum is at most
+    ``(R + (1 + u) |scale| max_i sum_l |q_il| |c_l|) / (1 - u)`` with ``R`` the centred keys'
+    certified radius, and ``max_i sum_l |q_il| |c_l| <= sum_l max|q_l| |c_l|`` per slice
+    (docs/attention.md, "The exact path's bound"). Evaluated in float64 with its d + 2
+    roundings absorbed by the factor ``1 + (d + 4) 2^-52``; None where it is not finite."""
+    ex = stats.extremes
+    if ex.balance is None or not math.isfinite(stats.radius):
+        return None
+    qa = np.asarray(ex.balance[0], dtype=np.float64)  # [L, d] max |q| per slice and column
+    mid = stats.mid.to(torch.float64).cpu().numpy().reshape(qa.shape)  # [L, d]
+    u = unit_roundoff(dtype)
+    d = qa.shape[-1] if qa.ndim else 0
+    with np.errstate(all="ignore"):
+        shift = float((qa * np.abs(mid)).sum(axis=-1).max()) if qa.size else 0.0
+        total = (stats.radius + (1.0 + u) * abs(scale) * shift) / (1.0 - u)
+        total *= 1.0 + (d + 4) * 2.0**-52
+    return total if math.isfinite(total) else None
+
+
 def run_exact(
     q3: torch.Tensor,
     k3: torch.Tensor,
@@ -372,6 +401,8 @@ def run_exact(
             value_range=value_range,
             value_absmax=value_absmax,
             out_dtype=out_dtype,
+            score_bound=raw_score_bound(stats, scale, dtype),
+            k_peak=stats.k_peak,
         )
         return out, bound
     # S = d max_l |scale| max|q_l| max|kc_l| bounds the centred scores (like R, but in
