@@ -38,7 +38,7 @@ import torch
 
 from .monomials import monomial_table
 
-__all__ = ["FLAGS", "HEADERS", "NativeKernel", "build", "cache_dir", "native_steps"]
+__all__ = ["FLAGS", "HEADERS", "NativeKernel", "build", "cache_dir", "check_rc", "native_steps"]
 
 # headers the kernels include ("native_poly.h"); on the include path of every build
 HEADERS = (Path(__file__).with_name("native_poly.h"),)
@@ -171,6 +171,14 @@ class NativeKernel(Generic[T]):
 
 
 @lru_cache(maxsize=64)
+def check_rc(kernel: str, rc: int) -> None:
+    """The kernels' C return codes: 0 success, -1 out of memory, -2 bad arguments."""
+    if rc == -1:
+        raise MemoryError(f"{kernel}: out of memory for the feature buffers")
+    if rc != 0:
+        raise ValueError(f"{kernel}: arguments out of range (code {rc})")
+
+
 def native_steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
     """The monomial table's steps for C (``native_poly.h``): every step (degree 1 included) as
     int32 ``[nsteps, 4]`` (dst, end, src, var), the number of steps below the top degree and

@@ -27,7 +27,7 @@ import torch
 from ...core.calibration import calibrated
 from ...core.cost import best_time
 from ...core.monomials import MonomialTable, monomial_table
-from ...core.native import NativeKernel, native_steps
+from ...core.native import NativeKernel, check_rc, native_steps
 from ...core.polynomials import certified_best
 from ...core.progress import Progress, report
 from ...core.radius import INFLATE
@@ -99,11 +99,7 @@ class AttentionPoly:
 
 
 def _check(rc: int) -> None:
-    """The C functions' return codes: 0 success, -1 out of memory, -2 bad arguments."""
-    if rc == -1:
-        raise MemoryError("attention_poly: out of memory for the feature buffers")
-    if rc != 0:
-        raise ValueError(f"attention_poly: arguments out of range (code {rc})")
+    check_rc("attention_poly", rc)
 
 
 SOURCE = Path(__file__).with_name("attention_poly.c")

@@ -20,7 +20,7 @@ import torch
 from ...core.calibration import calibrated
 from ...core.cost import best_time
 from ...core.monomials import feature_count, monomial_table
-from ...core.native import NativeKernel, native_steps
+from ...core.native import NativeKernel, check_rc, native_steps
 from ...core.polynomials import Approximation, certified_best
 from ...core.progress import Progress, report
 from ...core.scaling import mul_pow2_
@@ -76,11 +76,7 @@ class TensorPoly:
 
 
 def _check(rc: int) -> None:
-    """The C functions' return codes: 0 success, -1 out of memory, -2 bad arguments."""
-    if rc == -1:
-        raise MemoryError("tensor_poly: out of memory for the feature buffers")
-    if rc != 0:
-        raise ValueError(f"tensor_poly: arguments out of range (code {rc})")
+    check_rc("tensor_poly", rc)
 
 
 SOURCE = Path(__file__).with_name("tensor_poly.c")
