@@ -264,3 +264,23 @@ def test_certified_bound_parts() -> None:
     bf16 = certified_bound(a, compute_dtype=torch.float32, out_dtype=torch.bfloat16, **kw)
     assert bf16.rounding >= 2.0**-9  # the output cast alone
     assert gamma(10, 0.1) == math.inf
+
+
+@pytest.mark.parametrize(
+    "coeffs",
+    [[1.0, 1e308, 1e308], [1.0, 1.7e308, -1.7e308], [1.0, 1e300, 1e300, 1e300, 1e300]],
+)
+def test_polynomials_beyond_float64_are_not_certified_quietly(coeffs: list[float]) -> None:
+    """Coefficients near float64's top overflow in the derivative bounds: the range is
+    (-inf, inf) or at least as wide as the coefficients, never NaN (which a min/max could let
+    through) and never a RuntimeWarning."""
+    import warnings
+
+    from compute.core.polynomials import relative_error_range
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for R in (1e-3, 0.5, 1.0):
+            lo, hi = relative_error_range(np.array(coeffs), R)
+            assert not (math.isnan(lo) or math.isnan(hi))
+            assert max(-lo, hi) > 1e200

@@ -227,6 +227,17 @@ def relative_error_range(coeffs: np.ndarray, R: float) -> tuple[float, float]:
         return d, d
     if not (0.0 < R <= MAX_CERTIFIED_RADIUS and np.isfinite(coeffs).all()):
         return -math.inf, math.inf
+    # coefficients near float64's top overflow below (inf, or NaN from inf - inf): by design,
+    # such a polynomial is simply not certified
+    with np.errstate(over="ignore", invalid="ignore"):
+        lo, hi = _error_range(coeffs, R)
+    if math.isnan(lo) or math.isnan(hi):
+        return -math.inf, math.inf
+    return lo, hi
+
+
+def _error_range(coeffs: np.ndarray, R: float) -> tuple[float, float]:
+    """``relative_error_range``'s grid and derivative bounds for ``0 < R``, finite coefficients."""
     s = np.linspace(-R, R, GRID_POINTS)
     ex = np.exp(-s)
     delta = np.polynomial.polynomial.polyval(s, coeffs) * ex - 1.0
