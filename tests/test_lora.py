@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import compute
@@ -362,6 +362,9 @@ def _check_degree(case: dict, family: str, g: int, *, require: bool = False) -> 
         ]
     ),
 )
+@example(kind="value-offset", seed=1, polynomial=(1.0, "chebyshev", 2))  # low degree: the
+# surrogate's error is far above rounding, so an upper bound of h_i where a lower one is due
+# shows (found by hypothesis; kept so the check does not depend on the draw)
 def test_row_scales_are_lower_bounds(kind, seed, polynomial) -> None:
     """The per-row lower bounds (7.6)-(7.8) of N_Q, N_K, N_V are below the dense float64 ones
     entrywise at any degree, and within 1e-3 of them at degree 6 (R = 0.5)."""

@@ -632,3 +632,37 @@ def test_tensor_measured_error_is_the_sampled_rows_error(rows: int) -> None:
     want = float(per_row[:, idx].max())
     assert res.measured_error is not None and want > 10 * U32
     assert abs(res.measured_error - want) <= 1e-9 * want
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("n_q", "n_k"), [(300, 300), (4096, 4096), (65536, 65536), (700, 300)])
+def test_attention_plan_certifies_the_inner_lengths_the_kernels_run(
+    n_q: int, n_k: int, causal: bool
+) -> None:
+    """Structure, whatever this BLAS's summation order (the rounding-steering tests above need
+    one): the inner lengths a selected plan was certified with are at least the key and
+    feature products ``polynomial_forward`` runs with that plan's chunks (``geometry``, which
+    both the PyTorch and the compiled route take them from)."""
+    from compute.attention.plan import select
+    from compute.attention.polynomial import geometry
+
+    if causal and n_q != n_k and n_q < n_k:
+        pytest.skip("causal with fewer queries than keys is covered by the equal-length case")
+    sel = select(
+        R=1.0, d=8, dv=8, n_q=n_q, n_k=n_k, target=1e-3, value_range=2.0, value_absmax=1.0,
+        dtypes=(torch.float32,), out_dtype=torch.float32, causal=causal,
+        centring_dtype=torch.float32,
+    )  # fmt: skip
+    cfg = sel.config
+    assert cfg is not None and cfg.dtype == torch.float32
+    r = cfg.features
+    runs = [(max(n_q, n_k), causal)]
+    if causal and n_q > n_k:  # rows >= n_k run the non-causal kernel with their own geometry
+        runs.append((max(n_q - n_k, n_k), False))
+    for n_max, c in runs:
+        B, ck, cr, _, unit = geometry(
+            r, n_max, fp32=True, key_chunk=cfg.key_chunk, feature_chunk=cfg.feature_chunk,
+            causal=c, block=cfg.block if (c, n_max) != runs[0] else None,
+        )  # fmt: skip
+        assert cfg.key_inner >= (unit if c else (ck or B)), (cfg, B, ck, unit)
+        assert cfg.feature_inner >= (cr or r), (cfg, cr)
