@@ -53,6 +53,8 @@ def exact_qkv_grads(
     kt = k.transpose(1, 2)  # [nb, dh, L]
     vt = v.transpose(1, 2)  # [nb, dh, L]
     loss = torch.zeros((), dtype=torch.float64, device=q.device)
+    # a row of ones for the column sums of F (a GEMV per block), sliced for the last block
+    ones = torch.ones((nb, 1, bq), dtype=q.dtype, device=q.device) if colsum is not None else None
     for ib in range(nblocks):
         i0, i1 = ib * bq, min(L, (ib + 1) * bq)
         qb = q[:, i0:i1]  # [nb, b, dh]
@@ -61,10 +63,9 @@ def exact_qkv_grads(
         f = torch.bmm(qb * scale, kt)
         f.sub_(f.amax(dim=-1, keepdim=True)).exp_()
         f.div_(f.sum(dim=-1, keepdim=True))  # F_b, rows sum to 1
-        if colsum is not None:  # in the compute dtype (a GEMV): at most gamma_bq relative
-            # error for these non-negative terms in any order (compute/lora/exact_bound.py)
-            ones = torch.ones((nb, 1, i1 - i0), dtype=f.dtype, device=f.device)
-            colsum += torch.bmm(ones, f).squeeze(1).to(torch.float64)  # [nb, L]
+        if colsum is not None and ones is not None:  # in the compute dtype: at most gamma_bq
+            # relative error for these non-negative terms in any order (exact_bound.py)
+            colsum += torch.bmm(ones[:, :, : i1 - i0], f).squeeze(1).to(torch.float64)  # [nb, L]
         o = torch.bmm(f, v)  # [nb, b, dh]
         e = o - y[:, i0:i1]  # [nb, b, dh]
         if enorm is not None:  # (sqrt(dh) max |e_i| where float64 squares may underflow)
