@@ -41,7 +41,9 @@ def _case(kind: str, seed: int, radius: float, full: bool = True) -> dict:
     if kind == "random":
         return make_case(lead=(2,), L=19, dm=4, dh=2, rank=2, full=full, radius=radius, seed=seed)
     case = _adversarial(kind, seed, radius)
-    if not full:
+    if not full:  # the same effective weights (and radius): k's adapter folded into W*_k
+        a, b = case["adapters"]["k"]
+        case["w_k"] = case["w_k"] + (case["alpha"] / a.shape[0]) * (b @ a)
         case["adapters"] = {mu: case["adapters"][mu] for mu in "qv"}
     return case
 
