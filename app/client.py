@@ -298,7 +298,8 @@ class Client:
     ) -> Job:
         """``adapters``: ``{"q": (A, B), ...}`` or ``{"q": {"a": A, "b": B}, ...}``; params:
         method, eps, eps_mode ("scale": bound <= eps * the gradient's natural scale, the
-        default; "strict": bound <= eps * max|G|), scale."""
+        default; "strict": bound <= eps * max|G|), estimator ("auto", "reverse", "chained"),
+        scale."""
         tensors = {"x": x, "y": y, "w_q": w_q, "w_k": w_k, "w_v": w_v}
         for m, ab in adapters.items():
             a, b = (ab["a"], ab["b"]) if isinstance(ab, Mapping) else ab

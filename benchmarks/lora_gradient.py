@@ -22,7 +22,14 @@ one process with autograd through SDPA (measured at 16384, extrapolated x16 to 6
 ~48 GiB there) and our own exact closed form (``method="exact"``, measured); written to
 ``lora_gradient_targets.md``.
 
-Usage: python3 benchmarks/lora_gradient.py [--quick] [--targets] [--device cpu] [--dtype float32]
+With ``--estimators [L ...]``: the two polynomial estimators (reverse mode and chained,
+docs/lora_bound.md §10) forced one after the other at equal certified eps (1e-3, scale mode),
+d_head = 8, full adaptation, R in {0.5, 1}, float64 inputs (so that the measured error is the
+approximation's, not the adapters' cast), against the float64 exact path; plus what ``auto``'s
+planner picks and the costs it predicted; written to ``lora_gradient_estimators.md``.
+
+Usage: python3 benchmarks/lora_gradient.py [--quick] [--targets] [--estimators [L ...]]
+       [--device cpu] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -230,7 +237,83 @@ def targets(args) -> None:  # type: ignore[no-untyped-def]
     save_text(args.out, "lora_gradient_targets.md", table + note)
 
 
+def estimators(args, sizes: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """Reverse mode vs the chained estimator at equal certified eps (docs/lora.md)."""
+    device = args.device
+    compute.plan_lora_gradient(n=1024, d=8, radius=0.5, device=device, dtype="float64")
+    start = time.perf_counter()
+    rows = []
+    for L in sizes:
+        for R in (0.5, 1.0):
+            case = make_inputs(L, 8, device, torch.float64, seed=L + 8, radius=R)
+            sync(device)
+            t0 = time.perf_counter()
+            ref = ours(case, "exact").grads
+            sync(device)
+            t_exact = time.perf_counter() - t0
+            plan = compute.plan_lora_gradient(
+                n=L,
+                d=8,
+                radius=R,
+                eps=EPS,
+                full=True,
+                dtype="float64",
+                device=device,
+                method="polynomial",
+            )
+            cands = plan.extra.get("estimators", {})
+            results = {}
+            for _rep in range(2 if L <= 16384 else 1):
+                for est in ("reverse", "chained"):  # interleaved: same load for both
+                    sync(device)
+                    t0 = time.perf_counter()
+                    res = compute.lora_gradient(
+                        case["x"], case["y"], w_q=case["w_q"], w_k=case["w_k"],
+                        w_v=case["w_v"], adapters=case["adapters"], alpha=ALPHA,
+                        method="polynomial", eps=EPS, estimator=est,
+                    )  # fmt: skip
+                    sync(device)
+                    t = time.perf_counter() - t0
+                    if est not in results or t < results[est][1]:
+                        results[est] = (res, t)
+            for est, (res, t) in results.items():
+                p = res.plan
+                ex = p.extra
+                err, bnd, eb = _worst(res, ref)
+                c = cands.get(est, {})
+                rows.append([
+                    L, f"{R:g}", est, p.degree, p.features, f"{t:.3g}",
+                    f"{c['cost']:.3g}" if c.get("certified") else "-", f"{t_exact:.3g}",
+                    f"{bnd:.2e}" if bnd else "-", f"{ex['relative_bound']:.2e}",
+                    f"{err:.2e}", f"{eb:.1e}",
+                    str([(tr["estimator"][0], tr["degree"]) for tr in ex["tries"]]),
+                    plan.extra.get("estimator", "-"),
+                ])  # fmt: skip
+                print(" | ".join(str(x) for x in rows[-1]), flush=True)
+    headers = ["L", "R", "estimator", "g", "r", "time s", "predicted s", "exact s",
+               "bound (worst G)", "bound / N_lo", "max err", "err/bound", "runs",
+               "planner picks"]  # fmt: skip
+    table = markdown_table(headers, rows)
+    note = (
+        f"\n\nd_head=8, full adaptation, d_model={D_MODEL}, rank={RANK}, alpha={ALPHA}, "
+        f"eps={EPS} (eps_mode='scale'), float64 inputs, device={device}, torch threads="
+        f"{torch.get_num_threads()}; method='polynomial' with the estimator forced; best of "
+        f"2 interleaved runs at L <= 16384, one run above; 'predicted s' = the planner's "
+        f"calibrated cost of that estimator at its degree; 'exact s' = method='exact' in float64 "
+        f"(also the error reference); 'runs' = (estimator, degree) of every certified try. "
+        f"Total {time.perf_counter() - start:.0f} s."
+    )
+    print(table + note)
+    save_text(args.out, "lora_gradient_estimators.md", table + note)
+
+
 def main() -> None:
+    if "--estimators" in sys.argv[1:]:
+        rest = sys.argv[sys.argv.index("--estimators") + 1 :]
+        sizes = [int(a) for a in rest if a.isdigit()] or [16384, 65536]
+        others = [a for a in sys.argv[1:] if a != "--estimators" and not a.isdigit()]
+        estimators(parse_args(__doc__ or "", others), sizes)
+        return
     want_targets = "--targets" in sys.argv[1:]
     args = parse_args(__doc__ or "", [a for a in sys.argv[1:] if a != "--targets"])
     if want_targets:

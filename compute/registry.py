@@ -265,6 +265,15 @@ _EPS_MODE = Scalar(
     "strict: bound <= eps * max|G| (docs/lora.md, 'Meaning of eps')",
     choices=("scale", "strict"),
 )
+_ESTIMATOR = Scalar(
+    "estimator",
+    str,
+    "auto",
+    "polynomial path: auto (the cheaper certified one per plan), reverse (reverse mode through "
+    "the factored forward) or chained (the exact softmax backward on the surrogate weights; "
+    "docs/lora.md, 'Two estimators')",
+    choices=("auto", "reverse", "chained"),
+)
 _DV = Scalar("dv", int, None, "value dimension (default d)", ge=1, le=1 << 16, nullable=True)
 
 register(
@@ -329,6 +338,7 @@ register(
             *_COMMON,
             Scalar("alpha", float, doc="LoRA scaling numerator (s = alpha / rank)", gt=0),
             _EPS_MODE,
+            _ESTIMATOR,
         ),
         outputs="loss (0-d, FP64) and adapters.{m}.a, adapters.{m}.b: the gradients of A_m, B_m",
         check_shapes=lora_shapes,
@@ -339,6 +349,7 @@ register(
             Scalar("rank", int, 4, "adapter rank r", ge=1, le=4096),
             Scalar("full", bool, False, "full adaptation (q, k, v) instead of partial (q, v)"),
             _EPS_MODE,
+            _ESTIMATOR,
             Scalar(
                 "kappa",
                 float,

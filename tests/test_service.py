@@ -513,7 +513,15 @@ def test_plan_endpoint_and_its_validation(api: Any) -> None:
         r = client.get("/v1/plan", params={**lora, "eps_mode": mode, **extra})
         assert r.status_code == 200, r.text
         assert r.json()["plan"]["extra"]["eps_mode"] == mode
-    for bad, field in (({"eps_mode": "loose"}, "eps_mode"), ({"kappa": 0.5}, "kappa")):
+    # the polynomial estimator: forced, or the cheaper certified one (plan.extra says which)
+    for est in ("reverse", "chained"):
+        r = client.get("/v1/plan", params={**lora, "method": "polynomial", "estimator": est})
+        assert r.status_code == 200, r.text
+        extra = r.json()["plan"]["extra"]
+        assert extra["estimator"] == est and set(extra["estimators"]) == {est}
+    bad_cases = (({"eps_mode": "loose"}, "eps_mode"), ({"kappa": 0.5}, "kappa"),
+                 ({"estimator": "forward"}, "estimator"))  # fmt: skip
+    for bad, field in bad_cases:
         r = client.get("/v1/plan", params={**lora, **bad})
         assert r.status_code == 422, (bad, r.text)
         err = r.json()["error"]

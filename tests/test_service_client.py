@@ -75,6 +75,12 @@ def test_client_torch_in_torch_out_and_lora(service: str) -> None:
                 assert set(summary[key]) == {"q", "v"}, key
             kappa = summary["conditioning"]["q"]["a"]
             assert kappa is not None and kappa >= 1.0 - 1e-9
+        # the estimator travels to the library too; the plan says which ran
+        got = c.lora_gradient(
+            x, y, w_q=w[0], w_k=w[1], w_v=w[2], adapters=adapters, alpha=2.0,
+            method="polynomial", eps=0.05, estimator="chained",
+        ).wait(60)  # fmt: skip
+        assert got.summary["plan"]["extra"]["estimator"] == "chained"
 
 
 def test_client_raises_clear_errors(service: str) -> None:

@@ -3,8 +3,9 @@ certified bounds (docs/lora.md, docs/lora_bound.md).
 
 naive: the float64 definition (autograd through materialised attention); inputs: the checked
 arguments and the adapter maps; exact: the blocked closed form; polynomial: reverse mode
-through the factored polynomial attention; certificate: its a-posteriori bound; plan: the
-predicted degree and the costs; api: ``lora_gradient`` itself.
+through the factored polynomial attention; chained: the exact softmax backward on the same
+surrogate weights; certificate: their a-posteriori bound; plan: the predicted degree per
+estimator and the costs; api: ``lora_gradient`` itself.
 """
 
 from __future__ import annotations

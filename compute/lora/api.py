@@ -19,6 +19,7 @@ from ..core.radius import centre, matrix_radius
 from ..core.result import LoraResult, Plan
 from . import plan as lora_plan
 from .certificate import Certificate, Prepared, prepare, rounding_bounds
+from .chained import run_chained
 from .exact import exact_gradients
 from .exact_bound import exact_bounds
 from .inputs import Inputs, adapter_grads, check_inputs, effective_weights
@@ -43,6 +44,7 @@ def lora_gradient(
     scale: float | None = None,
     progress: Progress | None = None,
     eps_mode: str = "scale",
+    estimator: str = "auto",
 ) -> LoraResult:
     """Loss and adapter gradients of one LoRA-adapted attention head, with certified bounds.
 
@@ -66,8 +68,12 @@ def lora_gradient(
     * ``"exact"``: blocked closed form, O(L^2 d) time, O(L * block) memory, computed in float64
       if any input is float64, else float32. ``error_bounds``: its certified rounding bound
       (docs/lora_bound.md, "The exact path's bound").
-    * ``"polynomial"``: reverse mode through the factored polynomial attention, O(L r' d^2),
-      computed in float64, with an a-posteriori certified bound. Raises
+    * ``"polynomial"``: the factored polynomial attention in float64 with an a-posteriori
+      certified bound, by one of two estimators (``estimator``; docs/lora_bound.md §10):
+      ``"reverse"`` (reverse mode through the surrogate, O(L r' d^2), error follows ``P'``) or
+      ``"chained"`` (the exact softmax backward on the surrogate weights, O(L r d^2), error
+      follows ``P``, so often a lower degree); ``"auto"`` (default) runs the one predicted
+      cheaper at its own certified degree and ``plan.extra["estimator"]`` says which. Raises
       :class:`CertificationError` if no degree (within the retries) certifies ``eps``.
       ``loss`` is then the surrogate (polynomial) loss.
     * ``"auto"``: polynomial when a degree is predicted to certify ``eps`` *and* predicted
@@ -106,6 +112,7 @@ def lora_gradient(
     m = validate.check_method(method)
     e = validate.check_eps(eps)
     mode = lora_plan.check_eps_mode(eps_mode)
+    est = lora_plan.check_estimator(estimator)
     progress = validate.check_progress(progress)
     nb, L, _ = inp.x.shape
     dh = inp.y.shape[-1]
@@ -115,7 +122,7 @@ def lora_gradient(
     radius = prep.radius if prep is not None else radius_only(inp)
     kw: dict[str, Any] = dict(
         method=m, eps=e, n=L, d=dh, batch=nb, full=full, radius=radius, device=device,
-        dtype=inp.dtype, mode=mode,
+        dtype=inp.dtype, mode=mode, estimator=est,
     )  # fmt: skip
     # strict: the first run is a pilot at the degree eps_mode="scale" predicts; it measures N
     # and max|G~|, i.e. the conditioning, from which the strict degree is predicted
@@ -125,15 +132,18 @@ def lora_gradient(
     choice = lora_plan.choose(**kw, predictor=first, basis=basis)
     plan = choice.plan
     approx = choice.approx
+    which = choice.estimator
+    mins: dict[str, int] = {}  # per estimator: the lowest degree not yet failed
     tries: list[dict[str, Any]] = []
     last: Certificate | None = None
     max_tries = MAX_TRIES + (1 if mode == "strict" else 0)  # the pilot is one more run
     factor = lora_plan.PREDICT_FACTOR
     while approx is not None and prep is not None:
-        loss, grads, cert = run_polynomial(inp, prep, approx, progress)
+        runner = run_chained if which == "chained" else run_polynomial
+        loss, grads, cert = runner(inp, prep, approx, progress)
         worst = cert.worst(mode) if isinstance(cert, Certificate) else math.inf
         tries.append({
-            "degree": approx.degree, "family": approx.family,
+            "degree": approx.degree, "family": approx.family, "estimator": which,
             "relative_bound": _finite(worst),  # None: not certified at all (b >= the scale)
             "scale_ratio": _finite(cert.worst("scale")) if isinstance(cert, Certificate) else None,
             "strict_ratio": (
@@ -143,24 +153,29 @@ def lora_gradient(
         if isinstance(cert, Certificate):
             last = cert
             if worst <= e:
-                return _poly_result(m, mode, plan, approx, cert, tries, inp, loss, grads, dh, t0)
+                return _poly_result(
+                    m, mode, plan, approx, cert, tries, inp, loss, grads, dh, t0, which
+                )
         why = (
             f"certified relative bound {worst:.2e} > eps = {e:g}"
             if isinstance(cert, Certificate)
             else str(cert)
         )
-        level = lora_plan.weight_level(approx)
+        level = lora_plan.weight_level(approx, which)
+        mins[which] = approx.degree + 1
         predictor: lora_plan.Predictor | None = None
         basis = ""
         if isinstance(cert, Certificate) and math.isfinite(level) and level > 0:
             # predict the other degrees from what this run measured (docs/lora_bound.md §8)
             measured = lora_plan.Measured(
-                level=level, bounds=cert.bounds, rounding=_rounding(inp, prep, approx),
+                level=level, bounds=cert.bounds, rounding=_rounding(inp, prep, approx, which),
                 scales=cert.scales, maxabs=cert.maxabs,
             )  # fmt: skip
-            predictor = measured.predictor(mode, lambda a: _rounding(inp, prep, a))
+            predictor = measured.predictor(mode, lambda a, e: _rounding(inp, prep, a, e))
             kap = _kappa_max(cert.conditioning())
-            basis = f"predicted from the degree-{approx.degree} run, kappa_G up to {kap:.3g}"
+            basis = (
+                f"predicted from the degree-{approx.degree} {which} run, kappa_G up to {kap:.3g}"
+            )
         else:
             raw = cert.worst_raw() if isinstance(cert, Certificate) else math.inf
             if math.isfinite(raw) and level > 0:
@@ -169,8 +184,7 @@ def lora_gradient(
         if len(tries) < max_tries:
             try:
                 nxt = lora_plan.choose(
-                    **kw, factor=factor, min_degree=approx.degree + 1, predictor=predictor,
-                    basis=basis,
+                    **kw, factor=factor, min_degree=mins, predictor=predictor, basis=basis,
                 )  # fmt: skip
             except CertificationError:
                 if m == "polynomial" and predictor is not None:
@@ -178,8 +192,8 @@ def lora_gradient(
                 nxt = None
         failed = (
             f"the a-posteriori certificate failed for the degree-{approx.degree} "
-            f"{approx.family} polynomial ({why}; tried degrees "
-            f"{[t['degree'] for t in tries]})"
+            f"{approx.family} polynomial with the {which} estimator ({why}; tried "
+            f"{[(t['estimator'], t['degree']) for t in tries]})"
         )
         if nxt is None or nxt.approx is None:
             where = planner.where(lora_plan.NAME, plan.radius, plan.rho, dh, e)
@@ -198,7 +212,7 @@ def lora_gradient(
             )  # fmt: skip
             approx = None
             break
-        plan, approx = nxt.plan, nxt.approx
+        plan, approx, which = nxt.plan, nxt.approx, nxt.estimator
     parts: dict[str, torch.Tensor] = {}
     loss, dw = exact_gradients(inp, progress, parts)
     grads = adapter_grads(inp, dw)
@@ -229,6 +243,11 @@ def lora_gradient(
     )  # fmt: skip
 
 
+ROUTES = {
+    "reverse": "reverse mode through the factored forward (uses P and P')",
+    "chained": "the exact softmax backward on the factored surrogate weights (uses P only; "
+    "docs/lora_bound.md §10)",
+}
 KAPPA_NOTE = 10.0  # kappa_G above which the reason says what the scale certificate means
 
 
@@ -266,10 +285,12 @@ def _maxabs(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
     return tuple(float(t.abs().amax()) if t.numel() else 0.0 for t in pair)  # type: ignore[return-value]
 
 
-def _rounding(inp: Inputs, prep: Prepared, approx: Approximation) -> dict[str, tuple[float, float]]:
+def _rounding(
+    inp: Inputs, prep: Prepared, approx: Approximation, estimator: str
+) -> dict[str, tuple[float, float]]:
     nb, L, _ = prep.q.shape
     blocking = poly_blocking(nb, L, feature_count(prep.q.shape[-1], approx.degree))
-    return rounding_bounds(inp, prep, approx, blocking)
+    return rounding_bounds(inp, prep, approx, blocking, estimator)
 
 
 def _poly_result(
@@ -284,6 +305,7 @@ def _poly_result(
     grads: dict[str, tuple[torch.Tensor, torch.Tensor]],
     dh: int,
     t0: float,
+    estimator: str,
 ) -> LoraResult:
     worst = cert.worst(mode)
     strict = cert.worst("strict")
@@ -304,7 +326,9 @@ def _poly_result(
         "max_abs": {mu: {"a": ma, "b": mb} for mu, (ma, mb) in cert.maxabs.items()},
         "tries": tries,
         "adapted": sorted(inp.adapters),
-        "route": "reverse mode through the factored forward (uses P and P')",
+        **{k: v for k, v in plan.extra.items() if k in ("estimators", "estimator_reason")},
+        "estimator": estimator,
+        "route": ROUTES[estimator],
         "eps_meaning": (
             "bound <= eps * N_lo <= eps * max N(G), N(G) >= |G| entrywise (docs/lora_bound.md §7b)"
             if mode == "scale"
@@ -318,6 +342,7 @@ def _poly_result(
     claim = (
         f"{where} is certified a posteriori by "
         f"{planner.polynomial_phrase(approx.degree, approx.family, r, torch.float64)} "
+        f"with the {estimator} estimator "
         f"(gradient bound {worst:.2e} relative to {what}, worst over dA and dB{after})"
     )
     costs = planner.costs_phrase(plan.cost_polynomial or 0.0, plan.cost_exact or 0.0)

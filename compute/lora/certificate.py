@@ -23,6 +23,7 @@ from .inputs import ADAPTER_NAMES, Inputs
 
 __all__ = [
     "EPS_MODES",
+    "ESTIMATORS",
     "Certificate",
     "Consts",
     "Prepared",
@@ -35,6 +36,7 @@ __all__ = [
     "weight_errors",
 ]
 
+ESTIMATORS = ("reverse", "chained")  # polynomial.py's reverse mode; chained.py (§10)
 BOUND_INFLATE = 1.0 + 1e-6  # covers float64 rounding in evaluating the bound itself
 SCALE_DEFLATE = 1.0 - 1e-6  # the same for the lower bound of the natural scale (§7b)
 UNDERFLOW_GUARD = 1e-280  # absolute: covers gradual underflow (docs/lora_bound.md §6)
@@ -187,11 +189,14 @@ def constants(
     dh: int,
     scale: float,
     blocking: tuple[int, int],
+    estimator: str = "reverse",
 ) -> Consts | str:
     """The constants of docs/lora_bound.md §3, §5, §6, §A; a string says why none certify.
 
     ``blocking``: rows per block and number of blocks of the polynomial passes (§5 counts
-    the additions of the blocked sums).
+    the additions of the blocked sums). ``estimator="chained"`` (docs/lora_bound.md §10): the
+    backward weights are ``F~`` instead of ``F'~``, so ``eta := theta``, ``lam := 1 + theta``
+    and ``kappa' := kappa`` (§10.2, §10.3); everything else is shared.
     """
     beta = abs(scale)
     R = prep.radius
@@ -212,6 +217,10 @@ def constants(
     # §5: rounding of the factored sums
     kappa = math.exp(R) * abs_sum(approx.coeffs, R)
     kappa_d = math.exp(R) * abs_sum(derivative(approx.coeffs), R)
+    if estimator == "chained":
+        # §10.2-10.3: the chained backward weighs by F~ (P, not P'): |F~ / F - 1| <= theta,
+        # |F~ / F| <= 1 + theta, and its terms sum to P^abs, not P'^abs
+        eta, lam, kappa_d = theta, 1.0 + theta, kappa
     zeta = gam * kappa / (1 + a1)
     if not math.isfinite(zeta) or zeta >= 0.5:
         return "float64 rounding of the factored sums is not certifiably small"
@@ -438,13 +447,19 @@ def certify(
 
 
 def rounding_bounds(
-    inp: Inputs, prep: Prepared, approx: Approximation, blocking: tuple[int, int]
+    inp: Inputs,
+    prep: Prepared,
+    approx: Approximation,
+    blocking: tuple[int, int],
+    estimator: str = "reverse",
 ) -> dict[str, tuple[float, float]]:
     """The part of the §7 bound that the a-priori float64 rounding terms of §5-§6 contribute:
     ``round_mu`` (per slice and column, the same for every row) through (7.1)-(7.2). Used to
     predict other degrees (§8; not a certificate); inf everywhere if nothing certifies."""
     L, dh = prep.q.shape[1:]
-    cert = constants(prep, approx, L=L, dh=dh, scale=inp.scale, blocking=blocking)
+    cert = constants(
+        prep, approx, L=L, dh=dh, scale=inp.scale, blocking=blocking, estimator=estimator
+    )
     if isinstance(cert, str):
         return {mu: (math.inf, math.inf) for mu in inp.adapters}
     colsum = prep.x.abs().sum(dim=1)  # [nb, dm]  sum_i |X_ip| per slice

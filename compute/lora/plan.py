@@ -13,7 +13,7 @@ and, when the certificate fails, raises the degree or goes exact.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +26,15 @@ from ..core.monomials import feature_count
 from ..core.polynomials import Approximation, approximation
 from ..core.result import Plan
 from ..core.validate import check_count, check_flag, dtype_name
-from .certificate import EPS_MODES, weight_errors
+from .certificate import EPS_MODES, ESTIMATORS, weight_errors
 from .exact import EXACT_BLOCK_ELEMS
 from .polynomial import POLY_BLOCK_ELEMS
 
 __all__ = [
+    "CHAINED_LEVEL",
     "EPS_MODES",
+    "ESTIMATORS",
+    "ESTIMATOR_CHOICES",
     "MAX_DEGREE",
     "MAX_FEATURES",
     "PREDICT_FACTOR",
@@ -39,7 +42,9 @@ __all__ = [
     "Choice",
     "Measured",
     "check_eps_mode",
+    "check_estimator",
     "choose",
+    "cost_chained",
     "plan_lora_gradient",
     "predict",
     "weight_level",
@@ -55,12 +60,18 @@ PREDICT_FACTOR = 5.0
 # (eta + theta) on the benchmark inputs and random ones)
 PREDICT_SCALE = 1.25
 LAUNCH_SECONDS = 1e-5  # per kernel: dispatch overhead the flop counts do not see
+ESTIMATOR_CHOICES = ("auto", *ESTIMATORS)  # auto: the cheaper certified one per plan
 NAME = "R"  # the radius of the centred scores, as the reason names it
 WHAT_EXACT = "the blocked closed-form gradient"
 RELATIVE_TO = "max|G| of each adapter gradient"
 RELATIVE_TO_SCALE = "the natural scale max N(G) of each adapter gradient"
-# a predictor: degree-g approximation -> (predicted ratio, its float64 rounding part)
-Predictor = Callable[[Approximation], tuple[float, float]]
+# the chained estimator's bound relative to N is ~CHAINED_LEVEL theta (docs/lora_bound.md §10.5:
+# measured 3.6 theta (L = 2048) and 5.0 theta (L = 16384, R = 0.5 and 1) on the benchmark inputs:
+# the output error t1 range of (4.3b) adds 2.6-4 theta, data-dependent, to the theta of (10.4));
+# reverse mode's is ~1.05 (eta + theta)
+CHAINED_LEVEL = 5.0
+# a predictor: (degree-g approximation, estimator) -> (predicted ratio, its rounding part)
+Predictor = Callable[[Approximation, str], tuple[float, float]]
 
 
 def check_eps_mode(eps_mode: object) -> str:
@@ -90,13 +101,17 @@ class Measured:
     maxabs: dict[str, tuple[float, float]]
 
     def predictor(
-        self, mode: str, rounding: Callable[[Approximation], dict[str, tuple[float, float]]]
+        self,
+        mode: str,
+        rounding: Callable[[Approximation, str], dict[str, tuple[float, float]]],
     ) -> Predictor:
-        """Predicted worst ratio of another degree: ``b_g = (b - rnd) lvl_g / lvl + rnd_g``."""
+        """Predicted worst ratio of another degree or estimator:
+        ``b_g = (b - rnd) lvl_g / lvl + rnd_g`` (``level`` is the run's own, of its estimator:
+        both levels are in units of ``b / N``, §10.5)."""
 
-        def pred(approx: Approximation) -> tuple[float, float]:
-            lvl = weight_level(approx)
-            rnd = rounding(approx)
+        def pred(approx: Approximation, estimator: str = "reverse") -> tuple[float, float]:
+            lvl = weight_level(approx, estimator)
+            rnd = rounding(approx, estimator)
             worst, worst_rnd = 0.0, 0.0
             for mu, pair in self.bounds.items():
                 for i, b in enumerate(pair):
@@ -115,16 +130,17 @@ class Measured:
 
 
 def data_free(mode: str, n: int, factor: float | None, kappa: float | None) -> Predictor:
-    """The a-priori prediction (docs/lora_bound.md §8): scale ``PREDICT_SCALE lvl``; strict
-    ``PREDICT_SCALE lvl kappa`` with a known conditioning, else ``factor n lvl``."""
+    """The a-priori prediction (docs/lora_bound.md §8, §10.5): scale ``PREDICT_SCALE lvl``;
+    strict ``PREDICT_SCALE lvl kappa`` with a known conditioning, else ``factor n lvl``, with
+    ``lvl = weight_level(approx, estimator)``."""
 
-    def pred(approx: Approximation) -> tuple[float, float]:
-        lvl = weight_level(approx)
+    def pred(approx: Approximation, estimator: str = "reverse") -> tuple[float, float]:
+        lvl = weight_level(approx, estimator)
         if mode == "scale":
             return PREDICT_SCALE * lvl, 0.0
         if kappa is not None:
             return PREDICT_SCALE * lvl * kappa, 0.0
-        return predict(approx, n, factor), 0.0
+        return predict(approx, n, factor, estimator), 0.0
 
     return pred
 
@@ -159,19 +175,45 @@ def cost_polynomial(rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bo
     return feats / rt64.elems + flops / rt64.skinny + overhead
 
 
+def cost_chained(rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bool) -> float:
+    """float64 chained estimator (docs/lora.md, "Two estimators"): the same passes and bound
+    columns as :func:`cost_polynomial`, but its dQ (and dK) tables have all ``r`` features and
+    ``d (d + 1)`` columns on both sides: two ``[r, d (d+1)]`` GEMMs per row for dQ (pass 1
+    accumulation, pass 2 product), two more for dK (full adaptation)."""
+    r = feature_count(d, g)
+    feats = float(batch) * 3.0 * n * r
+    tables = (4.0 if full else 2.0) * 2.0 * r * d * (d + 1)
+    flops = float(batch) * n * (2.0 * r * (2 * d + 1 + 4 * d + 3 + 4 * d + 2) + tables)
+    blocks = -(-batch * n * r // POLY_BLOCK_ELEMS)
+    overhead = LAUNCH_SECONDS * (40 + (8 * g + 30) * 3 * blocks)
+    return feats / rt64.elems + flops / rt64.skinny + overhead
+
+
+def estimator_cost(
+    estimator: str, rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bool
+) -> float:
+    fn = cost_chained if estimator == "chained" else cost_polynomial
+    return fn(rt64, batch=batch, n=n, d=d, g=g, full=full)
+
+
 def families(radius: float, g: int) -> list[Approximation]:
     """The Chebyshev and Taylor approximations of degree ``g`` on ``[-R, R]`` (both certified)."""
     return [approximation(family, g, float(radius)) for family in ("chebyshev", "taylor")]
 
 
-def weight_level(approx: Approximation) -> float:
-    """``eta + theta`` at sigma = 0: the size of the weights' relative errors
-    (docs/lora_bound.md §3)."""
+def weight_level(approx: Approximation, estimator: str = "reverse") -> float:
+    """The size of the weights' relative errors at sigma = 0 (docs/lora_bound.md §3, §10.5):
+    ``eta + theta`` for reverse mode (it weighs by ``P'``), ``CHAINED_LEVEL theta`` for the
+    chained estimator (it weighs by ``P``; the factor puts both on the scale of ``b / N``)."""
     a1, _, theta, eta, _, _ = weight_errors(approx, 0.0)
-    return math.inf if a1 <= -1.0 else eta + theta
+    if a1 <= -1.0:
+        return math.inf
+    return CHAINED_LEVEL * theta if estimator == "chained" else eta + theta
 
 
-def predict(approx: Approximation, n: int, factor: float | None = None) -> float:
+def predict(
+    approx: Approximation, n: int, factor: float | None = None, estimator: str = "reverse"
+) -> float:
     """Predicted relative bound (docs/lora_bound.md §8): ``factor n (eta + theta)``.
 
     A heuristic for choosing the degree, not a certificate: the a-posteriori bound of
@@ -179,13 +221,80 @@ def predict(approx: Approximation, n: int, factor: float | None = None) -> float
     refined at run time.
     """
     f = PREDICT_FACTOR if factor is None else factor
-    return f * n * weight_level(approx)
+    return f * n * weight_level(approx, estimator)
 
 
 @dataclass(frozen=True)
 class Choice:
     plan: Plan
     approx: Approximation | None
+    estimator: str = "reverse"
+
+
+def check_estimator(estimator: object) -> str:
+    """``"auto"`` (the cheaper certified one per plan), ``"reverse"`` or ``"chained"``."""
+    if estimator not in ESTIMATOR_CHOICES:
+        raise InvalidInputError(
+            "estimator", f"unknown estimator {estimator!r}; use one of {ESTIMATOR_CHOICES}"
+        )
+    return str(estimator)
+
+
+@dataclass(frozen=True)
+class _Search:
+    """The lowest degree of one estimator predicted to certify (or why none is)."""
+
+    estimator: str
+    approx: Approximation | None = None
+    cost: float = math.inf
+    pred: float = math.inf
+    why: str = "no polynomial was tried"
+    slower_at: int | None = None  # auto: the degree at which it became slower than exact
+    best: tuple[float, float, int] | None = None  # (predicted, its rounding part, degree)
+
+
+def _search(
+    est: str, *, method: str, eps: float, n: int, d: int, batch: int, full: bool,
+    radius: float, rt64: Rates, c_exact: float, pred_of: Predictor, min_degree: int,
+) -> _Search:  # fmt: skip
+    best: tuple[float, float, int] | None = None
+    why = "no polynomial was tried"
+    for g in range(max(1, min_degree), MAX_DEGREE + 1):
+        if feature_count(d, g) > MAX_FEATURES:
+            why = f"degree {g} would need more than {MAX_FEATURES:.3g} features"
+            break
+        c_g = estimator_cost(est, rt64, batch=batch, n=n, d=d, g=g, full=full)
+        if method == "auto" and not planner.polynomial_wins(c_g, c_exact):
+            return _Search(est, cost=c_g, why=why, slower_at=g, best=best)
+        # keep the family whose weights (P and P' for reverse mode, P for chained) err least
+        # (docs/lora_bound.md §3, §10)
+        approx = min(families(radius, g), key=lambda a: weight_level(a, est))
+        pred, rnd = pred_of(approx, est)
+        if best is None or pred < best[0]:
+            best = (pred, rnd, g)
+        if pred <= eps:
+            return _Search(est, approx=approx, cost=c_g, pred=pred, why=why, best=best)
+        why = f"degree {g} predicts a relative bound {pred:.2e}"
+    return _Search(est, why=why, best=best)
+
+
+def _describe(s: _Search, d: int) -> dict[str, Any]:
+    if s.approx is None:
+        return {"certified": False, "why": s.why, "slower_than_exact_at": s.slower_at}
+    return {
+        "certified": True, "degree": s.approx.degree, "family": s.approx.family,
+        "features": feature_count(d, s.approx.degree), "cost": s.cost, "predicted_bound": s.pred,
+    }  # fmt: skip
+
+
+def _which(s: _Search, d: int) -> str:
+    if s.approx is None:
+        return f"{s.estimator}: none predicted to certify ({s.why})"
+    r = feature_count(d, s.approx.degree)
+    return (
+        f"{s.estimator}: degree {s.approx.degree} (r = {r}), predicted bound {s.pred:.2e}, "
+        f"{planner.format_seconds(s.cost)}"
+    )
 
 
 def choose(
@@ -200,18 +309,21 @@ def choose(
     device: torch.device,
     dtype: torch.dtype,
     factor: float | None = None,
-    min_degree: int = 1,
+    min_degree: int | Mapping[str, int] = 1,
     mode: str = "scale",
     predictor: Predictor | None = None,
     kappa: float | None = None,
     basis: str = "",
+    estimator: str = "auto",
 ) -> Choice:
-    """Pick exact or polynomial (and the degree) from the predicted relative bound.
+    """Pick exact or polynomial (the estimator and the degree) from the predicted bound.
 
-    ``predictor`` (default: the data-free one of ``mode``) maps an approximation to its
-    predicted ratio in ``mode`` and that ratio's rounding part; every degree from ``min_degree``
-    up is tried until one is predicted to certify or (``auto``) is predicted slower than exact.
-    ``basis`` says what the prediction rests on, for the reason.
+    ``predictor`` (default: the data-free one of ``mode``) maps an approximation and an
+    estimator to its predicted ratio in ``mode`` and that ratio's rounding part. For each
+    estimator (both for ``estimator="auto"``), every degree from ``min_degree`` (one per
+    estimator, or one for both) up is tried until one is predicted to certify or (``auto``) is
+    predicted slower than exact; of the certified ones the cheaper runs (docs/lora_bound.md
+    §10.5). ``basis`` says what the prediction rests on, for the reason.
     """
     rho = planner.rho(radius, n)
     rt = rates(device, dtype)
@@ -229,56 +341,70 @@ def choose(
     where = planner.where(NAME, radius, rho, d, eps) + f" (eps_mode={mode!r})"
     if basis:
         where += f" ({basis})"
-    found: Approximation | None = None
-    last_why = "no polynomial was tried"
-    best: tuple[float, float, int] | None = None  # (predicted, its rounding part, degree)
-    for g in range(max(1, min_degree), MAX_DEGREE + 1):
-        if feature_count(d, g) > MAX_FEATURES:
-            last_why = f"degree {g} would need more than {MAX_FEATURES:.3g} features"
-            break
-        c_g = cost_polynomial(rt64, batch=batch, n=n, d=d, g=g, full=full)
-        if method == "auto" and not planner.polynomial_wins(c_g, c_exact):
+    ests = ESTIMATORS if estimator == "auto" else (estimator,)
+    mins = min_degree if isinstance(min_degree, Mapping) else dict.fromkeys(ests, min_degree)
+    common_args: dict[str, Any] = dict(
+        method=method, eps=eps, n=n, d=d, batch=batch, full=full, radius=radius, rt64=rt64,
+        c_exact=c_exact, pred_of=pred_of,
+    )  # fmt: skip
+    searches = [_search(est, min_degree=mins.get(est, 1), **common_args) for est in ests]
+    certified = [s for s in searches if s.approx is not None]
+    compared = {s.estimator: _describe(s, d) for s in searches}
+    base["extra"] = {"eps_mode": mode, "estimators": compared}
+    if not certified:
+        slower = [s for s in searches if s.slower_at is not None]
+        if method == "auto" and len(slower) == len(searches):
+            s = min(slower, key=lambda t: t.cost)
+            assert s.slower_at is not None
             claim = (
-                f"{where}: no degree below {g} is predicted to certify it, and degree {g} has "
-                f"r = {feature_count(d, g)} features"
+                f"{where}: no degree below {s.slower_at} is predicted to certify it with either "
+                f"estimator ({', '.join(ests)}), and degree {s.slower_at} has "
+                f"r = {feature_count(d, s.slower_at)} features"
             )
-            reason = planner.exact_instead(claim, c_g, c_exact)
+            reason = planner.exact_instead(claim, s.cost, c_exact)
             return Choice(Plan(method="exact", reason=reason, **base), None)
-        # the gradient needs P and P': keep the family whose weights err least
-        # (docs/lora_bound.md §3)
-        approx = min(families(radius, g), key=weight_level)
-        pred, rnd = pred_of(approx)
-        if best is None or pred < best[0]:
-            best = (pred, rnd, g)
-        if pred <= eps:
-            found = approx
-            break
-        last_why = f"degree {g} predicts a relative bound {pred:.2e}"
-    if found is None:
-        why = f"no polynomial of degree <= {MAX_DEGREE} is predicted to certify it ({last_why})"
-        if best is not None and best[1] > eps:
+        why = f"no polynomial of degree <= {MAX_DEGREE} is predicted to certify it"
+        why += " (" + "; ".join(_which(s, d) for s in searches) + ")"
+        bests = [s.best for s in searches if s.best is not None]
+        if bests and all(b[1] > eps for b in bests):
+            b = min(bests)
             why += (
                 f"; the float64 rounding part of the bound alone is predicted at "
-                f"{best[1]:.2e} > eps at degree {best[2]} (the rounding floor)"
+                f"{b[1]:.2e} > eps at degree {b[2]} (the rounding floor)"
             )
         if method == "polynomial":
             raise planner.uncertified_error(eps, relative_to(mode), where, why)
         return Choice(Plan(method="exact", reason=planner.uncertified(where, why), **base), None)
+    pick = min(certified, key=lambda t: t.cost)
+    found = pick.approx
+    assert found is not None
     r = feature_count(d, found.degree)
-    c_poly = cost_polynomial(rt64, batch=batch, n=n, d=d, g=found.degree, full=full)
-    pred = pred_of(found)[0]
+    c_poly = pick.cost
+    pred = pick.pred
+    if len(searches) > 1:
+        why_est = (
+            f"{pick.estimator} is the cheaper certified estimator ("
+            + "; ".join(_which(s, d) for s in searches)
+            + ")"
+        )
+    else:
+        why_est = f"estimator={pick.estimator!r} requested"
+    base["extra"] = {**base["extra"], "estimator": pick.estimator, "estimator_reason": why_est}
     common: dict[str, Any] = dict(family=found.family, degree=found.degree, features=r,
                                   cost_polynomial=c_poly, predicted_bound=pred)  # fmt: skip
     claim = (
         f"{where} is predicted to be certified by "
         f"{planner.polynomial_phrase(found.degree, found.family, r, torch.float64)} "
-        f"(predicted relative gradient bound {pred:.2e})"
+        f"with the {pick.estimator} estimator (predicted relative gradient bound {pred:.2e}; "
+        f"{why_est})"
     )
     costs = planner.costs_phrase(c_poly, c_exact)
     if method == "polynomial" or planner.polynomial_wins(c_poly, c_exact):
         base["compute_dtype"] = "float64"  # the polynomial path always runs in float64
         reason = planner.chosen(method, claim, costs)
-        return Choice(Plan(method="polynomial", reason=reason, **base, **common), found)
+        return Choice(
+            Plan(method="polynomial", reason=reason, **base, **common), found, pick.estimator
+        )
     reason = planner.exact_instead(claim, c_poly, c_exact)
     return Choice(Plan(method="exact", reason=reason, **base, **common), None)
 
@@ -298,6 +424,7 @@ def plan_lora_gradient(
     device: str | torch.device | None = None,
     eps_mode: str = "scale",
     kappa: float | None = None,
+    estimator: str = "auto",
 ) -> Plan:
     """What :func:`compute.lora_gradient` would first try for ``L = n``, ``d_head = d``,
     radius R, priced with the calibrated rates of ``device`` (default
@@ -311,6 +438,11 @@ def plan_lora_gradient(
     measures kappa with a pilot run instead). ``plan.predicted_bound`` is that prediction.
     ``lora_gradient`` certifies the result a posteriori and raises the degree (or goes exact)
     when the certificate fails. ``d_model`` and ``rank`` are validated but do not enter it.
+
+    ``estimator`` (docs/lora_bound.md §10): ``"auto"`` prices reverse mode and the chained
+    estimator, each at its own lowest predicted degree, and keeps the cheaper
+    (``plan.extra["estimator"]``, why in ``plan.extra["estimator_reason"]``, both candidates
+    in ``plan.extra["estimators"]``); ``"reverse"`` or ``"chained"`` forces one.
     """
     args = planner.check_plan_args(
         method=method, eps=eps, n=n, d=d, batch=batch, radius=radius, dtype=dtype, device=device
@@ -320,6 +452,7 @@ def plan_lora_gradient(
         check_count("d_model", d_model)
     full = check_flag("full", full)
     mode = check_eps_mode(eps_mode)
+    est = check_estimator(estimator)
     if kappa is not None:
         if isinstance(kappa, bool) or not isinstance(kappa, int | float):
             raise InvalidInputError("kappa", f"expected a number >= 1 or None, got {kappa!r}")
@@ -336,5 +469,5 @@ def plan_lora_gradient(
     return choose(
         method=args.method, eps=args.eps, n=args.n, d=args.d, batch=args.batch, full=full,
         radius=args.radius, device=args.device, dtype=args.compute_dtype, mode=mode,
-        kappa=kappa, basis=basis,
+        kappa=kappa, basis=basis, estimator=est,
     ).plan  # fmt: skip
