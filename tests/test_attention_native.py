@@ -302,13 +302,13 @@ def test_failed_build_or_self_test_falls_back(
     fresh = core_native.NativeKernel(at_native.SOURCE, at_native.AttentionPoly)
     if fresh.get() is None:
         pytest.skip("no C compiler here")
-    real = at_native.AttentionPoly.readout
+    real = at_native.AttentionPoly.poly
 
     def wrong(self: at_native.AttentionPoly, *args: int) -> None:
         real(self, *args)
         ctypes.c_float.from_address(args[-1]).value += 1.0  # scribble on the first output
 
-    monkeypatch.setattr(at_native.AttentionPoly, "readout", wrong)
+    monkeypatch.setattr(at_native.AttentionPoly, "poly", wrong)
     monkeypatch.setattr(at_native, "_KERNEL", fresh)
     assert at_native.kernel() is None
     assert "self-test" in at_native.kernel_status()

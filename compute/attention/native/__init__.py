@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,7 +33,7 @@ from ...core.polynomials import certified_best
 from ...core.progress import Progress, report
 from ...core.radius import INFLATE
 from ...core.rounding import subnormal_spacing
-from ..polynomial import NativeCore, polynomial_forward
+from ..polynomial import NativeCore, Prepared, polynomial_forward, prepare
 from ..stats import torch_reductions
 
 __all__ = [
@@ -61,6 +62,9 @@ PARALLEL_MIN = 1 << 23
 _SIG32 = 2.0 * subnormal_spacing(torch.float32)  # (statistics' normalisation slack)
 # queries read out between two progress reports (a cancelled call stops there)
 QUERY_BLOCK = 16384
+# multiply-adds of a problem that runs in one kernel call (no progress report inside it: about
+# 2-4 ms at the core's rate on the development machine)
+ONE_CALL_MAX = 1 << 26
 
 
 class AttentionPoly:
@@ -74,28 +78,36 @@ class AttentionPoly:
         d = ctypes.c_double
         st.argtypes = [p, p, p, i, i, i, i, i, p, p, d, d, d, p]
         st.restype = i
-        mo = lib.at_moments
-        mo.argtypes = [p, lg, i, i, i, p, i, p, i, i, i, i, i, p]
-        mo.restype = i
-        ro = lib.at_readout
-        ro.argtypes = [p, lg, i, i, i, p, i, p, i, i, i, i, i, p, p, p]
-        ro.restype = i
         ca = lib.at_causal
         ca.argtypes = [p, p, lg, i, i, p, i, p, i, i, i, i, i, i, p, p, p, p]
         ca.restype = i
-        self._stats, self._moments, self._readout, self._causal = st, mo, ro, ca
+        mf = lib.at_moments_f
+        mf.argtypes = [p, p, p, i, lg, p, p, p, i, lg, i, i, i, i, p, i, i, i, i, i, p]
+        mf.restype = i
+        rf = lib.at_readout_f
+        rf.argtypes = [p, p, i, lg, i, i, i, p, i, p, i, i, i, i, i, p, p, p]
+        rf.restype = i
+        po = lib.at_poly
+        po.argtypes = [p, p, p, i, i, i, i, i, p, p, i, p, i, p, p, i, p, i, i, i, i, i, i, p, p]
+        po.argtypes += [p]
+        po.restype = i
+        self._stats, self._causal = st, ca
+        self._moments_f, self._readout_f, self._poly = mf, rf, po
 
     def stats(self, *args: float) -> None:
         _check(self._stats(*args))
 
-    def moments(self, *args: int) -> None:
-        _check(self._moments(*args))
-
-    def readout(self, *args: int) -> None:
-        _check(self._readout(*args))
-
     def causal(self, *args: int) -> None:
         _check(self._causal(*args))
+
+    def moments_f(self, *args: int | None) -> None:
+        _check(self._moments_f(*args))
+
+    def readout_f(self, *args: int | None) -> None:
+        _check(self._readout_f(*args))
+
+    def poly(self, *args: int | None) -> None:
+        _check(self._poly(*args))
 
 
 def _check(rc: int) -> None:
@@ -211,30 +223,46 @@ def _spans(total: int, parts: int) -> list[tuple[int, int]]:
     return [(s, min(total, s + step)) for s in range(0, total, step)]
 
 
+@lru_cache(maxsize=64)
+def _steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
+    """``native_steps`` cached per (d, degree) (read-only: the kernels never write it)."""
+    return native_steps(d, g)
+
+
+def _factors(fs: list[np.ndarray], rows: int, cols: int) -> np.ndarray:
+    """Per-column factors ``[nf][rows][cols]`` as one contiguous float32 array (powers of two
+    and zeros: exact in float32)."""
+    return np.ascontiguousarray(np.stack([f.reshape(rows, cols) for f in fs]), dtype=np.float32)
+
+
+def _ptr(x: torch.Tensor | np.ndarray | None) -> int | None:
+    if x is None:
+        return None
+    return x.data_ptr() if isinstance(x, torch.Tensor) else int(x.ctypes.data)
+
+
 def core(
     kern: AttentionPoly,
-    qb: torch.Tensor,
-    kb: torch.Tensor,
-    vn: torch.Tensor,
-    c: torch.Tensor,
-    p2: torch.Tensor,
-    w64: torch.Tensor,
+    prep: Prepared,
     table: MonomialTable,
     key_inner: int,
     feature_inner: int,
     threads: int | None = None,
     progress: Progress | None = None,
     min_part: int = PARALLEL_MIN,
+    one_call: int = ONE_CALL_MAX,
 ) -> torch.Tensor:
-    """The non-causal polynomial path of ``polynomial_forward`` after its preparation, compiled.
+    """The non-causal polynomial path of ``polynomial_forward``, compiled, its preparation
+    included (``prepare``; the kernel forms the centred, balanced, normalised inputs as it
+    loads them, bit for bit those of ``Prepared.apply``).
 
-    ``qb [L, d, n]``, ``kb [L, d, m]`` balanced and transposed (float32), ``vn [L, m, dv]`` the
-    normalised centred values, ``c [L, 1, dv]`` their centre (float32), ``p2 [L, 1, dv]``
-    (float64) the normalisation, ``w64 [r]`` the weights; float32 dot products of depth at
-    most ``key_inner`` (keys) and ``feature_inner`` (features), what the bound certified.
-    Returns ``[L, n, dv]`` float32: ``(num / den) p2 + c`` rounded once.
+    float32 dot products of depth at most ``key_inner`` (keys) and ``feature_inner``
+    (features), what the bound certified. Returns ``[L, n, dv]`` float32:
+    ``(num / den) p2 + c`` rounded once.
 
-    With ``threads`` > 1 (default: torch's thread count) long problems are split, each part
+    A problem of at most ``one_call`` multiply-adds that no thread splits runs in one kernel
+    call (``at_poly``: every slice, no Python in between; ``progress`` once at its end). Else,
+    with ``threads`` > 1 (default: torch's thread count) long problems are split, each part
     at least ``min_part`` multiply-adds: keys into contiguous parts of at least ``key_inner``
     keys whose float64 moments are added in float64 (one more float64 addition per part,
     within the model's float64 chain: docs/attention.md), queries into parts read out
@@ -242,16 +270,19 @@ def core(
     after each slice's moments and each block of (at least) ``QUERY_BLOCK`` queries of the part
     read out on the calling thread.
     """
-    L, d, n = qb.shape
-    m, dv = kb.shape[2], vn.shape[2]
+    q, k, v = prep.q.contiguous(), prep.k.contiguous(), prep.v.contiguous()
+    L, n, d = q.shape
+    m, dv = k.shape[1], v.shape[2]
     e, r = dv + 1, table.r
-    steps, nlow, top = native_steps(d, table.g)
+    steps, nlow, top = _steps(d, table.g)
     nsteps = len(table.steps)
-    qb, kb = qb.contiguous(), kb.contiguous()
-    ve = torch.cat([vn, torch.ones(L, m, 1, dtype=vn.dtype)], dim=2).contiguous()  # [L, m, e]
-    c32 = c.reshape(L, dv).to(torch.float32).contiguous()
-    p64 = p2.reshape(L, dv).to(torch.float64).contiguous()
-    w = w64.to(torch.float64).contiguous()
+    sp = steps.data_ptr()
+    kmid = None if prep.key_mid is None else prep.key_mid.to(torch.float32).contiguous()
+    fq, fk = _factors(prep.fq, L, d), _factors(prep.fk, L, d)
+    fv = _factors(prep.fv, L, dv)
+    c32 = prep.c.reshape(L, dv).to(torch.float32).contiguous()
+    p64 = prep.p2.reshape(L, dv).to(torch.float64).contiguous()
+    w = prep.w64.to(torch.float64).contiguous()
     out = torch.empty(L, n, dv, dtype=torch.float32)
     nt = _threads() if threads is None else max(1, threads)
     # a thread takes a part only when it has at least min_part multiply-adds; key parts only
@@ -263,15 +294,23 @@ def core(
     while kparts > 1 and min(b - a for a, b in _spans(m, kparts)) < key_inner:
         kparts -= 1
     qparts = max(1, min(nt, n * per // max(1, min_part)))
+    if kparts == 1 and qparts == 1 and L * (n + m) * per <= one_call:
+        kern.poly(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, _ptr(kmid), _ptr(fq),
+            len(fq), _ptr(fk), len(fk), c32.data_ptr(), _ptr(fv), len(fv), sp, nsteps, nlow,
+            top, r, key_inner, feature_inner, w.data_ptr(), p64.data_ptr(), out.data_ptr(),
+        )  # fmt: skip
+        report(progress, 1, 1)
+        return out
     qspans = _spans(n, qparts)
     # progress after the moments and every block of queries of the first part (read out on
     # this thread, so that progress and cancellation stay on the caller's thread)
     qblock = max(QUERY_BLOCK, (1 << 26) // max(1, r * e))
     first = qspans[0]
     blocks = [(s, min(first[1], s + qblock)) for s in range(first[0], first[1], qblock)]
-    sp = steps.data_ptr()
     total = L * (1 + len(blocks))
     done = 0
+    fs, vfs = L * d, L * dv
 
     def tick(_: object) -> None:
         nonlocal done
@@ -279,13 +318,18 @@ def core(
         report(progress, done, total)
 
     for b in range(L):
-        kbp, vep = kb[b].data_ptr(), ve[b].data_ptr()
+        kp, vp = k[b].data_ptr(), v[b].data_ptr()
+        kmp = None if kmid is None else kmid[b].data_ptr()
+        fkp, fvp, cp = _ptr(fk[0, b]), _ptr(fv[0, b]), c32[b].data_ptr()
 
-        def moments(span: tuple[int, int], kbp: int = kbp, vep: int = vep) -> np.ndarray:
+        def moments(
+            span: tuple[int, int], kp: int = kp, vp: int = vp, kmp: int | None = kmp,
+            fkp: int | None = fkp, fvp: int | None = fvp, cp: int = cp,
+        ) -> np.ndarray:  # fmt: skip
             M = np.empty((e, r), dtype=np.float64)
-            kern.moments(
-                kbp, m, span[0], span[1], d, vep, e, sp, nsteps, nlow, top, r, key_inner,
-                M.ctypes.data,
+            kern.moments_f(
+                kp, kmp, fkp, len(fk), fs, vp, cp, fvp, len(fv), vfs, span[0], span[1], d, dv,
+                sp, nsteps, nlow, top, r, key_inner, M.ctypes.data,
             )  # fmt: skip
             return M
 
@@ -296,16 +340,16 @@ def core(
         tick(None)
         # weights in float64, one rounding to float32 (as Mw.to(float32))
         me = torch.from_numpy(M * w.numpy()[None, :]).to(torch.float32).contiguous()  # [e, r]
-        qbp, mep = qb[b].data_ptr(), me.data_ptr()
-        p2p, cp, ob = p64[b].data_ptr(), c32[b].data_ptr(), out[b]
+        qp, mep, fqp = q[b].data_ptr(), me.data_ptr(), _ptr(fq[0, b])
+        p2p, ob = p64[b].data_ptr(), out[b]
 
         def readout(
-            span: tuple[int, int], qbp: int = qbp, mep: int = mep, p2p: int = p2p, cp: int = cp,
-            ob: torch.Tensor = ob,
+            span: tuple[int, int], qp: int = qp, mep: int = mep, fqp: int | None = fqp,
+            p2p: int = p2p, cp: int = cp, ob: torch.Tensor = ob,
         ) -> None:  # fmt: skip
-            kern.readout(
-                qbp, n, span[0], span[1], d, mep, e, sp, nsteps, nlow, top, r, feature_inner,
-                p2p, cp, ob[span[0]:].data_ptr(),
+            kern.readout_f(
+                qp, fqp, len(fq), fs, span[0], span[1], d, mep, e, sp, nsteps, nlow, top, r,
+                feature_inner, p2p, cp, ob[span[0]:].data_ptr(),
             )  # fmt: skip
 
         _on_threads(readout, qspans, tick, blocks)
@@ -341,12 +385,7 @@ def _on_threads(
 
 def core_causal(
     kern: AttentionPoly,
-    qb: torch.Tensor,
-    kb: torch.Tensor,
-    vn: torch.Tensor,
-    c: torch.Tensor,
-    p2: torch.Tensor,
-    w64: torch.Tensor,
+    prep: Prepared,
     table: MonomialTable,
     key_inner: int,
     feature_inner: int,
@@ -354,20 +393,22 @@ def core_causal(
     progress: Progress | None = None,
     **_: Any,
 ) -> torch.Tensor:
-    """The causal polynomial path of ``polynomial_forward`` (``causal_blocks``) after its
-    preparation, compiled (``at_causal``): sub-blocks of ``key_inner`` rows (the causal unit,
-    16 or 32), feature chunks of ``feature_inner``; n queries and n keys. One thread per slice
-    (slices in parallel when there are several); ``progress`` after each slice."""
+    """The causal polynomial path of ``polynomial_forward`` (``causal_blocks``), compiled
+    (``at_causal``) after the PyTorch preparation (``Prepared.apply``): sub-blocks of
+    ``key_inner`` rows (the causal unit, 16 or 32), feature chunks of ``feature_inner``; n
+    queries and n keys. One thread per slice (slices in parallel when there are several);
+    ``progress`` after each slice."""
+    qb, kb, vn = prep.apply()
+    qb, kb = qb.contiguous(), kb.contiguous()
     L, d, n = qb.shape
     dv = vn.shape[2]
     e = dv + 1
-    steps, nlow, top = native_steps(d, table.g)
+    steps, nlow, top = _steps(d, table.g)
     nsteps = len(table.steps)
-    qb, kb = qb.contiguous(), kb.contiguous()
     ve = torch.cat([vn, torch.ones(L, n, 1, dtype=vn.dtype)], dim=2).contiguous()  # [L, n, e]
-    c32 = c.reshape(L, dv).to(torch.float32).contiguous()
-    p64 = p2.reshape(L, dv).to(torch.float64).contiguous()
-    w = w64.to(torch.float64).contiguous()
+    c32 = prep.c.reshape(L, dv).to(torch.float32).contiguous()
+    p64 = prep.p2.reshape(L, dv).to(torch.float64).contiguous()
+    w = prep.w64.to(torch.float64).contiguous()
     out = torch.empty(L, n, dv, dtype=torch.float32)
 
     def one(b: int) -> None:
@@ -445,12 +486,10 @@ def _measure_native(kern: AttentionPoly) -> dict[str, float]:
     n, d, dv, g = 2048, 8, 8, 3
     table = monomial_table(d, g)
     gen = torch.Generator().manual_seed(1)
-    qb, kb = (0.5 * torch.randn(1, d, n, generator=gen) for _ in range(2))
-    vn = 0.5 * torch.randn(1, n, dv, generator=gen)
-    c, p2 = torch.zeros(1, 1, dv), torch.ones(1, 1, dv, dtype=torch.float64)
-    w = torch.ones(table.r, dtype=torch.float64)
+    q, k, v = (0.5 * torch.randn(1, n, x, generator=gen) for x in (d, d, dv))
+    prep = prepare(q, k, v, certified_best(1.0, g), 0.5, table, torch.float32)
     best = best_time(
-        lambda: core(kern, qb, kb, vn, c, p2, w, table, 512, 256, threads=1),
+        lambda: core(kern, prep, table, 512, 256, threads=1),
         torch.device("cpu"),
         reps=3,
     )

@@ -237,37 +237,47 @@ static int check_table(int d, int e, int r, int top, int nsteps, int nlow, const
     return 0;
 }
 
-/* M[c][alpha] (float64, [e][r]) for the keys [j0, j1) of kb (d rows, row l at kb + l * xs:
- * balanced keys, transposed) with values ve ([m][e] float32, row j at ve + j * e: the
- * normalised centred values and a column of ones). kchunk >= 6. */
-int at_moments(const float *kb, long xs, int j0, int j1, int d, const float *ve, int e,
-               const int *steps, int nsteps, int nlow, int top, int r, int kchunk, double *M) {
-    if (j0 < 0 || j1 <= j0 || kchunk < 6 || xs < j1) return -2;
+/* ---------------------------------------------------------------------------------------- */
+/* Polynomial path (non-causal), fused: the preparation done while the inputs are loaded      */
+/* ---------------------------------------------------------------------------------------- */
+
+/* The same three steps as at_moments / at_readout, reading q, k, v as the caller holds them
+ * (row-major [rows][d], [rows][dv]) and preparing each entry as it is loaded (Fused in
+ * native_poly.h): keys fl(fl(k - kshift) * kfac...) (centring, then balancing), queries
+ * fl(q * qfac...), values fl(fl(v - vshift) * vfac...) (centring, normalisation) and a column of
+ * ones. These are the float32 operations of the PyTorch preparation in its order (the rounding
+ * model's steps 1, 4 and 8), so every loaded number is bit for bit what that route loads: the
+ * same rounding model and bound cover both. Factor f of coordinate l at fac[f * fstep + l]. */
+
+/* M ([e][r], float64) for the keys [j0, j1) of one slice; kshift may be NULL (centred keys). */
+int at_moments_f(const float *k, const float *kshift, const float *kfac, int nkfac, long fstep,
+                 const float *v, const float *vshift, const float *vfac, int nvfac, long vfstep,
+                 int j0, int j1, int d, int dv, const int *steps, int nsteps, int nlow, int top,
+                 int r, int kchunk, double *M) {
+    const int e = dv + 1;
+    if (j0 < 0 || j1 <= j0 || kchunk < 6 || nkfac < 1 || nvfac < 1 || dv < 1) return -2;
     if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
-    Problem p = {kb, xs, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL};
+    Fused fz = {k, kshift, kfac, nkfac, fstep, v, dv, vshift, vfac, nvfac, vfstep};
+    Problem p = {NULL, 0, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL, &fz};
     KeyWork kw;
     if (key_work_alloc(&kw, &p)) return -1;
-    moments(&p, &kw, j0, j1 - j0, ve + (long)j0 * e, M);
+    moments(&p, &kw, j0, j1 - j0, NULL, M);
     scratch_trim();
     return 0;
 }
 
-/* out[i][c] (float32, row i at out + (i - i0) * dv) for the queries [i0, i1) of qb (d rows,
- * row l at qb + l * xs: balanced queries, transposed): the readout with me ([e][r] float32,
- * the weighted moments), fchunk features per float32 dot product, then
- * (float) ((o[c] / o[dv]) * p2[c] + cv[c]) with p2 the normalisation (float64) and cv the
- * values' centre (float32), dv = e - 1. */
-int at_readout(const float *qb, long xs, int i0, int i1, int d, const float *me, int e,
-               const int *steps, int nsteps, int nlow, int top, int r, int fchunk,
-               const double *p2, const float *cv, float *out) {
-    if (i0 < 0 || i1 <= i0 || fchunk < 1 || xs < i1) return -2;
-    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+/* The readout of the queries [i0, i1) of one slice (q: its [n][d] rows), as at_readout. */
+static int readout_fused(const float *q, const float *qfac, int nqfac, long fstep, int i0, int i1,
+                         int d, const float *me, int e, const int *steps, int nsteps, int nlow,
+                         int top, int r, int fchunk, const double *p2, const float *cv,
+                         float *out) {
     const int dv = e - 1, cnt = i1 - i0;
     int *src_of = scratch(B_SRC, sizeof(int) * (size_t)(r - top + 1));
     int *var_of = scratch(B_VAR, sizeof(int) * (size_t)(r - top + 1));
     double *t64 = scratch(B_T64, sizeof(double) * (size_t)cnt * dv);
+    Fused fz = {q + (long)i0 * d, NULL, qfac, nqfac, fstep, NULL, 0, NULL, NULL, 0, 0};
     QueryWork qw;
-    Problem p = {qb + i0, xs, d, e, r, top, 6, fchunk, steps, nlow, nsteps, NULL, NULL};
+    Problem p = {NULL, 0, d, e, r, top, 6, fchunk, steps, nlow, nsteps, NULL, NULL, &fz};
     if (!src_of || !var_of || !t64 || query_work_alloc(&qw, &p)) return -1;
     for (int k = nlow; k < nsteps; k++) {
         const int *st = steps + 4 * k;
@@ -281,6 +291,57 @@ int at_readout(const float *qb, long xs, int i0, int i1, int d, const float *me,
     readout(&p, &qw, me, 0, cnt, t64);
     for (long i = 0; i < (long)cnt; i++)
         for (int c = 0; c < dv; c++) out[i * dv + c] = (float)(t64[i * dv + c] * p2[c] + (double)cv[c]);
+    return 0;
+}
+
+/* out[i][c] (row i at out + (i - i0) * dv) for the queries [i0, i1) of one slice. */
+int at_readout_f(const float *q, const float *qfac, int nqfac, long fstep, int i0, int i1, int d,
+                 const float *me, int e, const int *steps, int nsteps, int nlow, int top, int r,
+                 int fchunk, const double *p2, const float *cv, float *out) {
+    if (i0 < 0 || i1 <= i0 || fchunk < 1 || nqfac < 1) return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    const int rc = readout_fused(q, qfac, nqfac, fstep, i0, i1, d, me, e, steps, nsteps, nlow,
+                                 top, r, fchunk, p2, cv, out);
+    scratch_trim();
+    return rc;
+}
+
+/* The whole non-causal path of L slices in one call, one thread (small problems: no hand-offs):
+ * per slice b, the moments of all m keys, the weights me = (float) (w[alpha] M[c][alpha])
+ * (float64 product, one rounding: as at_readout's callers form it), and the readout of all n
+ * queries. q [L][n][d], k [L][m][d], v [L][m][dv]; kshift [L][d] or NULL; factors
+ * [nfac][L][d] (values [nvfac][L][dv]); vshift [L][dv] (the values' centre, also added back);
+ * p2 [L][dv]; w [r]; out [L][n][dv]. */
+int at_poly(const float *q, const float *k, const float *v, int L, int n, int m, int d, int dv,
+            const float *kshift, const float *qfac, int nqfac, const float *kfac, int nkfac,
+            const float *vshift, const float *vfac, int nvfac, const int *steps, int nsteps,
+            int nlow, int top, int r, int kchunk, int fchunk, const double *w, const double *p2,
+            float *out) {
+    const int e = dv + 1;
+    if (L < 1 || n < 1 || m < 1 || dv < 1 || kchunk < 6 || fchunk < 1 || nqfac < 1 ||
+        nkfac < 1 || nvfac < 1)
+        return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    double *M = scratch(B_A1, sizeof(double) * (size_t)e * r);
+    float *me = scratch(B_ME, sizeof(float) * (size_t)e * r);
+    if (!M || !me) return -1;
+    const long fs = (long)L * d, vfs = (long)L * dv;
+    for (int b = 0; b < L; b++) {
+        Fused fz = {k + (long)b * m * d, kshift ? kshift + (long)b * d : NULL, kfac + (long)b * d,
+                    nkfac, fs, v + (long)b * m * dv, dv, vshift + (long)b * dv,
+                    vfac + (long)b * dv, nvfac, vfs};
+        Problem p = {NULL, 0, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL, &fz};
+        KeyWork kw;
+        if (key_work_alloc(&kw, &p)) return -1;
+        moments(&p, &kw, 0, m, NULL, M);
+        for (int c = 0; c < e; c++)
+            for (int a = 0; a < r; a++) me[(long)c * r + a] = (float)(M[(long)c * r + a] * w[a]);
+        const int rc = readout_fused(q + (long)b * n * d, qfac + (long)b * d, nqfac, fs, 0, n, d,
+                                     me, e, steps, nsteps, nlow, top, r, fchunk,
+                                     p2 + (long)b * dv, vshift + (long)b * dv,
+                                     out + (long)b * n * dv);
+        if (rc) return rc;
+    }
     scratch_trim();
     return 0;
 }
