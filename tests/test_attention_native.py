@@ -306,7 +306,7 @@ def test_failed_build_or_self_test_falls_back(
 
     def wrong(self: at_native.AttentionPoly, *args: int) -> None:
         real(self, *args)
-        ctypes.c_float.from_address(args[-1]).value += 1.0  # scribble on the first output
+        ctypes.c_float.from_address(args[-3]).value += 1.0  # scribble on the first output
 
     monkeypatch.setattr(at_native.AttentionPoly, "poly", wrong)
     monkeypatch.setattr(at_native, "_KERNEL", fresh)

@@ -65,6 +65,10 @@ QUERY_BLOCK = 16384
 # multiply-adds of a problem that runs in one kernel call (no progress report inside it: about
 # 2-4 ms at the core's rate on the development machine)
 ONE_CALL_MAX = 1 << 26
+# multiply-adds of one chunk of keys or queries at_poly shares with its helper thread (a
+# hand-off costs a few microseconds; a chunk of 2^20 about 30 us on the development machine)
+SPLIT_MIN = 1 << 20
+MAX_CHUNKS = 16  # at_poly's limit
 
 
 class AttentionPoly:
@@ -89,7 +93,7 @@ class AttentionPoly:
         rf.restype = i
         po = lib.at_poly
         po.argtypes = [p, p, p, i, i, i, i, i, p, p, i, p, i, p, p, i, p, i, i, i, i, i, i, p, p]
-        po.argtypes += [p]
+        po.argtypes += [p, i, i]
         po.restype = i
         self._stats, self._causal = st, ca
         self._moments_f, self._readout_f, self._poly = mf, rf, po
@@ -229,6 +233,17 @@ def _steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
     return native_steps(d, g)
 
 
+def _chunks(total: int, per: int, split_min: int, least: int) -> int:
+    """How many equal chunks ``at_poly`` cuts ``total`` items of ``per`` multiply-adds into:
+    about ``split_min`` multiply-adds each, at most ``MAX_CHUNKS``, every chunk (C's
+    ``chunk_span``: ``ceil(total / chunks)`` each, the last one the rest) at least ``least``
+    items long; 1 when the work is too small to share."""
+    c = max(1, min(MAX_CHUNKS, total * per // max(1, split_min)))
+    while c > 1 and total - (c - 1) * -(-total // c) < max(1, least):
+        c -= 1
+    return c
+
+
 def _factors(fs: list[np.ndarray], rows: int, cols: int) -> np.ndarray:
     """Per-column factors ``[nf][rows][cols]`` as one contiguous float32 array (powers of two
     and zeros: exact in float32)."""
@@ -251,6 +266,7 @@ def core(
     progress: Progress | None = None,
     min_part: int = PARALLEL_MIN,
     one_call: int = ONE_CALL_MAX,
+    split_min: int = SPLIT_MIN,
 ) -> torch.Tensor:
     """The non-causal polynomial path of ``polynomial_forward``, compiled, its preparation
     included (``prepare``; the kernel forms the centred, balanced, normalised inputs as it
@@ -295,10 +311,15 @@ def core(
         kparts -= 1
     qparts = max(1, min(nt, n * per // max(1, min_part)))
     if kparts == 1 and qparts == 1 and L * (n + m) * per <= one_call:
+        # the kernel's helper thread shares chunks of about split_min multiply-adds (at most
+        # MAX_CHUNKS; key chunks of at least key_inner keys each: docs/attention.md)
+        kchunks = _chunks(m, per, split_min, key_inner) if nt >= 2 else 1
+        qchunks = _chunks(n, per, split_min, 1) if nt >= 2 else 1
         kern.poly(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, _ptr(kmid), _ptr(fq),
             len(fq), _ptr(fk), len(fk), c32.data_ptr(), _ptr(fv), len(fv), sp, nsteps, nlow,
             top, r, key_inner, feature_inner, w.data_ptr(), p64.data_ptr(), out.data_ptr(),
+            kchunks, qchunks,
         )  # fmt: skip
         report(progress, 1, 1)
         return out

@@ -28,6 +28,8 @@
  * Returns 0 on success, -1 when memory could not be allocated, -2 for bad arguments.
  */
 #define _POSIX_C_SOURCE 200112L
+#include <pthread.h>
+
 #include "native_poly.h" /* compute/core/: features, key moments, readout (shared) */
 
 int at_vector_bytes(void) {
@@ -306,44 +308,211 @@ int at_readout_f(const float *q, const float *qfac, int nqfac, long fstep, int i
     return rc;
 }
 
-/* The whole non-causal path of L slices in one call, one thread (small problems: no hand-offs):
+/* One helper thread, started on first use and kept (its scratch buffers stay warm), shares
+ * at_poly's work: the keys (or queries) are cut into chunks fixed in advance, and both threads
+ * take the next chunk until none is left. Which thread computes a chunk changes nothing: every
+ * chunk has its own result (key chunks: their own float64 moments, added afterwards in chunk
+ * order), so the output is the same bit for bit whatever the scheduling. The caller never waits
+ * for a helper that has not started: it takes the job back and does every chunk itself. One
+ * caller at a time owns the helper (trylock); a concurrent caller does all its chunks itself.
+ * After fork() the child has no helper: it starts its own. */
+typedef struct {
+    void (*fn)(void *, int);
+    void *arg;
+    int chunks;
+    int next; /* the next chunk to take (atomic) */
+} Job;
+static pthread_mutex_t pool_owner = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static Job *pool_job = NULL;
+static int pool_pending = 0, pool_finished = 0, pool_state = 0; /* 0 none, 1 live, -1 failed */
+
+static void job_run(Job *job) {
+    for (;;) {
+        const int c = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (c >= job->chunks) return;
+        job->fn(job->arg, c);
+    }
+}
+
+static void *pool_main(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&pool_mu);
+    for (;;) {
+        while (!pool_pending) pthread_cond_wait(&pool_go, &pool_mu);
+        Job *job = pool_job;
+        pool_pending = 0;
+        pthread_mutex_unlock(&pool_mu);
+        job_run(job);
+        scratch_trim();
+        pthread_mutex_lock(&pool_mu);
+        pool_finished = 1;
+        pthread_cond_signal(&pool_done);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) {
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    pool_owner = m;
+    pool_mu = m;
+    pool_go = c;
+    pool_done = c;
+    pool_job = NULL;
+    pool_pending = pool_finished = pool_state = 0;
+}
+
+/* Own the helper (starting it if needed): 1, or 0 when it is busy or cannot start. */
+static int pool_acquire(void) {
+    if (pthread_mutex_trylock(&pool_owner) != 0) return 0;
+    if (pool_state == 0) {
+        pthread_t t;
+        pthread_attr_t at;
+        pool_state = -1;
+        if (pthread_attr_init(&at) == 0) {
+            pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+            if (pthread_create(&t, &at, pool_main, NULL) == 0) {
+                pool_state = 1;
+                pthread_atfork(NULL, NULL, pool_after_fork);
+            }
+            pthread_attr_destroy(&at);
+        }
+    }
+    if (pool_state != 1) {
+        pthread_mutex_unlock(&pool_owner);
+        return 0;
+    }
+    return 1;
+}
+
+/* Every chunk of job, shared with the helper when pooled. */
+static void job_share(Job *job, int pooled) {
+    job->next = 0;
+    if (!pooled || job->chunks < 2) {
+        job_run(job);
+        return;
+    }
+    pthread_mutex_lock(&pool_mu);
+    pool_job = job;
+    pool_finished = 0;
+    pool_pending = 1;
+    pthread_cond_signal(&pool_go);
+    pthread_mutex_unlock(&pool_mu);
+    job_run(job);
+    pthread_mutex_lock(&pool_mu);
+    if (pool_pending) /* the helper never took it: nothing of it runs there */
+        pool_pending = 0;
+    else
+        while (!pool_finished) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+}
+
+/* Chunk c of `chunks` equal parts of [0, total): [c * step, min(total, (c + 1) * step)),
+ * step = ceil(total / chunks) (the Python wrapper's _spans). */
+static void chunk_span(int total, int chunks, int c, int *a, int *b) {
+    const int step = (total + chunks - 1) / chunks;
+    *a = c * step < total ? c * step : total;
+    *b = (c + 1) * step < total ? (c + 1) * step : total;
+}
+
+#define MAX_CHUNKS 16
+
+typedef struct {
+    const Problem *p;
+    int m, chunks;
+    double *M[MAX_CHUNKS];
+    int rc[MAX_CHUNKS];
+} MomentsJob;
+
+static void moments_chunk(void *arg, int c) {
+    MomentsJob *j = arg;
+    int a, b;
+    chunk_span(j->m, j->chunks, c, &a, &b);
+    KeyWork kw;
+    j->rc[c] = key_work_alloc(&kw, j->p) ? -1 : 0;
+    if (!j->rc[c] && b > a) moments(j->p, &kw, a, b - a, NULL, j->M[c]);
+    if (b <= a) memset(j->M[c], 0, sizeof(double) * (size_t)j->p->e * j->p->r);
+}
+
+typedef struct {
+    const float *q, *qfac, *me, *cv;
+    const int *steps;
+    const double *p2;
+    float *out;
+    long fstep;
+    int nqfac, n, chunks, d, e, nsteps, nlow, top, r, fchunk;
+    int rc[MAX_CHUNKS];
+} ReadoutJob;
+
+static void readout_chunk(void *arg, int c) {
+    ReadoutJob *j = arg;
+    int a, b;
+    chunk_span(j->n, j->chunks, c, &a, &b);
+    j->rc[c] = b <= a ? 0
+                      : readout_fused(j->q, j->qfac, j->nqfac, j->fstep, a, b, j->d, j->me, j->e,
+                                      j->steps, j->nsteps, j->nlow, j->top, j->r, j->fchunk,
+                                      j->p2, j->cv, j->out + (long)a * (j->e - 1));
+}
+
+/* The whole non-causal path of L slices in one call (small problems: no Python in between):
  * per slice b, the moments of all m keys, the weights me = (float) (w[alpha] M[c][alpha])
- * (float64 product, one rounding: as at_readout's callers form it), and the readout of all n
- * queries. q [L][n][d], k [L][m][d], v [L][m][dv]; kshift [L][d] or NULL; factors
- * [nfac][L][d] (values [nvfac][L][dv]); vshift [L][dv] (the values' centre, also added back);
- * p2 [L][dv]; w [r]; out [L][n][dv]. */
+ * (float64 product, one rounding), and the readout of all n queries. q [L][n][d],
+ * k [L][m][d], v [L][m][dv]; kshift [L][d] or NULL; factors [nfac][L][d] (values
+ * [nvfac][L][dv]); vshift [L][dv] (the values' centre, also added back); p2 [L][dv]; w [r];
+ * out [L][n][dv]. kchunks / qchunks (1..16): the keys and the queries are cut into that many
+ * equal contiguous chunks (the caller keeps every key chunk at least kchunk keys long) shared
+ * with the helper thread; the key chunks' float64 moments are added in float64 in chunk order,
+ * M = ((M_0 + M_1) + M_2) ... (the parts of the thread split: docs/attention.md), the query
+ * chunks read out independently. */
 int at_poly(const float *q, const float *k, const float *v, int L, int n, int m, int d, int dv,
             const float *kshift, const float *qfac, int nqfac, const float *kfac, int nkfac,
             const float *vshift, const float *vfac, int nvfac, const int *steps, int nsteps,
             int nlow, int top, int r, int kchunk, int fchunk, const double *w, const double *p2,
-            float *out) {
+            float *out, int kchunks, int qchunks) {
     const int e = dv + 1;
     if (L < 1 || n < 1 || m < 1 || dv < 1 || kchunk < 6 || fchunk < 1 || nqfac < 1 ||
-        nkfac < 1 || nvfac < 1)
+        nkfac < 1 || nvfac < 1 || kchunks < 1 || kchunks > MAX_CHUNKS || qchunks < 1 ||
+        qchunks > MAX_CHUNKS)
         return -2;
     if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
-    double *M = scratch(B_A1, sizeof(double) * (size_t)e * r);
+    double *Mall = scratch(B_A1, sizeof(double) * (size_t)e * r * kchunks);
     float *me = scratch(B_ME, sizeof(float) * (size_t)e * r);
-    if (!M || !me) return -1;
-    const long fs = (long)L * d, vfs = (long)L * dv;
-    for (int b = 0; b < L; b++) {
+    if (!Mall || !me) return -1;
+    const int pooled = (kchunks > 1 || qchunks > 1) && pool_acquire();
+    const long fs = (long)L * d, vfs = (long)L * dv, er = (long)e * r;
+    int rc = 0;
+    for (int b = 0; b < L && !rc; b++) {
         Fused fz = {k + (long)b * m * d, kshift ? kshift + (long)b * d : NULL, kfac + (long)b * d,
                     nkfac, fs, v + (long)b * m * dv, dv, vshift + (long)b * dv,
                     vfac + (long)b * dv, nvfac, vfs};
         Problem p = {NULL, 0, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL, &fz};
-        KeyWork kw;
-        if (key_work_alloc(&kw, &p)) return -1;
-        moments(&p, &kw, 0, m, NULL, M);
+        MomentsJob mj;
+        mj.p = &p;
+        mj.m = m;
+        mj.chunks = kchunks;
+        for (int c = 0; c < kchunks; c++) mj.M[c] = Mall + c * er;
+        Job job = {moments_chunk, &mj, kchunks, 0};
+        job_share(&job, pooled);
+        for (int c = 0; c < kchunks; c++) rc = rc ? rc : mj.rc[c];
+        if (rc) break;
+        double *M = Mall;
+        for (int c = 1; c < kchunks; c++)
+            for (long i = 0; i < er; i++) M[i] = M[i] + mj.M[c][i];
         for (int c = 0; c < e; c++)
             for (int a = 0; a < r; a++) me[(long)c * r + a] = (float)(M[(long)c * r + a] * w[a]);
-        const int rc = readout_fused(q + (long)b * n * d, qfac + (long)b * d, nqfac, fs, 0, n, d,
-                                     me, e, steps, nsteps, nlow, top, r, fchunk,
-                                     p2 + (long)b * dv, vshift + (long)b * dv,
-                                     out + (long)b * n * dv);
-        if (rc) return rc;
+        ReadoutJob rj = {q + (long)b * n * d, qfac + (long)b * d, me, vshift + (long)b * dv,
+                         steps, p2 + (long)b * dv, out + (long)b * n * dv, fs, nqfac, n, qchunks,
+                         d, e, nsteps, nlow, top, r, fchunk, {0}};
+        Job job2 = {readout_chunk, &rj, qchunks, 0};
+        job_share(&job2, pooled);
+        for (int c = 0; c < qchunks; c++) rc = rc ? rc : rj.rc[c];
     }
+    if (pooled) pthread_mutex_unlock(&pool_owner);
     scratch_trim();
-    return 0;
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------- */
