@@ -21,7 +21,7 @@ import torch
 from ..core.monomials import FeatureBuilder, MonomialTable, monomial_table, weights
 from ..core.polynomials import Approximation
 from ..core.progress import Progress, report
-from ..core.radius import column_midrange, midrange
+from ..core.radius import column_midrange
 from ..core.rounding import BoundParts
 from .balance import apply_factors, balance_factors, value_exponents, value_factors
 from .stats import Extremes
@@ -236,6 +236,10 @@ def polynomial_forward(
     return out
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 @lru_cache(maxsize=256)
 def _weights(coeffs: tuple[float, ...], d: int, g: int, s_mant: float) -> torch.Tensor:
     """``weights`` as a CPU float64 tensor, cached per polynomial, table and scale (the
@@ -259,24 +263,24 @@ def prepare(
     """``polynomial_forward``'s preparation (its arguments): the factors and centres on the
     host, from ``extremes`` when given (no pass over q, k, v then; else the reductions and one
     host sync each, as ``balance`` and ``normalise_values`` do)."""
-    q, v = q.to(dtype), v.to(dtype)
+    q, v = _cast(q, dtype), _cast(v, dtype)
     if key_mid is not None and k.dtype != dtype:  # centre in the keys' own dtype, then cast
         k, key_mid = (k - key_mid.unsqueeze(1)).to(dtype), None
     elif key_mid is None and not centred:
-        k = k.to(dtype)
+        k = _cast(k, dtype)
         key_mid = column_midrange(k).squeeze(1)  # [L, d]: centre(k) = fl(k - key_mid)
     else:
-        k = k.to(dtype)
+        k = _cast(k, dtype)
+    L, dv = v.shape[0], v.shape[2]
     if extremes is None:
-        v_hi = v.max(dim=1, keepdim=True).values  # [L, 1, dv]
-        v_lo = v.min(dim=1, keepdim=True).values  # [L, 1, dv]
+        v_hi = v.max(dim=1).values  # [L, dv]
+        v_lo = v.min(dim=1).values  # [L, dv]
         kc = k if key_mid is None else k - key_mid.unsqueeze(1)
         qa, ka = q.abs().max(dim=1).values, kc.abs().max(dim=1).values  # [L, d]
         known = (qa.double().cpu().numpy(), ka.double().cpu().numpy())
         vexp = None
     else:  # casts up are exact and monotone: the extremes of the cast are the cast extremes
-        v_hi = extremes.v_hi.to(dtype).unsqueeze(1)  # [L, 1, dv]
-        v_lo = extremes.v_lo.to(dtype).unsqueeze(1)  # [L, 1, dv]
+        v_hi, v_lo = extremes.v_hi, extremes.v_lo  # [L, dv] (exact in dtype)
         if extremes.q_absmax is None:  # (row subsets: reduced again)
             qa_h = q.abs().max(dim=1).values.double().cpu().numpy()
             ka_h = extremes.k_absmax.double().cpu().numpy()
@@ -287,16 +291,29 @@ def prepare(
             ka_h = extremes.k_absmax.double().cpu().numpy()
         known = (qa_h, ka_h)
         vexp = extremes.value_exp
-    c = midrange(v_hi, v_lo)  # [L, 1, dv]
+    # the values' centre, midrange(v_hi, v_lo) in dtype, on the host: hi/2 + lo/2, each
+    # operation one IEEE rounding in dtype (numpy and torch agree bit for bit)
+    npdt = np.float32 if dtype != torch.float64 else np.float64
+    hi_h = v_hi.detach().cpu().numpy().astype(npdt).reshape(L, 1, dv)
+    lo_h = v_lo.detach().cpu().numpy().astype(npdt).reshape(L, 1, dv)
+    half = npdt(0.5)
+    c_h = hi_h * half + lo_h * half  # [L, 1, dv]
+    c = torch.from_numpy(c_h)
+    if q.device.type != "cpu":
+        c = c.to(q.device)
     # values normalised per column by a power of two (undone in float64 on the output), so that
     # no product with a value underflows however small the values are (rounding model, step 8)
     if vexp is None:
-        vexp = value_exponents(torch.maximum(v_hi - c, c - v_lo))
+        vexp = value_exponents(torch.from_numpy(np.maximum(hi_h - c_h, c_h - lo_h)))
     # 2^ev: finite here (a finite value range keeps |v - c| below 2^1023)
-    p2 = torch.from_numpy(np.ldexp(1.0, vexp.astype(np.int64))).to(q.device)  # [L, 1, dv]
+    p2 = torch.from_numpy(np.ldexp(1.0, vexp.astype(np.int64)))  # [L, 1, dv] float64
+    if q.device.type != "cpu":
+        p2 = p2.to(q.device)
     fq, fk, s_mant = balance_factors(*known, scale, dtype)
     coeffs = tuple(float(x) for x in approx.coeffs)
-    w64 = _weights(coeffs, table.d, approx.degree, s_mant).to(q.device)  # [r] float64
+    w64 = _weights(coeffs, table.d, approx.degree, s_mant)  # [r] float64
+    if q.device.type != "cpu":
+        w64 = w64.to(q.device)
     return Prepared(q, k, v, key_mid, fq, fk, c, value_factors(vexp, dtype), p2, w64)
 
 

@@ -16,11 +16,10 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,8 +55,8 @@ _log = logging.getLogger(__name__)
 # Use the compiled kernel for float32 CPU statistics and non-causal polynomial paths when it
 # builds; tests turn this off to exercise the PyTorch route (same rounding model).
 NATIVE = True
-# multiply-adds per thread below which one thread does all (a hand-off costs ~50 us on a
-# quiet machine, more on a busy one; measured: splitting 2^22 multiply-adds still lost)
+# causal: multiply-adds of a slice below which the slices run one after another (a hand-off to
+# the Python thread pool costs ~50 us on a quiet machine, more on a busy one)
 PARALLEL_MIN = 1 << 23
 _SIG32 = 2.0 * subnormal_spacing(torch.float32)  # (statistics' normalisation slack)
 # queries read out between two progress reports (a cancelled call stops there)
@@ -86,10 +85,10 @@ class AttentionPoly:
         ca.argtypes = [p, p, lg, i, i, p, i, p, i, i, i, i, i, i, p, p, p, p]
         ca.restype = i
         mf = lib.at_moments_f
-        mf.argtypes = [p, p, p, i, lg, p, p, p, i, lg, i, i, i, i, p, i, i, i, i, i, p]
+        mf.argtypes = [p, p, p, i, lg, p, p, p, i, lg, i, i, i, p, i, i, i, i, i, i, p]
         mf.restype = i
         rf = lib.at_readout_f
-        rf.argtypes = [p, p, i, lg, i, i, i, p, i, p, i, i, i, i, i, p, p, p]
+        rf.argtypes = [p, p, i, lg, i, i, i, p, i, p, i, i, i, i, i, p, p, p, i]
         rf.restype = i
         po = lib.at_poly
         po.argtypes = [p, p, p, i, i, i, i, i, p, p, i, p, i, p, p, i, p, i, i, i, i, i, i, p, p]
@@ -222,11 +221,6 @@ def _threads() -> int:
     return max(1, min(4, torch.get_num_threads(), _CPUS))
 
 
-def _spans(total: int, parts: int) -> list[tuple[int, int]]:
-    step = -(-total // parts)
-    return [(s, min(total, s + step)) for s in range(0, total, step)]
-
-
 @lru_cache(maxsize=64)
 def _steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
     """``native_steps`` cached per (d, degree) (read-only: the kernels never write it)."""
@@ -247,6 +241,8 @@ def _chunks(total: int, per: int, split_min: int, least: int) -> int:
 def _factors(fs: list[np.ndarray], rows: int, cols: int) -> np.ndarray:
     """Per-column factors ``[nf][rows][cols]`` as one contiguous float32 array (powers of two
     and zeros: exact in float32)."""
+    if len(fs) == 1:  # the usual case
+        return np.ascontiguousarray(fs[0], dtype=np.float32).reshape(1, rows, cols)
     return np.ascontiguousarray(np.stack([f.reshape(rows, cols) for f in fs]), dtype=np.float32)
 
 
@@ -264,9 +260,8 @@ def core(
     feature_inner: int,
     threads: int | None = None,
     progress: Progress | None = None,
-    min_part: int = PARALLEL_MIN,
+    min_part: int = SPLIT_MIN,
     one_call: int = ONE_CALL_MAX,
-    split_min: int = SPLIT_MIN,
 ) -> torch.Tensor:
     """The non-causal polynomial path of ``polynomial_forward``, compiled, its preparation
     included (``prepare``; the kernel forms the centred, balanced, normalised inputs as it
@@ -276,15 +271,16 @@ def core(
     (features), what the bound certified. Returns ``[L, n, dv]`` float32:
     ``(num / den) p2 + c`` rounded once.
 
-    A problem of at most ``one_call`` multiply-adds that no thread splits runs in one kernel
-    call (``at_poly``: every slice, no Python in between; ``progress`` once at its end). Else,
-    with ``threads`` > 1 (default: torch's thread count) long problems are split, each part
-    at least ``min_part`` multiply-adds: keys into contiguous parts of at least ``key_inner``
-    keys whose float64 moments are added in float64 (one more float64 addition per part,
-    within the model's float64 chain: docs/attention.md), queries into parts read out
-    independently (the same arithmetic). ``progress(done, total)``
-    after each slice's moments and each block of (at least) ``QUERY_BLOCK`` queries of the part
-    read out on the calling thread.
+    With ``threads`` > 1 (default: torch's thread count, at most 2 used) the keys and the
+    queries of a slice are cut into chunks of about ``min_part`` multiply-adds that the calling
+    thread and the kernel's helper thread share: key chunks of at least ``key_inner`` keys
+    whose float64 moments are added in float64 in chunk order (one more float64 addition per
+    chunk, within the model's float64 chain: docs/attention.md), query chunks read out
+    independently (the same arithmetic). The chunks are fixed before the threads start, so the
+    result does not depend on the scheduling. A problem of at most ``one_call`` multiply-adds
+    runs in one kernel call (``at_poly``: every slice; ``progress`` once at its end); longer
+    ones slice by slice, ``progress(done, total)`` after each slice's moments and each block
+    of (at least) ``QUERY_BLOCK`` queries.
     """
     q, k, v = prep.q.contiguous(), prep.k.contiguous(), prep.v.contiguous()
     L, n, d = q.shape
@@ -297,24 +293,17 @@ def core(
     fq, fk = _factors(prep.fq, L, d), _factors(prep.fk, L, d)
     fv = _factors(prep.fv, L, dv)
     c32 = prep.c.reshape(L, dv).to(torch.float32).contiguous()
-    p64 = prep.p2.reshape(L, dv).to(torch.float64).contiguous()
-    w = prep.w64.to(torch.float64).contiguous()
+    p64 = prep.p2.reshape(L, dv).contiguous()  # float64
+    w = prep.w64.contiguous()  # float64
     out = torch.empty(L, n, dv, dtype=torch.float32)
     nt = _threads() if threads is None else max(1, threads)
-    # a thread takes a part only when it has at least min_part multiply-adds; key parts only
-    # of at least key_inner keys each, so that a term's float64 additions (its part's
-    # segments, then the sum of the parts) stay within ceil(m / key_inner): docs/attention.md,
-    # "Compiled CPU kernel"
     per = max(1, r * e)
-    kparts = max(1, min(nt, m * per // max(1, min_part)))
-    while kparts > 1 and min(b - a for a, b in _spans(m, kparts)) < key_inner:
-        kparts -= 1
-    qparts = max(1, min(nt, n * per // max(1, min_part)))
-    if kparts == 1 and qparts == 1 and L * (n + m) * per <= one_call:
-        # the kernel's helper thread shares chunks of about split_min multiply-adds (at most
-        # MAX_CHUNKS; key chunks of at least key_inner keys each: docs/attention.md)
-        kchunks = _chunks(m, per, split_min, key_inner) if nt >= 2 else 1
-        qchunks = _chunks(n, per, split_min, 1) if nt >= 2 else 1
+    # key chunks of at least key_inner keys each, so that a term's float64 additions (its
+    # chunk's segments, then the sum of the chunks) stay within ceil(m / key_inner):
+    # docs/attention.md, "Compiled CPU kernel"
+    kchunks = _chunks(m, per, min_part, key_inner) if nt >= 2 else 1
+    if L * (n + m) * per <= one_call:
+        qchunks = _chunks(n, per, min_part, 1) if nt >= 2 else 1
         kern.poly(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, _ptr(kmid), _ptr(fq),
             len(fq), _ptr(fk), len(fk), c32.data_ptr(), _ptr(fv), len(fv), sp, nsteps, nlow,
@@ -323,85 +312,34 @@ def core(
         )  # fmt: skip
         report(progress, 1, 1)
         return out
-    qspans = _spans(n, qparts)
-    # progress after the moments and every block of queries of the first part (read out on
-    # this thread, so that progress and cancellation stay on the caller's thread)
-    qblock = max(QUERY_BLOCK, (1 << 26) // max(1, r * e))
-    first = qspans[0]
-    blocks = [(s, min(first[1], s + qblock)) for s in range(first[0], first[1], qblock)]
+    # progress after the moments and every block of queries
+    qblock = max(QUERY_BLOCK, (1 << 26) // per)
+    blocks = [(s, min(n, s + qblock)) for s in range(0, n, qblock)]
     total = L * (1 + len(blocks))
     done = 0
     fs, vfs = L * d, L * dv
-
-    def tick(_: object) -> None:
-        nonlocal done
+    wn = w.numpy()[None, :]
+    M = np.empty((kchunks, e, r), dtype=np.float64)
+    for b in range(L):
+        kern.moments_f(
+            k[b].data_ptr(), None if kmid is None else kmid[b].data_ptr(), _ptr(fk[0, b]),
+            len(fk), fs, v[b].data_ptr(), c32[b].data_ptr(), _ptr(fv[0, b]), len(fv), vfs, m,
+            d, dv, sp, nsteps, nlow, top, r, key_inner, kchunks, M.ctypes.data,
+        )  # fmt: skip
         done += 1
         report(progress, done, total)
-
-    for b in range(L):
-        kp, vp = k[b].data_ptr(), v[b].data_ptr()
-        kmp = None if kmid is None else kmid[b].data_ptr()
-        fkp, fvp, cp = _ptr(fk[0, b]), _ptr(fv[0, b]), c32[b].data_ptr()
-
-        def moments(
-            span: tuple[int, int], kp: int = kp, vp: int = vp, kmp: int | None = kmp,
-            fkp: int | None = fkp, fvp: int | None = fvp, cp: int = cp,
-        ) -> np.ndarray:  # fmt: skip
-            M = np.empty((e, r), dtype=np.float64)
-            kern.moments_f(
-                kp, kmp, fkp, len(fk), fs, vp, cp, fvp, len(fv), vfs, span[0], span[1], d, dv,
-                sp, nsteps, nlow, top, r, key_inner, M.ctypes.data,
-            )  # fmt: skip
-            return M
-
-        parts = _on_threads(moments, _spans(m, kparts), lambda _: None)
-        M = parts[0]
-        for extra in parts[1:]:
-            M = M + extra  # float64
-        tick(None)
         # weights in float64, one rounding to float32 (as Mw.to(float32))
-        me = torch.from_numpy(M * w.numpy()[None, :]).to(torch.float32).contiguous()  # [e, r]
-        qp, mep, fqp = q[b].data_ptr(), me.data_ptr(), _ptr(fq[0, b])
-        p2p, ob = p64[b].data_ptr(), out[b]
-
-        def readout(
-            span: tuple[int, int], qp: int = qp, mep: int = mep, fqp: int | None = fqp,
-            p2p: int = p2p, cp: int = cp, ob: torch.Tensor = ob,
-        ) -> None:  # fmt: skip
+        me = np.ascontiguousarray(M[0] * wn, dtype=np.float32)  # [e, r]
+        for s0, s1 in blocks:
+            qchunks = _chunks(s1 - s0, per, min_part, 1) if nt >= 2 else 1
             kern.readout_f(
-                qp, fqp, len(fq), fs, span[0], span[1], d, mep, e, sp, nsteps, nlow, top, r,
-                feature_inner, p2p, cp, ob[span[0]:].data_ptr(),
+                q[b].data_ptr(), _ptr(fq[0, b]), len(fq), fs, s0, s1, d, _ptr(me), e, sp,
+                nsteps, nlow, top, r, feature_inner, p64[b].data_ptr(), c32[b].data_ptr(),
+                out[b, s0:].data_ptr(), qchunks,
             )  # fmt: skip
-
-        _on_threads(readout, qspans, tick, blocks)
+            done += 1
+            report(progress, done, total)
     return out
-
-
-T = TypeVar("T")
-
-
-def _on_threads(
-    fn: Callable[[tuple[int, int]], T],
-    spans: list[tuple[int, int]],
-    tick: Callable[[object], None],
-    first_blocks: list[tuple[int, int]] | None = None,
-) -> list[T]:
-    """``fn`` on every span: the first on this thread (in ``first_blocks`` if given, calling
-    ``tick`` after each), the others on the pool at the same time; returns the results of the
-    spans in order. Waits for the pool's spans also when this thread's part raises (a cancelled
-    call must not free buffers the kernel is still writing)."""
-    futures = [_pool().submit(fn, sp) for sp in spans[1:]]
-    try:
-        if first_blocks is None:
-            head = fn(spans[0])
-            tick(head)
-        else:
-            for blk in first_blocks:
-                head = fn(blk)
-                tick(head)
-    finally:
-        wait(futures)
-    return [head, *(f.result() for f in futures)]
 
 
 def core_causal(
@@ -479,12 +417,19 @@ def self_test(kern: AttentionPoly) -> bool:
         if not torch.equal(mid_c, mid_t) or not np.allclose(host_c, host_t, rtol=1e-12, atol=0):
             return False
         approx = certified_best(1.0, 3)
-        for threads, key_chunk, min_part in ((1, 16, PARALLEL_MIN), (2, 64, 1000)):
-            # (threads, long key chunks and short parts: keys and queries split in two)
+
+        def slice_by_slice(prep: Prepared, *a: Any, causal: bool = False, **kw: Any) -> Any:
+            return core(kern, prep, *a, one_call=0, **kw)
+
+        cases = ((1, 16, SPLIT_MIN, bound_core(kern)), (2, 64, 1000, bound_core(kern)))
+        cases += ((2, 64, 1000, slice_by_slice),)
+        for threads, key_chunk, min_part, nat in cases:
+            # (threads, long key chunks and short parts: keys and queries in chunks; one call
+            # for all slices, or a call per slice and step)
             kw = {"dtype": torch.float32, "key_chunk": key_chunk, "feature_chunk": 8}
             ref = polynomial_forward(q, k, v, approx, 0.5, **kw).double()  # type: ignore[arg-type]
             got = polynomial_forward(
-                q, k, v, approx, 0.5, native=bound_core(kern), native_threads=threads,
+                q, k, v, approx, 0.5, native=nat, native_threads=threads,
                 native_min_part=min_part, **kw,  # type: ignore[arg-type]
             ).double()  # fmt: skip
             if not bool((got - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12):

@@ -251,24 +251,9 @@ static int check_table(int d, int e, int r, int top, int nsteps, int nlow, const
  * model's steps 1, 4 and 8), so every loaded number is bit for bit what that route loads: the
  * same rounding model and bound cover both. Factor f of coordinate l at fac[f * fstep + l]. */
 
-/* M ([e][r], float64) for the keys [j0, j1) of one slice; kshift may be NULL (centred keys). */
-int at_moments_f(const float *k, const float *kshift, const float *kfac, int nkfac, long fstep,
-                 const float *v, const float *vshift, const float *vfac, int nvfac, long vfstep,
-                 int j0, int j1, int d, int dv, const int *steps, int nsteps, int nlow, int top,
-                 int r, int kchunk, double *M) {
-    const int e = dv + 1;
-    if (j0 < 0 || j1 <= j0 || kchunk < 6 || nkfac < 1 || nvfac < 1 || dv < 1) return -2;
-    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
-    Fused fz = {k, kshift, kfac, nkfac, fstep, v, dv, vshift, vfac, nvfac, vfstep};
-    Problem p = {NULL, 0, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL, &fz};
-    KeyWork kw;
-    if (key_work_alloc(&kw, &p)) return -1;
-    moments(&p, &kw, j0, j1 - j0, NULL, M);
-    scratch_trim();
-    return 0;
-}
-
-/* The readout of the queries [i0, i1) of one slice (q: its [n][d] rows), as at_readout. */
+/* The readout of the queries [i0, i1) of one slice (q: its [n][d] rows): out[i][c] (row i at
+ * out + (i - i0) * dv) = (float) ((o[c][i] / o[dv][i]) * p2[c] + cv[c]), with me ([e][r]
+ * float32) the weighted moments, fchunk features per float32 dot product. */
 static int readout_fused(const float *q, const float *qfac, int nqfac, long fstep, int i0, int i1,
                          int d, const float *me, int e, const int *steps, int nsteps, int nlow,
                          int top, int r, int fchunk, const double *p2, const float *cv,
@@ -294,18 +279,6 @@ static int readout_fused(const float *q, const float *qfac, int nqfac, long fste
     for (long i = 0; i < (long)cnt; i++)
         for (int c = 0; c < dv; c++) out[i * dv + c] = (float)(t64[i * dv + c] * p2[c] + (double)cv[c]);
     return 0;
-}
-
-/* out[i][c] (row i at out + (i - i0) * dv) for the queries [i0, i1) of one slice. */
-int at_readout_f(const float *q, const float *qfac, int nqfac, long fstep, int i0, int i1, int d,
-                 const float *me, int e, const int *steps, int nsteps, int nlow, int top, int r,
-                 int fchunk, const double *p2, const float *cv, float *out) {
-    if (i0 < 0 || i1 <= i0 || fchunk < 1 || nqfac < 1) return -2;
-    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
-    const int rc = readout_fused(q, qfac, nqfac, fstep, i0, i1, d, me, e, steps, nsteps, nlow,
-                                 top, r, fchunk, p2, cv, out);
-    scratch_trim();
-    return rc;
 }
 
 /* One helper thread, started on first use and kept (its scratch buffers stay warm), shares
@@ -457,6 +430,32 @@ static void readout_chunk(void *arg, int c) {
                                       j->p2, j->cv, j->out + (long)a * (j->e - 1));
 }
 
+/* The moments of keys [0, m) of p (M: kchunks x [e][r] float64; the sum lands in the first):
+ * chunk c into its own M_c, then M = ((M_0 + M_1) + M_2) ... in chunk order. */
+static int moments_shared(const Problem *p, int m, int kchunks, double *M, int pooled) {
+    const long er = (long)p->e * p->r;
+    MomentsJob mj;
+    mj.p = p;
+    mj.m = m;
+    mj.chunks = kchunks;
+    for (int c = 0; c < kchunks; c++) mj.M[c] = M + c * er;
+    Job job = {moments_chunk, &mj, kchunks, 0};
+    job_share(&job, pooled);
+    for (int c = 0; c < kchunks; c++)
+        if (mj.rc[c]) return mj.rc[c];
+    for (int c = 1; c < kchunks; c++)
+        for (long i = 0; i < er; i++) M[i] = M[i] + mj.M[c][i];
+    return 0;
+}
+
+static int readout_shared(ReadoutJob *rj, int pooled) {
+    Job job = {readout_chunk, rj, rj->chunks, 0};
+    job_share(&job, pooled);
+    for (int c = 0; c < rj->chunks; c++)
+        if (rj->rc[c]) return rj->rc[c];
+    return 0;
+}
+
 /* The whole non-causal path of L slices in one call (small problems: no Python in between):
  * per slice b, the moments of all m keys, the weights me = (float) (w[alpha] M[c][alpha])
  * (float64 product, one rounding), and the readout of all n queries. q [L][n][d],
@@ -482,34 +481,62 @@ int at_poly(const float *q, const float *k, const float *v, int L, int n, int m,
     float *me = scratch(B_ME, sizeof(float) * (size_t)e * r);
     if (!Mall || !me) return -1;
     const int pooled = (kchunks > 1 || qchunks > 1) && pool_acquire();
-    const long fs = (long)L * d, vfs = (long)L * dv, er = (long)e * r;
+    const long fs = (long)L * d, vfs = (long)L * dv;
     int rc = 0;
     for (int b = 0; b < L && !rc; b++) {
         Fused fz = {k + (long)b * m * d, kshift ? kshift + (long)b * d : NULL, kfac + (long)b * d,
                     nkfac, fs, v + (long)b * m * dv, dv, vshift + (long)b * dv,
                     vfac + (long)b * dv, nvfac, vfs};
         Problem p = {NULL, 0, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL, &fz};
-        MomentsJob mj;
-        mj.p = &p;
-        mj.m = m;
-        mj.chunks = kchunks;
-        for (int c = 0; c < kchunks; c++) mj.M[c] = Mall + c * er;
-        Job job = {moments_chunk, &mj, kchunks, 0};
-        job_share(&job, pooled);
-        for (int c = 0; c < kchunks; c++) rc = rc ? rc : mj.rc[c];
+        rc = moments_shared(&p, m, kchunks, Mall, pooled);
         if (rc) break;
-        double *M = Mall;
-        for (int c = 1; c < kchunks; c++)
-            for (long i = 0; i < er; i++) M[i] = M[i] + mj.M[c][i];
         for (int c = 0; c < e; c++)
-            for (int a = 0; a < r; a++) me[(long)c * r + a] = (float)(M[(long)c * r + a] * w[a]);
+            for (int a = 0; a < r; a++)
+                me[(long)c * r + a] = (float)(Mall[(long)c * r + a] * w[a]);
         ReadoutJob rj = {q + (long)b * n * d, qfac + (long)b * d, me, vshift + (long)b * dv,
                          steps, p2 + (long)b * dv, out + (long)b * n * dv, fs, nqfac, n, qchunks,
                          d, e, nsteps, nlow, top, r, fchunk, {0}};
-        Job job2 = {readout_chunk, &rj, qchunks, 0};
-        job_share(&job2, pooled);
-        for (int c = 0; c < qchunks; c++) rc = rc ? rc : rj.rc[c];
+        rc = readout_shared(&rj, pooled);
     }
+    if (pooled) pthread_mutex_unlock(&pool_owner);
+    scratch_trim();
+    return rc;
+}
+
+/* at_poly's two halves for one slice of a long problem (the caller reports progress and can
+ * stop between calls), chunks shared with the helper thread as there.
+ * at_moments_f: M ([e][r] float64; kchunks x [e][r] of room) for the m keys of one slice,
+ * k [m][d], v [m][dv], kshift [d] or NULL, factor f at kfac[f * fstep] / vfac[f * vfstep]. */
+int at_moments_f(const float *k, const float *kshift, const float *kfac, int nkfac, long fstep,
+                 const float *v, const float *vshift, const float *vfac, int nvfac, long vfstep,
+                 int m, int d, int dv, const int *steps, int nsteps, int nlow, int top, int r,
+                 int kchunk, int kchunks, double *M) {
+    const int e = dv + 1;
+    if (m < 1 || kchunk < 6 || nkfac < 1 || nvfac < 1 || dv < 1 || kchunks < 1 ||
+        kchunks > MAX_CHUNKS)
+        return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    Fused fz = {k, kshift, kfac, nkfac, fstep, v, dv, vshift, vfac, nvfac, vfstep};
+    Problem p = {NULL, 0, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL, &fz};
+    const int pooled = kchunks > 1 && pool_acquire();
+    const int rc = moments_shared(&p, m, kchunks, M, pooled);
+    if (pooled) pthread_mutex_unlock(&pool_owner);
+    scratch_trim();
+    return rc;
+}
+
+/* at_readout_f: the queries [i0, i1) of one slice (q [n][d]; out: row i at out + (i - i0) dv),
+ * cut into qchunks chunks. */
+int at_readout_f(const float *q, const float *qfac, int nqfac, long fstep, int i0, int i1, int d,
+                 const float *me, int e, const int *steps, int nsteps, int nlow, int top, int r,
+                 int fchunk, const double *p2, const float *cv, float *out, int qchunks) {
+    if (i0 < 0 || i1 <= i0 || fchunk < 1 || nqfac < 1 || qchunks < 1 || qchunks > MAX_CHUNKS)
+        return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    ReadoutJob rj = {q + (long)i0 * d, qfac, me, cv, steps, p2, out, fstep, nqfac, i1 - i0,
+                     qchunks, d, e, nsteps, nlow, top, r, fchunk, {0}};
+    const int pooled = qchunks > 1 && pool_acquire();
+    const int rc = readout_shared(&rj, pooled);
     if (pooled) pthread_mutex_unlock(&pool_owner);
     scratch_trim();
     return rc;
