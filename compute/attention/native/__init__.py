@@ -62,8 +62,9 @@ _SIG32 = 2.0 * subnormal_spacing(torch.float32)  # (statistics' normalisation sl
 # queries read out between two progress reports (a cancelled call stops there)
 QUERY_BLOCK = 16384
 # multiply-adds of a problem that runs in one kernel call (no progress report inside it: about
-# 2-4 ms at the core's rate on the development machine)
-ONE_CALL_MAX = 1 << 26
+# 0.3-0.8 ms at the core's rate on the development machine); longer ones run slice by slice
+# and step by step (a few calls more: about 10 us each)
+ONE_CALL_MAX = 1 << 24
 # multiply-adds of one chunk of keys or queries at_poly shares with its helper thread (a
 # hand-off costs a few microseconds; a chunk of 2^20 about 30 us on the development machine)
 SPLIT_MIN = 1 << 20
