@@ -127,7 +127,7 @@ def normalise_values(
 def value_exponents(vmax: torch.Tensor) -> np.ndarray:
     """``normalise_values``' exponents ``e`` (``max |vc| = vmax in [2^(e-1), 2^e)``, 0 for a
     constant column) on the host, float64 ``[L, 1, dv]`` (one host sync)."""
-    return torch.frexp(vmax.double())[1].double().cpu().numpy()  # type: ignore[no-any-return]
+    return torch.frexp(vmax.double())[1].double().cpu().numpy()
 
 
 def value_factors(exps: np.ndarray, dtype: torch.dtype) -> list[np.ndarray]:

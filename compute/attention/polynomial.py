@@ -293,11 +293,11 @@ def prepare(
         vexp = extremes.value_exp
     # the values' centre, midrange(v_hi, v_lo) in dtype, on the host: hi/2 + lo/2, each
     # operation one IEEE rounding in dtype (numpy and torch agree bit for bit)
-    npdt = np.float32 if dtype != torch.float64 else np.float64
+    npdt = np.dtype(np.float32 if dtype != torch.float64 else np.float64)
     hi_h = v_hi.detach().cpu().numpy().astype(npdt).reshape(L, 1, dv)
     lo_h = v_lo.detach().cpu().numpy().astype(npdt).reshape(L, 1, dv)
-    half = npdt(0.5)
-    c_h = hi_h * half + lo_h * half  # [L, 1, dv]
+    half = np.array(0.5, dtype=npdt)
+    c_h: np.ndarray = hi_h * half + lo_h * half  # [L, 1, dv]
     c = torch.from_numpy(c_h)
     if q.device.type != "cpu":
         c = c.to(q.device)

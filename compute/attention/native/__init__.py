@@ -1,13 +1,15 @@
 """The compiled CPU route of attention (docs/attention.md, "Compiled CPU kernel").
 
 ``attention_poly.c`` beside this file computes the statistics of a float32 call in one pass
-per tensor (``at_stats``) and the non-causal float32 polynomial path after balancing and
-normalisation (``at_moments``, ``at_readout``), with the rounding model of the PyTorch route
-(``polynomial.noncausal_blocks``), so one certified bound covers both. It is built by
-``core.native`` on first use (sharing its C building blocks with tensor attention:
-``core/native_poly.h``) and used only once it has passed its self-test in this process
-(``kernel``); else, and wherever ``NATIVE`` is False, the PyTorch route runs. float64, CUDA and
-causal calls always take the PyTorch route.
+per tensor (``at_stats``) and the float32 polynomial path with the rounding model of the
+PyTorch route (``polynomial.noncausal_blocks`` / ``causal_blocks``), so one certified bound
+covers both: non-causal with its preparation fused into the loads (``at_poly`` for a whole
+small problem in one call, ``at_moments_f`` / ``at_readout_f`` slice by slice for long ones;
+chunks shared with the kernel's helper thread), causal after the PyTorch preparation
+(``at_causal``). It is built by ``core.native`` on first use (sharing its C building blocks
+with tensor attention: ``core/native_poly.h``) and used only once it has passed its self-test
+in this process (``kernel``); else, and wherever ``NATIVE`` is False, the PyTorch route runs.
+float64 and CUDA calls always take the PyTorch route.
 """
 
 from __future__ import annotations
@@ -261,6 +263,7 @@ def core(
     feature_inner: int,
     threads: int | None = None,
     progress: Progress | None = None,
+    *,
     min_part: int = SPLIT_MIN,
     one_call: int = ONE_CALL_MAX,
 ) -> torch.Tensor:
@@ -420,10 +423,13 @@ def self_test(kern: AttentionPoly) -> bool:
         approx = certified_best(1.0, 3)
 
         def slice_by_slice(prep: Prepared, *a: Any, causal: bool = False, **kw: Any) -> Any:
-            return core(kern, prep, *a, one_call=0, **kw)
+            return core(kern, prep, *a, **kw, one_call=0)
 
-        cases = ((1, 16, SPLIT_MIN, bound_core(kern)), (2, 64, 1000, bound_core(kern)))
-        cases += ((2, 64, 1000, slice_by_slice),)
+        cases: list[tuple[int, int, int, Any]] = [
+            (1, 16, SPLIT_MIN, bound_core(kern)),
+            (2, 64, 1000, bound_core(kern)),
+            (2, 64, 1000, slice_by_slice),
+        ]
         for threads, key_chunk, min_part, nat in cases:
             # (threads, long key chunks and short parts: keys and queries in chunks; one call
             # for all slices, or a call per slice and step)

@@ -1,14 +1,19 @@
 /* Compiled float32 CPU route of attention (compute/attention/): the statistics of one call in
- * one pass per tensor (at_stats), and the non-causal polynomial path after planning, as two
- * halves that can run in parallel threads on disjoint keys or queries (at_moments, at_readout).
+ * one pass per tensor (at_stats); the non-causal polynomial path after planning, its
+ * preparation (centring, balancing, value normalisation) fused into the loads (at_poly: every
+ * slice in one call; at_moments_f / at_readout_f: one slice's halves), key and query chunks
+ * shared with one helper thread; the causal path after the PyTorch preparation (at_causal).
  *
  * The polynomial steps are those of compute/attention/polynomial.py (docs/attention.md, "The
  * rounding model, step by step"), in the same arithmetic, with every block of features kept
  * in cache instead of a [r, B] feature block in memory (the building blocks are shared with
  * tensor attention: compute/core/native_poly.h):
  *
+ *   loads    k' = fl(fl(k - kshift) kfac...), q' = fl(q qfac...), vn = fl(fl(v - vshift)
+ *            vfac...): the PyTorch preparation's float32 operations in its order (bit for
+ *            bit the same numbers; native_poly.h, Fused);
  *   moments  M[c][alpha] = float64 sum of float32 dot products of depth <= kchunk over the
- *            keys, sum_j k_j^alpha * [vn_j, 1][c] (the PyTorch route: float32 products over
+ *            keys, sum_j k'_j^alpha * [vn_j, 1][c] (the PyTorch route: float32 products over
  *            key chunks of key_inner keys, float64 across chunks; here each vector lane adds
  *            at most kchunk - 5 keys and the 16 lanes a tree of depth 4: at most kchunk
  *            roundings per term, the count the bound uses, and at most ceil(m / kchunk)
