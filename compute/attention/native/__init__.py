@@ -241,18 +241,18 @@ def _chunks(total: int, per: int, split_min: int, least: int) -> int:
     return c
 
 
-def _factors(fs: list[np.ndarray], rows: int, cols: int) -> np.ndarray:
-    """Per-column factors ``[nf][rows][cols]`` as one contiguous float32 array (powers of two
+def _factors(fs: list[np.ndarray], rows: int, cols: int) -> torch.Tensor:
+    """Per-column factors ``[nf][rows][cols]`` as one contiguous float32 tensor (powers of two
     and zeros: exact in float32)."""
     if len(fs) == 1:  # the usual case
-        return np.ascontiguousarray(fs[0], dtype=np.float32).reshape(1, rows, cols)
-    return np.ascontiguousarray(np.stack([f.reshape(rows, cols) for f in fs]), dtype=np.float32)
+        arr = np.ascontiguousarray(fs[0], dtype=np.float32).reshape(1, rows, cols)
+    else:
+        arr = np.ascontiguousarray(np.stack([f.reshape(rows, cols) for f in fs]), dtype=np.float32)
+    return torch.from_numpy(arr)
 
 
-def _ptr(x: torch.Tensor | np.ndarray | None) -> int | None:
-    if x is None:
-        return None
-    return x.data_ptr() if isinstance(x, torch.Tensor) else int(x.ctypes.data)
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
 
 
 def core(
@@ -323,17 +323,18 @@ def core(
     done = 0
     fs, vfs = L * d, L * dv
     wn = w.numpy()[None, :]
-    M = np.empty((kchunks, e, r), dtype=np.float64)
+    Mt = torch.empty((kchunks, e, r), dtype=torch.float64)
+    M = Mt.numpy()
     for b in range(L):
         kern.moments_f(
             k[b].data_ptr(), None if kmid is None else kmid[b].data_ptr(), _ptr(fk[0, b]),
             len(fk), fs, v[b].data_ptr(), c32[b].data_ptr(), _ptr(fv[0, b]), len(fv), vfs, m,
-            d, dv, sp, nsteps, nlow, top, r, key_inner, kchunks, M.ctypes.data,
+            d, dv, sp, nsteps, nlow, top, r, key_inner, kchunks, Mt.data_ptr(),
         )  # fmt: skip
         done += 1
         report(progress, done, total)
         # weights in float64, one rounding to float32 (as Mw.to(float32))
-        me = np.ascontiguousarray(M[0] * wn, dtype=np.float32)  # [e, r]
+        me = torch.from_numpy(np.ascontiguousarray(M[0] * wn, dtype=np.float32))  # [e, r]
         for s0, s1 in blocks:
             qchunks = _chunks(s1 - s0, per, min_part, 1) if nt >= 2 else 1
             kern.readout_f(
