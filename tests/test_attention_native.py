@@ -173,19 +173,22 @@ def test_compiled_core_within_the_rounding_part_drawn(
 
 @needs_kernel
 def test_long_inputs_split_across_threads_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keys and queries split between threads: the same bound covers it."""
+    """Keys and queries cut into chunks the kernel's two threads share, slice by slice (a long
+    problem): the same bound covers it."""
     q, k, v = make(1, 20000, 17000, 8, 3, 1.0, seed=3)
-    parts: list[int] = []
-    real = at_native._on_threads
+    chunks: list[tuple[str, int]] = []
+    for name, at in (("moments_f", -2), ("readout_f", -1)):
+        real = getattr(at_native.AttentionPoly, name)
 
-    def spy(fn: object, spans: list[tuple[int, int]], *a: object) -> object:
-        parts.append(len(spans))
-        return real(fn, spans, *a)  # type: ignore[arg-type]
+        def spy(self: object, *a: int, real: object = real, name: str = name, at: int = at) -> None:
+            chunks.append((name, a[at]))
+            real(self, *a)  # type: ignore[operator]
 
-    monkeypatch.setattr(at_native, "_on_threads", spy)
+        monkeypatch.setattr(at_native.AttentionPoly, name, spy)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     nat, ref = both_routes(q, k, v, 1e-3, monkeypatch)
-    assert parts[:2] == [2, 2]  # keys, then queries, in two parts each
+    assert [c for c in chunks if c[0] == "moments_f"] == [("moments_f", 16)]
+    assert chunks[1][0] == "readout_f" and chunks[1][1] > 1
     rows = torch.arange(0, 20000, 97)
     for res in (nat, ref):
         exact = naive_attention(q[:, rows], k, v)
@@ -193,6 +196,91 @@ def test_long_inputs_split_across_threads_agree(monkeypatch: pytest.MonkeyPatch)
         assert float((res.output[:, rows].double() - exact).abs().max()) <= res.error_bound
     rounding = nat.plan.extra["bound_rounding"]
     assert float((nat.output - ref.output).abs().max()) <= 2 * rounding
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(
+    L=st.integers(1, 3),
+    n=st.integers(1, 300),
+    m=st.integers(1, 300),
+    d=st.integers(1, 6),
+    dv=st.integers(1, 10),
+    degree=st.integers(0, 4),
+    key_chunk=st.sampled_from([16, 64, 256]),
+    feature_chunk=st.sampled_from([4, 32, 128]),
+    min_part=st.sampled_from([1, 500, 1 << 20]),
+    one_call=st.booleans(),
+    offset=st.floats(-20.0, 20.0),
+    log_scale=st.floats(-8.0, 8.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fused_kernel_matches_the_pytorch_preparation_drawn(
+    L: int,
+    n: int,
+    m: int,
+    d: int,
+    dv: int,
+    degree: int,
+    key_chunk: int,
+    feature_chunk: int,
+    min_part: int,
+    one_call: bool,
+    offset: float,
+    log_scale: float,
+    seed: int,
+) -> None:
+    """The compiled route prepares q, k, v while it loads them (centring by the statistics'
+    midranges, balancing, value normalisation): drawn shapes, scales of the inputs, degrees,
+    chunkings and thread chunks (one call or slice by slice) against the PyTorch route, within
+    the rounding part of the bound's budget (the two differ only in float32 summation order),
+    and the same chunks twice give the same bits (the helper thread's share is fixed ahead)."""
+    gen = torch.Generator().manual_seed(seed)
+    sc = 2.0**log_scale
+    q = (0.3 * torch.randn(L, n, d, generator=gen) / sc).float()
+    k = (0.3 * torch.randn(L, m, d, generator=gen) * sc + offset * sc).float()
+    v = (torch.randn(L, m, dv, generator=gen) * sc - offset).float()
+    approx = certified_best(1.0, degree)
+    kw = {"dtype": torch.float32, "key_chunk": key_chunk, "feature_chunk": feature_chunk}
+    mid = centre_mid(k)
+
+    def nat(prep: at_poly.Prepared, *a: object, causal: bool = False, **kw2: object) -> object:
+        return at_native.core(
+            at_native.kernel(),
+            prep,
+            *a,
+            one_call=(1 << 40) if one_call else 0,
+            **kw2,  # type: ignore[arg-type]
+        )
+
+    got = at_poly.polynomial_forward(
+        q, k, v, approx, 0.5, native=nat, native_threads=2, native_min_part=min_part,  # type: ignore[arg-type]
+        key_mid=mid, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    again = at_poly.polynomial_forward(
+        q, k, v, approx, 0.5, native=nat, native_threads=2, native_min_part=min_part,  # type: ignore[arg-type]
+        key_mid=mid, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+    assert torch.equal(got, again)
+    ref = at_poly.polynomial_forward(q, k, v, approx, 0.5, key_mid=mid, **kw)  # type: ignore[arg-type]
+    ideal = naive_attention(
+        q.double(), (k - mid.unsqueeze(1)).double(), v.double(), scale=0.5, poly=approx.coeffs
+    )
+    # both routes' distance to the same polynomial in exact arithmetic: float32 rounding only
+    # (the value range sets the scale of float32 rounding; max|v| that of the output's)
+    spread = float((v.amax(dim=1) - v.amin(dim=1)).max()) + 1e-7 * float(v.abs().max())
+    for out in (got, ref):
+        assert torch.isfinite(out).all()
+    dn = float((got.double() - ideal).abs().max())
+    dr = float((ref.double() - ideal).abs().max())
+    assert dn <= 4 * dr + 1e-5 * spread, (dn, dr, spread)
+
+
+def centre_mid(k: torch.Tensor) -> torch.Tensor:
+    """The key columns' midranges ``[L, d]`` (as ``statistics`` computes them)."""
+    from compute.core.radius import column_midrange
+
+    return column_midrange(k).squeeze(1)
 
 
 @needs_kernel
@@ -302,13 +390,13 @@ def test_failed_build_or_self_test_falls_back(
     fresh = core_native.NativeKernel(at_native.SOURCE, at_native.AttentionPoly)
     if fresh.get() is None:
         pytest.skip("no C compiler here")
-    real = at_native.AttentionPoly.readout
+    real = at_native.AttentionPoly.poly
 
     def wrong(self: at_native.AttentionPoly, *args: int) -> None:
         real(self, *args)
-        ctypes.c_float.from_address(args[-1]).value += 1.0  # scribble on the first output
+        ctypes.c_float.from_address(args[-3]).value += 1.0  # scribble on the first output
 
-    monkeypatch.setattr(at_native.AttentionPoly, "readout", wrong)
+    monkeypatch.setattr(at_native.AttentionPoly, "poly", wrong)
     monkeypatch.setattr(at_native, "_KERNEL", fresh)
     assert at_native.kernel() is None
     assert "self-test" in at_native.kernel_status()

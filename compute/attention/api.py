@@ -172,7 +172,7 @@ def attention(
         kern = native_route.kernel() if native_route.route_ok(cfg.dtype, q.device, causal) else None
         out3 = run_polynomial(
             q3,
-            stats.kc,  # [L, m, d]: centred keys (softmax shift invariance)
+            stats.k,  # [L, m, d]: centred as fl(k - mid) where loaded (shift invariance)
             v3,
             cfg,
             s,
@@ -180,6 +180,7 @@ def attention(
             progress=progress,
             extremes=stats.extremes,
             native=native_route.bound_core(kern),
+            key_mid=stats.mid,
         )
         bound = float(cfg.bound.total)
         # finite exactly when both global extremes are (NaN propagates): one cheap reduction

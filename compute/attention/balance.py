@@ -15,7 +15,15 @@ import torch
 
 from ..core.scaling import pow2_factors
 
-__all__ = ["balance", "balance_exponents", "normalise_values"]
+__all__ = [
+    "apply_factors",
+    "balance",
+    "balance_exponents",
+    "balance_factors",
+    "normalise_values",
+    "value_exponents",
+    "value_factors",
+]
 
 
 def _to_device(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -44,27 +52,40 @@ def balance(
     already known (``statistics``); ``known``: their host copies (float64) when ``statistics``
     transferred them; else they are reduced and transferred here (one host sync).
     """
-    mant = math.frexp(abs(scale))[0]
     if known is None:  # one host sync: the column extremes
         qa = q.abs().max(dim=1).values if q_absmax is None else q_absmax  # [L, d]
         ka = kc.abs().max(dim=1).values if k_absmax is None else k_absmax  # [L, d]
         known = (qa.double().cpu().numpy(), ka.double().cpu().numpy())
-    a, b, zero = balance_exponents(*known, scale)  # [L, d] each, on the host
-    fq, fk = pow2_factors(a, q.dtype), pow2_factors(b, q.dtype)
+    fq, fk, signed = balance_factors(*known, scale, q.dtype)
+    return apply_factors(q, fq), apply_factors(kc, fk), signed
+
+
+def balance_factors(
+    qa: np.ndarray, ka: np.ndarray, scale: float, dtype: torch.dtype
+) -> tuple[list[np.ndarray], list[np.ndarray], float]:
+    """``balance``'s factors on the host, from ``max |q|`` and ``max |kc|`` (``[L, d]`` float64):
+    the powers of two for q and for k (lists of ``[L, d]`` float64 arrays, each entry a normal
+    number of ``dtype`` or 0 for a zeroed coordinate, applied in order: ``pow2_factors``) and
+    ``s' = sign(scale) mant``."""
+    mant = math.frexp(abs(scale))[0]
+    a, b, zero = balance_exponents(qa, ka, scale)  # [L, d] each, on the host
+    fq, fk = pow2_factors(a, dtype), pow2_factors(b, dtype)
     if zero.any():
         fq[0][zero] = 0.0
         fk[0][zero] = 0.0
     signed = math.copysign(mant, scale) if scale != 0.0 else 0.0
-    # written straight into the transposed layout the feature blocks load: [L, d, n], [L, d, m]
-    qt = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=q.dtype, device=q.device)
-    kt = torch.empty((kc.shape[0], kc.shape[2], kc.shape[1]), dtype=kc.dtype, device=kc.device)
-    torch.mul(q.transpose(1, 2), _to_device(fq[0], q).unsqueeze(2), out=qt)  # [L, d, n]
-    torch.mul(kc.transpose(1, 2), _to_device(fk[0], kc).unsqueeze(2), out=kt)  # [L, d, m]
-    for f in fq[1:]:
-        qt.mul_(_to_device(f, q).unsqueeze(2))
-    for f in fk[1:]:
-        kt.mul_(_to_device(f, kc).unsqueeze(2))
-    return qt, kt, signed
+    return fq, fk, signed
+
+
+def apply_factors(x: torch.Tensor, factors: list[np.ndarray]) -> torch.Tensor:
+    """``x [L, n, d]`` times the per-column factors (``balance_factors``), one rounding per
+    factor in order, written straight into the transposed layout the feature blocks load:
+    ``[L, d, n]`` contiguous."""
+    xt = torch.empty((x.shape[0], x.shape[2], x.shape[1]), dtype=x.dtype, device=x.device)
+    torch.mul(x.transpose(1, 2), _to_device(factors[0], x).unsqueeze(2), out=xt)  # [L, d, n]
+    for f in factors[1:]:
+        xt.mul_(_to_device(f, x).unsqueeze(2))
+    return xt
 
 
 def balance_exponents(
@@ -96,8 +117,19 @@ def normalise_values(
     reduction and its host sync.
     """
     if exps is None:  # one host sync
-        exps = torch.frexp(vmax.double())[1].double().cpu().numpy()  # [L, 1, dv]
+        exps = value_exponents(vmax)
     for f in pow2_factors(-exps, vc.dtype):
         vc.mul_(_to_device(f, vc))
     e = torch.from_numpy(exps).to(vc.device)
     return vc, e
+
+
+def value_exponents(vmax: torch.Tensor) -> np.ndarray:
+    """``normalise_values``' exponents ``e`` (``max |vc| = vmax in [2^(e-1), 2^e)``, 0 for a
+    constant column) on the host, float64 ``[L, 1, dv]`` (one host sync)."""
+    return torch.frexp(vmax.double())[1].double().cpu().numpy()
+
+
+def value_factors(exps: np.ndarray, dtype: torch.dtype) -> list[np.ndarray]:
+    """The factors ``normalise_values`` multiplies by, in order (``pow2_factors(-exps)``)."""
+    return pow2_factors(-exps, dtype)

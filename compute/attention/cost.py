@@ -26,12 +26,13 @@ from .polynomial import CAUSAL_BLOCK, Config
 
 __all__ = ["NATIVE_PREP", "polynomial_floor", "predict_exact", "predict_polynomial"]
 
-# the compiled route's fixed cost (statistics, planning and the PyTorch-side preparation:
-# balancing, normalisation, weights, about 80 small tensor operations; measured 0.5-0.7 ms on
-# the 2-core development machine): seconds, plus NATIVE_PREP_ELEM per input element (about
-# 10 passes over q, k, v)
-NATIVE_PREP = 5e-4
-NATIVE_PREP_ELEM = 2e-9
+# the compiled route's fixed cost per call: checks, statistics, planning and the host-side
+# preparation (factors and centres from the statistics; the kernel prepares q, k, v while it
+# loads them): measured 0.25-0.31 ms at n = 16 on the 2-core development machine (was 0.5 ms
+# with the preparation in PyTorch); seconds, plus NATIVE_PREP_ELEM per input element (the
+# statistics' two passes over q and k and one over v)
+NATIVE_PREP = 3e-4
+NATIVE_PREP_ELEM = 1e-9
 
 
 FUSED_N, FUSED_D = 1024, 16  # the fused kernel's calibration problem: n queries and keys, d = dv
@@ -94,7 +95,7 @@ def predict_polynomial(
     multiply-adds (features, moments and readout together) and its fixed cost instead.
     """
     if native.route_ok(cfg.dtype, device, causal) and native.kernel() is not None:
-        rate = native_threads_rate(batch, causal)
+        rate = native_threads_rate(batch, causal, cfg.features * (dv + 1) * min(n_q, n_k))
         if rate > 0.0:
             return native_seconds(rate, batch, n_q, n_k, cfg.features, d, dv, causal)
     rt = rates(device, cfg.dtype)
@@ -114,12 +115,16 @@ def predict_polynomial(
     return t
 
 
-def native_threads_rate(batch: int, causal: bool) -> float:
+def native_threads_rate(batch: int, causal: bool, side: float = float("inf")) -> float:
     """The compiled core's multiply-adds per second with the threads it uses: up to two
-    (long non-causal slices are split; causal slices run one per thread)."""
+    (non-causal: the kernel's helper thread shares a slice's key and query chunks once a side,
+    ``side`` multiply-adds, makes two chunks of ``native.SPLIT_MIN``; causal slices run one per
+    thread)."""
     threads = max(1, min(2, torch.get_num_threads()))
     if causal:
         threads = min(threads, batch)
+    elif side < 2 * native.SPLIT_MIN:
+        threads = 1
     return native.native_rate() * threads
 
 
@@ -157,7 +162,7 @@ def polynomial_floor(
         flops = float(batch) * 2.0 * (n_q + n_k) * r * (dv + 1) * (2.0 if causal else 1.0)
         best = min(best, flops / rt.skinny)
         if native.route_ok(dt, device, causal) and native.kernel() is not None:
-            rate = native_threads_rate(batch, causal)
+            rate = native_threads_rate(batch, causal)  # (two threads: a lower bound)
             if rate > 0.0:
                 best = min(best, native_seconds(rate, batch, n_q, n_k, r, d, dv, causal))
     return best

@@ -12,30 +12,62 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from ..core.monomials import FeatureBuilder, MonomialTable, monomial_table, weights
 from ..core.polynomials import Approximation
 from ..core.progress import Progress, report
-from ..core.radius import centre, midrange
+from ..core.radius import column_midrange
 from ..core.rounding import BoundParts
-from .balance import balance, normalise_values
+from .balance import apply_factors, balance_factors, value_exponents, value_factors
 from .stats import Extremes
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One call's preparation, decided on the host without a pass over q, k or v.
+
+    ``q [L, n, d]``, ``k [L, m, d]``, ``v [L, m, dv]`` in the compute dtype as given; the
+    centred keys are ``fl(k - key_mid)`` (``key_mid [L, d]``, None: k is centred already); the
+    balanced inputs ``fl(...fl(x f_0)... f_last)`` with ``fq`` / ``fk`` the per-column powers of
+    two (``balance_factors``, ``[L, d]`` float64 each, applied in order); the normalised values
+    ``fl(...fl(v - c) fv_0 ...)`` with ``c [L, 1, dv]`` their centre and ``fv`` the powers of two
+    (``[L, 1, dv]`` each), undone by ``p2 [L, 1, dv]`` (float64) on the output; ``w64 [r]`` the
+    weights. ``apply`` forms what the PyTorch route computes with (the compiled route forms the
+    same numbers while it loads its blocks: native/attention_poly.c, ``Fused``).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    key_mid: torch.Tensor | None
+    fq: list[np.ndarray]
+    fk: list[np.ndarray]
+    c: torch.Tensor
+    fv: list[np.ndarray]
+    p2: torch.Tensor
+    w64: torch.Tensor
+
+    def apply(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(qb [L, d, n], kb [L, d, m], vc [L, m, dv])``: balanced and transposed queries and
+        keys, normalised centred values (the PyTorch route's preparation)."""
+        kc = self.k if self.key_mid is None else self.k - self.key_mid.unsqueeze(1)
+        vc = self.v - self.c
+        for f in self.fv:
+            vc.mul_(torch.from_numpy(f).to(device=vc.device, dtype=vc.dtype))
+        return apply_factors(self.q, self.fq), apply_factors(kc, self.fk), vc
+
+
 class NativeCore(Protocol):
-    """The compiled non-causal core (``attention.native.core`` bound to its kernel)."""
+    """The compiled core (``attention.native.core`` / ``core_causal`` bound to its kernel)."""
 
     def __call__(
         self,
-        qb: torch.Tensor,
-        kb: torch.Tensor,
-        vn: torch.Tensor,
-        c: torch.Tensor,
-        p2: torch.Tensor,
-        w64: torch.Tensor,
+        prep: Prepared,
         table: MonomialTable,
         key_inner: int,
         feature_inner: int,
@@ -53,8 +85,10 @@ __all__ = [
     "MAX_BLOCK",
     "Config",
     "NativeCore",
+    "Prepared",
     "geometry",
     "polynomial_forward",
+    "prepare",
     "run_polynomial",
 ]
 
@@ -101,6 +135,7 @@ def polynomial_forward(
     native: NativeCore | None = None,
     native_threads: int | None = None,
     native_min_part: int | None = None,
+    key_mid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Factored attention ``(U1 (w*M)) / (U1 (w*z))`` streamed in blocks.
 
@@ -123,11 +158,14 @@ def polynomial_forward(
             float64. They must be the values the bound was certified with.
         progress: ``progress(done, total)`` after each block; exceptions propagate.
         centred: k is already ``centre(k)`` in ``dtype`` (skips recentring; same result).
+        key_mid: ``[L, d]`` the key columns' midranges (``statistics``' ``mid``): the centred
+            keys are ``fl(k - key_mid)`` in k's dtype (as ``Stats.kc``), formed where they are
+            loaded (overrides ``centred``).
         extremes: column extremes of these q, (centred) k and v already reduced by
             ``statistics`` (skips those reductions; same result bit for bit).
         native: the compiled core (``attention.native.bound_core`` of a self-tested kernel): a
-            non-causal float32 CPU call runs it (features, moments, readout) after the same
-            preparation, with the same rounding model; ``native_threads`` its thread count and
+            float32 CPU call runs it (``prepare``'s preparation, features, moments, readout),
+            with the same rounding model; ``native_threads`` its thread count and
             ``native_min_part`` the fewest multiply-adds a thread takes (tests).
 
     Returns:
@@ -152,36 +190,12 @@ def polynomial_forward(
         block=block,
     )
 
-    q = q.to(dtype)
-    kc = k.to(dtype) if centred else centre(k.to(dtype))  # [L, m, d]
-    v = v.to(dtype)
-    if extremes is None:
-        v_hi = v.max(dim=1, keepdim=True).values  # [L, 1, dv]
-        v_lo = v.min(dim=1, keepdim=True).values  # [L, 1, dv]
-        qa, ka = None, None
-    else:  # casts up are exact and monotone: the extremes of the cast are the cast extremes
-        v_hi = extremes.v_hi.to(dtype).unsqueeze(1)  # [L, 1, dv]
-        v_lo = extremes.v_lo.to(dtype).unsqueeze(1)  # [L, 1, dv]
-        qa, ka = extremes.q_absmax, extremes.k_absmax
-    c = midrange(v_hi, v_lo)  # [L, 1, dv]
-    # values normalised per column by a power of two (undone in float64 on the output), so that
-    # no product with a value underflows however small the values are (rounding model, step 8)
-    vexp = extremes.value_exp if extremes is not None else None
-    vc, ev = normalise_values(v - c, torch.maximum(v_hi - c, c - v_lo), vexp)  # [L, m, dv]
-    # 2^ev: finite here (a finite value range keeps |v - c| below 2^1023)
-    p2 = torch.ldexp(torch.ones_like(ev), ev)  # [L, 1, dv] float64
-    known = extremes.balance if extremes is not None and qa is not None else None
-    qb, kb, s_mant = balance(q, kc, scale, qa, ka, known)
-    w64 = torch.from_numpy(weights(approx.coeffs, plan, s_mant)).to(dev)  # [r] float64
-
+    prep = prepare(
+        q, k, v, approx, scale, plan, dtype, centred=centred, key_mid=key_mid, extremes=extremes
+    )
     if native is not None and fp32 and dev.type == "cpu" and ck is not None:
         return native(
-            qb.to(dtype),
-            kb.to(dtype),
-            vc.to(dtype),
-            c.to(dtype),
-            p2,
-            w64,
+            prep,
             plan,
             key_inner=unit if causal else ck,  # causal: the sub-block rows (the causal unit)
             feature_inner=cr or r,
@@ -190,6 +204,8 @@ def polynomial_forward(
             causal=causal,
             **({} if native_min_part is None else {"min_part": native_min_part}),
         )
+    qb, kb, vc = prep.apply()
+    c, p2, w64 = prep.c, prep.p2, prep.w64
     Lg = max(1, min(L, FEATURE_BLOCK_ELEMS // (rp * B)))
     out = torch.empty((L, n, dv), dtype=dtype, device=dev)
     groups = list(range(0, L, Lg))
@@ -218,6 +234,87 @@ def polynomial_forward(
                 done += 1
                 report(progress, done, total)
     return out
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+@lru_cache(maxsize=256)
+def _weights(coeffs: tuple[float, ...], d: int, g: int, s_mant: float) -> torch.Tensor:
+    """``weights`` as a CPU float64 tensor, cached per polynomial, table and scale (the
+    caller never writes into it)."""
+    return torch.from_numpy(weights(np.array(coeffs), monomial_table(d, g), s_mant))
+
+
+def prepare(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    approx: Approximation,
+    scale: float,
+    table: MonomialTable,
+    dtype: torch.dtype,
+    *,
+    centred: bool = False,
+    key_mid: torch.Tensor | None = None,
+    extremes: Extremes | None = None,
+) -> Prepared:
+    """``polynomial_forward``'s preparation (its arguments): the factors and centres on the
+    host, from ``extremes`` when given (no pass over q, k, v then; else the reductions and one
+    host sync each, as ``balance`` and ``normalise_values`` do)."""
+    q, v = _cast(q, dtype), _cast(v, dtype)
+    if key_mid is not None and k.dtype != dtype:  # centre in the keys' own dtype, then cast
+        k, key_mid = (k - key_mid.unsqueeze(1)).to(dtype), None
+    elif key_mid is None and not centred:
+        k = _cast(k, dtype)
+        key_mid = column_midrange(k).squeeze(1)  # [L, d]: centre(k) = fl(k - key_mid)
+    else:
+        k = _cast(k, dtype)
+    L, dv = v.shape[0], v.shape[2]
+    if extremes is None:
+        v_hi = v.max(dim=1).values  # [L, dv]
+        v_lo = v.min(dim=1).values  # [L, dv]
+        kc = k if key_mid is None else k - key_mid.unsqueeze(1)
+        qa, ka = q.abs().max(dim=1).values, kc.abs().max(dim=1).values  # [L, d]
+        known = (qa.double().cpu().numpy(), ka.double().cpu().numpy())
+        vexp = None
+    else:  # casts up are exact and monotone: the extremes of the cast are the cast extremes
+        v_hi, v_lo = extremes.v_hi, extremes.v_lo  # [L, dv] (exact in dtype)
+        if extremes.q_absmax is None:  # (row subsets: reduced again)
+            qa_h = q.abs().max(dim=1).values.double().cpu().numpy()
+            ka_h = extremes.k_absmax.double().cpu().numpy()
+        elif extremes.balance is not None:
+            qa_h, ka_h = extremes.balance
+        else:
+            qa_h = extremes.q_absmax.double().cpu().numpy()
+            ka_h = extremes.k_absmax.double().cpu().numpy()
+        known = (qa_h, ka_h)
+        vexp = extremes.value_exp
+    # the values' centre, midrange(v_hi, v_lo) in dtype, on the host: hi/2 + lo/2, each
+    # operation one IEEE rounding in dtype (numpy and torch agree bit for bit)
+    npdt = np.dtype(np.float32 if dtype != torch.float64 else np.float64)
+    hi_h = v_hi.detach().cpu().numpy().astype(npdt).reshape(L, 1, dv)
+    lo_h = v_lo.detach().cpu().numpy().astype(npdt).reshape(L, 1, dv)
+    half = np.array(0.5, dtype=npdt)
+    c_h: np.ndarray = hi_h * half + lo_h * half  # [L, 1, dv]
+    c = torch.from_numpy(c_h)
+    if q.device.type != "cpu":
+        c = c.to(q.device)
+    # values normalised per column by a power of two (undone in float64 on the output), so that
+    # no product with a value underflows however small the values are (rounding model, step 8)
+    if vexp is None:
+        vexp = value_exponents(torch.from_numpy(np.maximum(hi_h - c_h, c_h - lo_h)))
+    # 2^ev: finite here (a finite value range keeps |v - c| below 2^1023)
+    p2 = torch.from_numpy(np.ldexp(1.0, vexp.astype(np.int64)))  # [L, 1, dv] float64
+    if q.device.type != "cpu":
+        p2 = p2.to(q.device)
+    fq, fk, s_mant = balance_factors(*known, scale, dtype)
+    coeffs = tuple(float(x) for x in approx.coeffs)
+    w64 = _weights(coeffs, table.d, approx.degree, s_mant)  # [r] float64
+    if q.device.type != "cpu":
+        w64 = w64.to(q.device)
+    return Prepared(q, k, v, key_mid, fq, fk, c, value_factors(vexp, dtype), p2, w64)
 
 
 def default_block(rp: int, unit: int) -> int:
@@ -406,18 +503,22 @@ def run_polynomial(
     progress: Progress | None,
     extremes: Extremes | None = None,
     native: NativeCore | None = None,
+    key_mid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch to :func:`polynomial_forward`; causal with m < n runs the rows >= m unmasked.
 
-    ``extremes``: from ``statistics`` on these q3, k3 (uncentred), v3; ``native``: the compiled
-    non-causal float32 CPU core (None: the PyTorch route).
+    ``k3``: the centred keys ``centre(k)`` in the input compute dtype, or with ``key_mid``
+    (``statistics``' ``mid``, ``[L, d]``) the keys as given, centred as ``fl(k3 - key_mid)``
+    (``Stats.kc``, formed where the blocks are loaded). ``extremes``: from ``statistics`` on
+    these q3, k3, v3; ``native``: the compiled float32 CPU core (None: the PyTorch route).
     """
     kw: dict[str, Any] = {
         "dtype": cfg.dtype,
         "block": cfg.block,
         "key_chunk": cfg.key_chunk if cfg.dtype != torch.float64 else None,
         "feature_chunk": cfg.feature_chunk if cfg.dtype != torch.float64 else None,
-        "centred": True,  # k3 is centre(k) in the input compute dtype; casts up are exact
+        "centred": key_mid is None,  # casts up are exact
+        "key_mid": key_mid,
         "native": native,
     }
     n, m = q3.shape[1], k3.shape[1]

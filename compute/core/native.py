@@ -42,7 +42,16 @@ __all__ = ["FLAGS", "HEADERS", "NativeKernel", "build", "cache_dir", "check_rc",
 
 # headers the kernels include ("native_poly.h"); on the include path of every build
 HEADERS = (Path(__file__).with_name("native_poly.h"),)
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=gnu11", "-Wall")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-ffp-contract=fast",
+    "-fPIC",
+    "-shared",
+    "-std=gnu11",
+    "-Wall",
+    "-pthread",
+)
 T = TypeVar("T")
 
 

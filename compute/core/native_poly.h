@@ -67,6 +67,56 @@ static void scratch_trim(void) {
 }
 
 
+/* Inputs read straight from row-major tensors, prepared while they are loaded (attention's
+ * fused route): x' = fl(...fl(fl(x - shift) * fac_0) ... * fac_{nfac-1}) per coordinate,
+ * the same float32 operations, in the same order, as the PyTorch preparation (centring,
+ * balancing by powers of two; for the keys' values centring and normalisation), so the
+ * loaded numbers are bit for bit those of the PyTorch route. */
+typedef struct {
+    const float *x;      /* [rows][d], row j at x + j * d */
+    const float *shift;  /* [d] subtracted first, or NULL */
+    const float *fac;    /* factor f of coordinate l at fac[f * fstep + l] */
+    int nfac;
+    long fstep;
+    const float *v;      /* keys only: values [rows][dv] (the ones column is added) */
+    int dv;
+    const float *vshift; /* [dv] */
+    const float *vfac;   /* factor f of column c at vfac[f * vfstep + c] */
+    int nvfac;
+    long vfstep;
+} Fused;
+
+/* X[l * S + t] = prepared coordinate l of row j0 + t, t < cnt; zero for cnt <= t < len. */
+static void fused_rows(const Fused *f, int d, long j0, int cnt, int len, int S, float *X) {
+    for (int t = 0; t < cnt; t++) {
+        const float *row = f->x + (j0 + t) * d;
+        for (int l = 0; l < d; l++) {
+            float y = row[l];
+            if (f->shift) y = y - f->shift[l];
+            for (int k = 0; k < f->nfac; k++) y = y * f->fac[k * f->fstep + l];
+            X[l * S + t] = y;
+        }
+    }
+    for (int l = 0; l < d; l++)
+        for (int t = cnt; t < len; t++) X[l * S + t] = 0.0f;
+}
+
+/* V[c * S + t] = prepared value c of row j0 + t (c < dv), V[dv * S + t] = 1; zero past cnt. */
+static void fused_values(const Fused *f, long j0, int cnt, int len, int S, float *V) {
+    const int dv = f->dv;
+    for (int t = 0; t < cnt; t++) {
+        const float *row = f->v + (j0 + t) * dv;
+        for (int c = 0; c < dv; c++) {
+            float y = row[c] - f->vshift[c];
+            for (int k = 0; k < f->nvfac; k++) y = y * f->vfac[k * f->vfstep + c];
+            V[c * S + t] = y;
+        }
+        V[dv * S + t] = 1.0f;
+    }
+    for (int c = 0; c <= dv; c++)
+        for (int t = cnt; t < len; t++) V[c * S + t] = 0.0f;
+}
+
 typedef struct {
     const float *xt; /* d rows, row l at xt + l * xs */
     long xs;
@@ -77,6 +127,7 @@ typedef struct {
     int nlow;         /* the first nlow steps build rows < top; the rest build the top degree */
     int nsteps;
     const int *src_of, *var_of; /* per top-degree row alpha >= top: its source row, variable */
+    const Fused *fz; /* non-NULL: inputs (and values) from fz's rows, not xt / ve */
 } Problem;
 
 /* Features of the first len (a multiple of VL) of S items, one item per lane:
@@ -194,14 +245,19 @@ static void moments(const Problem *p, KeyWork *w, long col0, int m, const float 
         for (int s = s0; s < s1; s += S) {
             const int L = s1 - s < S ? s1 - s : S;
             const int len = (L + VL - 1) / VL * VL;
-            for (int l = 0; l < d; l++) {
-                const float *src = p->xt + (long)l * p->xs + col0 + s;
-                for (int t = 0; t < L; t++) X[l * S + t] = src[t];
-                for (int t = L; t < len; t++) X[l * S + t] = 0.0f;
-            }
-            for (int c = 0; c < e; c++) {
-                for (int t = 0; t < L; t++) V[c * S + t] = ve[(long)(s + t) * e + c];
-                for (int t = L; t < len; t++) V[c * S + t] = 0.0f; /* padded keys add +-0 */
+            if (p->fz) {
+                fused_rows(p->fz, d, col0 + s, L, len, S, X);
+                fused_values(p->fz, col0 + s, L, len, S, V); /* padded keys add +-0 */
+            } else {
+                for (int l = 0; l < d; l++) {
+                    const float *src = p->xt + (long)l * p->xs + col0 + s;
+                    for (int t = 0; t < L; t++) X[l * S + t] = src[t];
+                    for (int t = L; t < len; t++) X[l * S + t] = 0.0f;
+                }
+                for (int c = 0; c < e; c++) {
+                    for (int t = 0; t < L; t++) V[c * S + t] = ve[(long)(s + t) * e + c];
+                    for (int t = L; t < len; t++) V[c * S + t] = 0.0f; /* padded keys add +-0 */
+                }
             }
             lane_features(p, X, S, len, G);
             for (int a0 = 0; a0 < p->top; a0 += 3) {
@@ -302,10 +358,14 @@ static void readout(const Problem *p, QueryWork *w, const float *me, int i0, int
     const int d = p->d, e = p->e;
     for (int b0 = i0; b0 < i1; b0 += QB) {
         const int nb = i1 - b0 < QB ? i1 - b0 : QB;
-        for (int l = 0; l < d; l++) {
-            const float *src = p->xt + (long)l * p->xs + b0;
-            for (int t = 0; t < nb; t++) w->X[l * QB + t] = src[t];
-            for (int t = nb; t < QB; t++) w->X[l * QB + t] = 0.0f;
+        if (p->fz) {
+            fused_rows(p->fz, d, b0, nb, QB, QB, w->X);
+        } else {
+            for (int l = 0; l < d; l++) {
+                const float *src = p->xt + (long)l * p->xs + b0;
+                for (int t = 0; t < nb; t++) w->X[l * QB + t] = src[t];
+                for (int t = nb; t < QB; t++) w->X[l * QB + t] = 0.0f;
+            }
         }
         lane_features(p, w->X, QB, QB, w->G);
         memset(w->o, 0, sizeof(double) * (size_t)e * QB);

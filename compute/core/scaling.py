@@ -22,6 +22,8 @@ def pow2_factors(e: np.ndarray, dtype: torch.dtype) -> list[np.ndarray]:
     normal power of two of ``dtype`` (so each multiplication by one is exact but for underflow);
     one factor in the usual case. The product of the factors is ``2^e`` exactly."""
     lim = POW2_STEP.get(dtype, 120)
+    if e.size and -lim <= e.min() and e.max() <= lim:  # the usual case: one factor
+        return [np.ldexp(1.0, e.astype(np.int64))]
     out = []
     rest = e
     while True:

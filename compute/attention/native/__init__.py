@@ -1,13 +1,15 @@
 """The compiled CPU route of attention (docs/attention.md, "Compiled CPU kernel").
 
 ``attention_poly.c`` beside this file computes the statistics of a float32 call in one pass
-per tensor (``at_stats``) and the non-causal float32 polynomial path after balancing and
-normalisation (``at_moments``, ``at_readout``), with the rounding model of the PyTorch route
-(``polynomial.noncausal_blocks``), so one certified bound covers both. It is built by
-``core.native`` on first use (sharing its C building blocks with tensor attention:
-``core/native_poly.h``) and used only once it has passed its self-test in this process
-(``kernel``); else, and wherever ``NATIVE`` is False, the PyTorch route runs. float64, CUDA and
-causal calls always take the PyTorch route.
+per tensor (``at_stats``) and the float32 polynomial path with the rounding model of the
+PyTorch route (``polynomial.noncausal_blocks`` / ``causal_blocks``), so one certified bound
+covers both: non-causal with its preparation fused into the loads (``at_poly`` for a whole
+small problem in one call, ``at_moments_f`` / ``at_readout_f`` slice by slice for long ones;
+chunks shared with the kernel's helper thread), causal after the PyTorch preparation
+(``at_causal``). It is built by ``core.native`` on first use (sharing its C building blocks
+with tensor attention: ``core/native_poly.h``) and used only once it has passed its self-test
+in this process (``kernel``); else, and wherever ``NATIVE`` is False, the PyTorch route runs.
+float64 and CUDA calls always take the PyTorch route.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import ctypes
 import logging
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from ...core.polynomials import certified_best
 from ...core.progress import Progress, report
 from ...core.radius import INFLATE
 from ...core.rounding import subnormal_spacing
-from ..polynomial import NativeCore, polynomial_forward
+from ..polynomial import NativeCore, Prepared, polynomial_forward, prepare
 from ..stats import torch_reductions
 
 __all__ = [
@@ -55,12 +57,20 @@ _log = logging.getLogger(__name__)
 # Use the compiled kernel for float32 CPU statistics and non-causal polynomial paths when it
 # builds; tests turn this off to exercise the PyTorch route (same rounding model).
 NATIVE = True
-# multiply-adds per thread below which one thread does all (a hand-off costs ~50 us on a
-# quiet machine, more on a busy one; measured: splitting 2^22 multiply-adds still lost)
+# causal: multiply-adds of a slice below which the slices run one after another (a hand-off to
+# the Python thread pool costs ~50 us on a quiet machine, more on a busy one)
 PARALLEL_MIN = 1 << 23
 _SIG32 = 2.0 * subnormal_spacing(torch.float32)  # (statistics' normalisation slack)
 # queries read out between two progress reports (a cancelled call stops there)
 QUERY_BLOCK = 16384
+# multiply-adds of a problem that runs in one kernel call (no progress report inside it: about
+# 0.3-0.8 ms at the core's rate on the development machine); longer ones run slice by slice
+# and step by step (a few calls more: about 10 us each)
+ONE_CALL_MAX = 1 << 24
+# multiply-adds of one chunk of keys or queries at_poly shares with its helper thread (a
+# hand-off costs a few microseconds; a chunk of 2^20 about 30 us on the development machine)
+SPLIT_MIN = 1 << 20
+MAX_CHUNKS = 16  # at_poly's limit
 
 
 class AttentionPoly:
@@ -74,28 +84,36 @@ class AttentionPoly:
         d = ctypes.c_double
         st.argtypes = [p, p, p, i, i, i, i, i, p, p, d, d, d, p]
         st.restype = i
-        mo = lib.at_moments
-        mo.argtypes = [p, lg, i, i, i, p, i, p, i, i, i, i, i, p]
-        mo.restype = i
-        ro = lib.at_readout
-        ro.argtypes = [p, lg, i, i, i, p, i, p, i, i, i, i, i, p, p, p]
-        ro.restype = i
         ca = lib.at_causal
         ca.argtypes = [p, p, lg, i, i, p, i, p, i, i, i, i, i, i, p, p, p, p]
         ca.restype = i
-        self._stats, self._moments, self._readout, self._causal = st, mo, ro, ca
+        mf = lib.at_moments_f
+        mf.argtypes = [p, p, p, i, lg, p, p, p, i, lg, i, i, i, p, i, i, i, i, i, i, p]
+        mf.restype = i
+        rf = lib.at_readout_f
+        rf.argtypes = [p, p, i, lg, i, i, i, p, i, p, i, i, i, i, i, p, p, p, i]
+        rf.restype = i
+        po = lib.at_poly
+        po.argtypes = [p, p, p, i, i, i, i, i, p, p, i, p, i, p, p, i, p, i, i, i, i, i, i, p, p]
+        po.argtypes += [p, i, i]
+        po.restype = i
+        self._stats, self._causal = st, ca
+        self._moments_f, self._readout_f, self._poly = mf, rf, po
 
     def stats(self, *args: float) -> None:
         _check(self._stats(*args))
 
-    def moments(self, *args: int) -> None:
-        _check(self._moments(*args))
-
-    def readout(self, *args: int) -> None:
-        _check(self._readout(*args))
-
     def causal(self, *args: int) -> None:
         _check(self._causal(*args))
+
+    def moments_f(self, *args: int | None) -> None:
+        _check(self._moments_f(*args))
+
+    def readout_f(self, *args: int | None) -> None:
+        _check(self._readout_f(*args))
+
+    def poly(self, *args: int | None) -> None:
+        _check(self._poly(*args))
 
 
 def _check(rc: int) -> None:
@@ -206,147 +224,132 @@ def _threads() -> int:
     return max(1, min(4, torch.get_num_threads(), _CPUS))
 
 
-def _spans(total: int, parts: int) -> list[tuple[int, int]]:
-    step = -(-total // parts)
-    return [(s, min(total, s + step)) for s in range(0, total, step)]
+@lru_cache(maxsize=64)
+def _steps(d: int, g: int) -> tuple[torch.Tensor, int, int]:
+    """``native_steps`` cached per (d, degree) (read-only: the kernels never write it)."""
+    return native_steps(d, g)
+
+
+def _chunks(total: int, per: int, split_min: int, least: int) -> int:
+    """How many equal chunks ``at_poly`` cuts ``total`` items of ``per`` multiply-adds into:
+    about ``split_min`` multiply-adds each, at most ``MAX_CHUNKS``, every chunk (C's
+    ``chunk_span``: ``ceil(total / chunks)`` each, the last one the rest) at least ``least``
+    items long; 1 when the work is too small to share."""
+    c = max(1, min(MAX_CHUNKS, total * per // max(1, split_min)))
+    while c > 1 and total - (c - 1) * -(-total // c) < max(1, least):
+        c -= 1
+    return c
+
+
+def _factors(fs: list[np.ndarray], rows: int, cols: int) -> torch.Tensor:
+    """Per-column factors ``[nf][rows][cols]`` as one contiguous float32 tensor (powers of two
+    and zeros: exact in float32)."""
+    if len(fs) == 1:  # the usual case
+        arr = np.ascontiguousarray(fs[0], dtype=np.float32).reshape(1, rows, cols)
+    else:
+        arr = np.ascontiguousarray(np.stack([f.reshape(rows, cols) for f in fs]), dtype=np.float32)
+    return torch.from_numpy(arr)
+
+
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
 
 
 def core(
     kern: AttentionPoly,
-    qb: torch.Tensor,
-    kb: torch.Tensor,
-    vn: torch.Tensor,
-    c: torch.Tensor,
-    p2: torch.Tensor,
-    w64: torch.Tensor,
+    prep: Prepared,
     table: MonomialTable,
     key_inner: int,
     feature_inner: int,
     threads: int | None = None,
     progress: Progress | None = None,
-    min_part: int = PARALLEL_MIN,
+    *,
+    min_part: int = SPLIT_MIN,
+    one_call: int = ONE_CALL_MAX,
 ) -> torch.Tensor:
-    """The non-causal polynomial path of ``polynomial_forward`` after its preparation, compiled.
+    """The non-causal polynomial path of ``polynomial_forward``, compiled, its preparation
+    included (``prepare``; the kernel forms the centred, balanced, normalised inputs as it
+    loads them, bit for bit those of ``Prepared.apply``).
 
-    ``qb [L, d, n]``, ``kb [L, d, m]`` balanced and transposed (float32), ``vn [L, m, dv]`` the
-    normalised centred values, ``c [L, 1, dv]`` their centre (float32), ``p2 [L, 1, dv]``
-    (float64) the normalisation, ``w64 [r]`` the weights; float32 dot products of depth at
-    most ``key_inner`` (keys) and ``feature_inner`` (features), what the bound certified.
-    Returns ``[L, n, dv]`` float32: ``(num / den) p2 + c`` rounded once.
+    float32 dot products of depth at most ``key_inner`` (keys) and ``feature_inner``
+    (features), what the bound certified. Returns ``[L, n, dv]`` float32:
+    ``(num / den) p2 + c`` rounded once.
 
-    With ``threads`` > 1 (default: torch's thread count) long problems are split, each part
-    at least ``min_part`` multiply-adds: keys into contiguous parts of at least ``key_inner``
-    keys whose float64 moments are added in float64 (one more float64 addition per part,
-    within the model's float64 chain: docs/attention.md), queries into parts read out
-    independently (the same arithmetic). ``progress(done, total)``
-    after each slice's moments and each block of (at least) ``QUERY_BLOCK`` queries of the part
-    read out on the calling thread.
+    With ``threads`` > 1 (default: torch's thread count, at most 2 used) the keys and the
+    queries of a slice are cut into chunks of about ``min_part`` multiply-adds that the calling
+    thread and the kernel's helper thread share: key chunks of at least ``key_inner`` keys
+    whose float64 moments are added in float64 in chunk order (one more float64 addition per
+    chunk, within the model's float64 chain: docs/attention.md), query chunks read out
+    independently (the same arithmetic). The chunks are fixed before the threads start, so the
+    result does not depend on the scheduling. A problem of at most ``one_call`` multiply-adds
+    runs in one kernel call (``at_poly``: every slice; ``progress`` once at its end); longer
+    ones slice by slice, ``progress(done, total)`` after each slice's moments and each block
+    of (at least) ``QUERY_BLOCK`` queries.
     """
-    L, d, n = qb.shape
-    m, dv = kb.shape[2], vn.shape[2]
+    q, k, v = prep.q.contiguous(), prep.k.contiguous(), prep.v.contiguous()
+    L, n, d = q.shape
+    m, dv = k.shape[1], v.shape[2]
     e, r = dv + 1, table.r
-    steps, nlow, top = native_steps(d, table.g)
+    steps, nlow, top = _steps(d, table.g)
     nsteps = len(table.steps)
-    qb, kb = qb.contiguous(), kb.contiguous()
-    ve = torch.cat([vn, torch.ones(L, m, 1, dtype=vn.dtype)], dim=2).contiguous()  # [L, m, e]
-    c32 = c.reshape(L, dv).to(torch.float32).contiguous()
-    p64 = p2.reshape(L, dv).to(torch.float64).contiguous()
-    w = w64.to(torch.float64).contiguous()
+    sp = steps.data_ptr()
+    kmid = None if prep.key_mid is None else prep.key_mid.to(torch.float32).contiguous()
+    fq, fk = _factors(prep.fq, L, d), _factors(prep.fk, L, d)
+    fv = _factors(prep.fv, L, dv)
+    c32 = prep.c.reshape(L, dv).to(torch.float32).contiguous()
+    p64 = prep.p2.reshape(L, dv).contiguous()  # float64
+    w = prep.w64.contiguous()  # float64
     out = torch.empty(L, n, dv, dtype=torch.float32)
     nt = _threads() if threads is None else max(1, threads)
-    # a thread takes a part only when it has at least min_part multiply-adds; key parts only
-    # of at least key_inner keys each, so that a term's float64 additions (its part's
-    # segments, then the sum of the parts) stay within ceil(m / key_inner): docs/attention.md,
-    # "Compiled CPU kernel"
     per = max(1, r * e)
-    kparts = max(1, min(nt, m * per // max(1, min_part)))
-    while kparts > 1 and min(b - a for a, b in _spans(m, kparts)) < key_inner:
-        kparts -= 1
-    qparts = max(1, min(nt, n * per // max(1, min_part)))
-    qspans = _spans(n, qparts)
-    # progress after the moments and every block of queries of the first part (read out on
-    # this thread, so that progress and cancellation stay on the caller's thread)
-    qblock = max(QUERY_BLOCK, (1 << 26) // max(1, r * e))
-    first = qspans[0]
-    blocks = [(s, min(first[1], s + qblock)) for s in range(first[0], first[1], qblock)]
-    sp = steps.data_ptr()
+    # key chunks of at least key_inner keys each, so that a term's float64 additions (its
+    # chunk's segments, then the sum of the chunks) stay within ceil(m / key_inner):
+    # docs/attention.md, "Compiled CPU kernel"
+    kchunks = _chunks(m, per, min_part, key_inner) if nt >= 2 else 1
+    if L * (n + m) * per <= one_call:
+        qchunks = _chunks(n, per, min_part, 1) if nt >= 2 else 1
+        kern.poly(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), L, n, m, d, dv, _ptr(kmid), _ptr(fq),
+            len(fq), _ptr(fk), len(fk), c32.data_ptr(), _ptr(fv), len(fv), sp, nsteps, nlow,
+            top, r, key_inner, feature_inner, w.data_ptr(), p64.data_ptr(), out.data_ptr(),
+            kchunks, qchunks,
+        )  # fmt: skip
+        report(progress, 1, 1)
+        return out
+    # progress after the moments and every block of queries
+    qblock = max(QUERY_BLOCK, (1 << 26) // per)
+    blocks = [(s, min(n, s + qblock)) for s in range(0, n, qblock)]
     total = L * (1 + len(blocks))
     done = 0
-
-    def tick(_: object) -> None:
-        nonlocal done
+    fs, vfs = L * d, L * dv
+    wn = w.numpy()[None, :]
+    Mt = torch.empty((kchunks, e, r), dtype=torch.float64)
+    M = Mt.numpy()
+    for b in range(L):
+        kern.moments_f(
+            k[b].data_ptr(), None if kmid is None else kmid[b].data_ptr(), _ptr(fk[0, b]),
+            len(fk), fs, v[b].data_ptr(), c32[b].data_ptr(), _ptr(fv[0, b]), len(fv), vfs, m,
+            d, dv, sp, nsteps, nlow, top, r, key_inner, kchunks, Mt.data_ptr(),
+        )  # fmt: skip
         done += 1
         report(progress, done, total)
-
-    for b in range(L):
-        kbp, vep = kb[b].data_ptr(), ve[b].data_ptr()
-
-        def moments(span: tuple[int, int], kbp: int = kbp, vep: int = vep) -> np.ndarray:
-            M = np.empty((e, r), dtype=np.float64)
-            kern.moments(
-                kbp, m, span[0], span[1], d, vep, e, sp, nsteps, nlow, top, r, key_inner,
-                M.ctypes.data,
-            )  # fmt: skip
-            return M
-
-        parts = _on_threads(moments, _spans(m, kparts), lambda _: None)
-        M = parts[0]
-        for extra in parts[1:]:
-            M = M + extra  # float64
-        tick(None)
         # weights in float64, one rounding to float32 (as Mw.to(float32))
-        me = torch.from_numpy(M * w.numpy()[None, :]).to(torch.float32).contiguous()  # [e, r]
-        qbp, mep = qb[b].data_ptr(), me.data_ptr()
-        p2p, cp, ob = p64[b].data_ptr(), c32[b].data_ptr(), out[b]
-
-        def readout(
-            span: tuple[int, int], qbp: int = qbp, mep: int = mep, p2p: int = p2p, cp: int = cp,
-            ob: torch.Tensor = ob,
-        ) -> None:  # fmt: skip
-            kern.readout(
-                qbp, n, span[0], span[1], d, mep, e, sp, nsteps, nlow, top, r, feature_inner,
-                p2p, cp, ob[span[0]:].data_ptr(),
+        me = torch.from_numpy(np.ascontiguousarray(M[0] * wn, dtype=np.float32))  # [e, r]
+        for s0, s1 in blocks:
+            qchunks = _chunks(s1 - s0, per, min_part, 1) if nt >= 2 else 1
+            kern.readout_f(
+                q[b].data_ptr(), _ptr(fq[0, b]), len(fq), fs, s0, s1, d, _ptr(me), e, sp,
+                nsteps, nlow, top, r, feature_inner, p64[b].data_ptr(), c32[b].data_ptr(),
+                out[b, s0:].data_ptr(), qchunks,
             )  # fmt: skip
-
-        _on_threads(readout, qspans, tick, blocks)
+            done += 1
+            report(progress, done, total)
     return out
-
-
-T = TypeVar("T")
-
-
-def _on_threads(
-    fn: Callable[[tuple[int, int]], T],
-    spans: list[tuple[int, int]],
-    tick: Callable[[object], None],
-    first_blocks: list[tuple[int, int]] | None = None,
-) -> list[T]:
-    """``fn`` on every span: the first on this thread (in ``first_blocks`` if given, calling
-    ``tick`` after each), the others on the pool at the same time; returns the results of the
-    spans in order. Waits for the pool's spans also when this thread's part raises (a cancelled
-    call must not free buffers the kernel is still writing)."""
-    futures = [_pool().submit(fn, sp) for sp in spans[1:]]
-    try:
-        if first_blocks is None:
-            head = fn(spans[0])
-            tick(head)
-        else:
-            for blk in first_blocks:
-                head = fn(blk)
-                tick(head)
-    finally:
-        wait(futures)
-    return [head, *(f.result() for f in futures)]
 
 
 def core_causal(
     kern: AttentionPoly,
-    qb: torch.Tensor,
-    kb: torch.Tensor,
-    vn: torch.Tensor,
-    c: torch.Tensor,
-    p2: torch.Tensor,
-    w64: torch.Tensor,
+    prep: Prepared,
     table: MonomialTable,
     key_inner: int,
     feature_inner: int,
@@ -354,20 +357,22 @@ def core_causal(
     progress: Progress | None = None,
     **_: Any,
 ) -> torch.Tensor:
-    """The causal polynomial path of ``polynomial_forward`` (``causal_blocks``) after its
-    preparation, compiled (``at_causal``): sub-blocks of ``key_inner`` rows (the causal unit,
-    16 or 32), feature chunks of ``feature_inner``; n queries and n keys. One thread per slice
-    (slices in parallel when there are several); ``progress`` after each slice."""
+    """The causal polynomial path of ``polynomial_forward`` (``causal_blocks``), compiled
+    (``at_causal``) after the PyTorch preparation (``Prepared.apply``): sub-blocks of
+    ``key_inner`` rows (the causal unit, 16 or 32), feature chunks of ``feature_inner``; n
+    queries and n keys. One thread per slice (slices in parallel when there are several);
+    ``progress`` after each slice."""
+    qb, kb, vn = prep.apply()
+    qb, kb = qb.contiguous(), kb.contiguous()
     L, d, n = qb.shape
     dv = vn.shape[2]
     e = dv + 1
-    steps, nlow, top = native_steps(d, table.g)
+    steps, nlow, top = _steps(d, table.g)
     nsteps = len(table.steps)
-    qb, kb = qb.contiguous(), kb.contiguous()
     ve = torch.cat([vn, torch.ones(L, n, 1, dtype=vn.dtype)], dim=2).contiguous()  # [L, n, e]
-    c32 = c.reshape(L, dv).to(torch.float32).contiguous()
-    p64 = p2.reshape(L, dv).to(torch.float64).contiguous()
-    w = w64.to(torch.float64).contiguous()
+    c32 = prep.c.reshape(L, dv).to(torch.float32).contiguous()
+    p64 = prep.p2.reshape(L, dv).to(torch.float64).contiguous()
+    w = prep.w64.to(torch.float64).contiguous()
     out = torch.empty(L, n, dv, dtype=torch.float32)
 
     def one(b: int) -> None:
@@ -417,12 +422,22 @@ def self_test(kern: AttentionPoly) -> bool:
         if not torch.equal(mid_c, mid_t) or not np.allclose(host_c, host_t, rtol=1e-12, atol=0):
             return False
         approx = certified_best(1.0, 3)
-        for threads, key_chunk, min_part in ((1, 16, PARALLEL_MIN), (2, 64, 1000)):
-            # (threads, long key chunks and short parts: keys and queries split in two)
+
+        def slice_by_slice(prep: Prepared, *a: Any, causal: bool = False, **kw: Any) -> Any:
+            return core(kern, prep, *a, **kw, one_call=0)
+
+        cases: list[tuple[int, int, int, Any]] = [
+            (1, 16, SPLIT_MIN, bound_core(kern)),
+            (2, 64, 1000, bound_core(kern)),
+            (2, 64, 1000, slice_by_slice),
+        ]
+        for threads, key_chunk, min_part, nat in cases:
+            # (threads, long key chunks and short parts: keys and queries in chunks; one call
+            # for all slices, or a call per slice and step)
             kw = {"dtype": torch.float32, "key_chunk": key_chunk, "feature_chunk": 8}
             ref = polynomial_forward(q, k, v, approx, 0.5, **kw).double()  # type: ignore[arg-type]
             got = polynomial_forward(
-                q, k, v, approx, 0.5, native=bound_core(kern), native_threads=threads,
+                q, k, v, approx, 0.5, native=nat, native_threads=threads,
                 native_min_part=min_part, **kw,  # type: ignore[arg-type]
             ).double()  # fmt: skip
             if not bool((got - ref).abs().max() <= 1e-5 * ref.abs().max() + 1e-12):
@@ -445,12 +460,10 @@ def _measure_native(kern: AttentionPoly) -> dict[str, float]:
     n, d, dv, g = 2048, 8, 8, 3
     table = monomial_table(d, g)
     gen = torch.Generator().manual_seed(1)
-    qb, kb = (0.5 * torch.randn(1, d, n, generator=gen) for _ in range(2))
-    vn = 0.5 * torch.randn(1, n, dv, generator=gen)
-    c, p2 = torch.zeros(1, 1, dv), torch.ones(1, 1, dv, dtype=torch.float64)
-    w = torch.ones(table.r, dtype=torch.float64)
+    q, k, v = (0.5 * torch.randn(1, n, x, generator=gen) for x in (d, d, dv))
+    prep = prepare(q, k, v, certified_best(1.0, g), 0.5, table, torch.float32)
     best = best_time(
-        lambda: core(kern, qb, kb, vn, c, p2, w, table, 512, 256, threads=1),
+        lambda: core(kern, prep, table, 512, 256, threads=1),
         torch.device("cpu"),
         reps=3,
     )

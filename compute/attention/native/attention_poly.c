@@ -1,14 +1,19 @@
 /* Compiled float32 CPU route of attention (compute/attention/): the statistics of one call in
- * one pass per tensor (at_stats), and the non-causal polynomial path after planning, as two
- * halves that can run in parallel threads on disjoint keys or queries (at_moments, at_readout).
+ * one pass per tensor (at_stats); the non-causal polynomial path after planning, its
+ * preparation (centring, balancing, value normalisation) fused into the loads (at_poly: every
+ * slice in one call; at_moments_f / at_readout_f: one slice's halves), key and query chunks
+ * shared with one helper thread; the causal path after the PyTorch preparation (at_causal).
  *
  * The polynomial steps are those of compute/attention/polynomial.py (docs/attention.md, "The
  * rounding model, step by step"), in the same arithmetic, with every block of features kept
  * in cache instead of a [r, B] feature block in memory (the building blocks are shared with
  * tensor attention: compute/core/native_poly.h):
  *
+ *   loads    k' = fl(fl(k - kshift) kfac...), q' = fl(q qfac...), vn = fl(fl(v - vshift)
+ *            vfac...): the PyTorch preparation's float32 operations in its order (bit for
+ *            bit the same numbers; native_poly.h, Fused);
  *   moments  M[c][alpha] = float64 sum of float32 dot products of depth <= kchunk over the
- *            keys, sum_j k_j^alpha * [vn_j, 1][c] (the PyTorch route: float32 products over
+ *            keys, sum_j k'_j^alpha * [vn_j, 1][c] (the PyTorch route: float32 products over
  *            key chunks of key_inner keys, float64 across chunks; here each vector lane adds
  *            at most kchunk - 5 keys and the 16 lanes a tree of depth 4: at most kchunk
  *            roundings per term, the count the bound uses, and at most ceil(m / kchunk)
@@ -28,6 +33,8 @@
  * Returns 0 on success, -1 when memory could not be allocated, -2 for bad arguments.
  */
 #define _POSIX_C_SOURCE 200112L
+#include <pthread.h>
+
 #include "native_poly.h" /* compute/core/: features, key moments, readout (shared) */
 
 int at_vector_bytes(void) {
@@ -237,37 +244,32 @@ static int check_table(int d, int e, int r, int top, int nsteps, int nlow, const
     return 0;
 }
 
-/* M[c][alpha] (float64, [e][r]) for the keys [j0, j1) of kb (d rows, row l at kb + l * xs:
- * balanced keys, transposed) with values ve ([m][e] float32, row j at ve + j * e: the
- * normalised centred values and a column of ones). kchunk >= 6. */
-int at_moments(const float *kb, long xs, int j0, int j1, int d, const float *ve, int e,
-               const int *steps, int nsteps, int nlow, int top, int r, int kchunk, double *M) {
-    if (j0 < 0 || j1 <= j0 || kchunk < 6 || xs < j1) return -2;
-    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
-    Problem p = {kb, xs, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL};
-    KeyWork kw;
-    if (key_work_alloc(&kw, &p)) return -1;
-    moments(&p, &kw, j0, j1 - j0, ve + (long)j0 * e, M);
-    scratch_trim();
-    return 0;
-}
+/* ---------------------------------------------------------------------------------------- */
+/* Polynomial path (non-causal), fused: the preparation done while the inputs are loaded      */
+/* ---------------------------------------------------------------------------------------- */
 
-/* out[i][c] (float32, row i at out + (i - i0) * dv) for the queries [i0, i1) of qb (d rows,
- * row l at qb + l * xs: balanced queries, transposed): the readout with me ([e][r] float32,
- * the weighted moments), fchunk features per float32 dot product, then
- * (float) ((o[c] / o[dv]) * p2[c] + cv[c]) with p2 the normalisation (float64) and cv the
- * values' centre (float32), dv = e - 1. */
-int at_readout(const float *qb, long xs, int i0, int i1, int d, const float *me, int e,
-               const int *steps, int nsteps, int nlow, int top, int r, int fchunk,
-               const double *p2, const float *cv, float *out) {
-    if (i0 < 0 || i1 <= i0 || fchunk < 1 || xs < i1) return -2;
-    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+/* The same three steps as at_moments / at_readout, reading q, k, v as the caller holds them
+ * (row-major [rows][d], [rows][dv]) and preparing each entry as it is loaded (Fused in
+ * native_poly.h): keys fl(fl(k - kshift) * kfac...) (centring, then balancing), queries
+ * fl(q * qfac...), values fl(fl(v - vshift) * vfac...) (centring, normalisation) and a column of
+ * ones. These are the float32 operations of the PyTorch preparation in its order (the rounding
+ * model's steps 1, 4 and 8), so every loaded number is bit for bit what that route loads: the
+ * same rounding model and bound cover both. Factor f of coordinate l at fac[f * fstep + l]. */
+
+/* The readout of the queries [i0, i1) of one slice (q: its [n][d] rows): out[i][c] (row i at
+ * out + (i - i0) * dv) = (float) ((o[c][i] / o[dv][i]) * p2[c] + cv[c]), with me ([e][r]
+ * float32) the weighted moments, fchunk features per float32 dot product. */
+static int readout_fused(const float *q, const float *qfac, int nqfac, long fstep, int i0, int i1,
+                         int d, const float *me, int e, const int *steps, int nsteps, int nlow,
+                         int top, int r, int fchunk, const double *p2, const float *cv,
+                         float *out) {
     const int dv = e - 1, cnt = i1 - i0;
     int *src_of = scratch(B_SRC, sizeof(int) * (size_t)(r - top + 1));
     int *var_of = scratch(B_VAR, sizeof(int) * (size_t)(r - top + 1));
     double *t64 = scratch(B_T64, sizeof(double) * (size_t)cnt * dv);
+    Fused fz = {q + (long)i0 * d, NULL, qfac, nqfac, fstep, NULL, 0, NULL, NULL, 0, 0};
     QueryWork qw;
-    Problem p = {qb + i0, xs, d, e, r, top, 6, fchunk, steps, nlow, nsteps, NULL, NULL};
+    Problem p = {NULL, 0, d, e, r, top, 6, fchunk, steps, nlow, nsteps, NULL, NULL, &fz};
     if (!src_of || !var_of || !t64 || query_work_alloc(&qw, &p)) return -1;
     for (int k = nlow; k < nsteps; k++) {
         const int *st = steps + 4 * k;
@@ -281,8 +283,268 @@ int at_readout(const float *qb, long xs, int i0, int i1, int d, const float *me,
     readout(&p, &qw, me, 0, cnt, t64);
     for (long i = 0; i < (long)cnt; i++)
         for (int c = 0; c < dv; c++) out[i * dv + c] = (float)(t64[i * dv + c] * p2[c] + (double)cv[c]);
-    scratch_trim();
     return 0;
+}
+
+/* One helper thread, started on first use and kept (its scratch buffers stay warm), shares
+ * at_poly's work: the keys (or queries) are cut into chunks fixed in advance, and both threads
+ * take the next chunk until none is left. Which thread computes a chunk changes nothing: every
+ * chunk has its own result (key chunks: their own float64 moments, added afterwards in chunk
+ * order), so the output is the same bit for bit whatever the scheduling. The caller never waits
+ * for a helper that has not started: it takes the job back and does every chunk itself. One
+ * caller at a time owns the helper (trylock); a concurrent caller does all its chunks itself.
+ * After fork() the child has no helper: it starts its own. */
+typedef struct {
+    void (*fn)(void *, int);
+    void *arg;
+    int chunks;
+    int next; /* the next chunk to take (atomic) */
+} Job;
+static pthread_mutex_t pool_owner = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
+static Job *pool_job = NULL;
+static int pool_pending = 0, pool_finished = 0, pool_state = 0; /* 0 none, 1 live, -1 failed */
+
+static void job_run(Job *job) {
+    for (;;) {
+        const int c = __atomic_fetch_add(&job->next, 1, __ATOMIC_RELAXED);
+        if (c >= job->chunks) return;
+        job->fn(job->arg, c);
+    }
+}
+
+static void *pool_main(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&pool_mu);
+    for (;;) {
+        while (!pool_pending) pthread_cond_wait(&pool_go, &pool_mu);
+        Job *job = pool_job;
+        pool_pending = 0;
+        pthread_mutex_unlock(&pool_mu);
+        job_run(job);
+        scratch_trim();
+        pthread_mutex_lock(&pool_mu);
+        pool_finished = 1;
+        pthread_cond_signal(&pool_done);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) {
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    pool_owner = m;
+    pool_mu = m;
+    pool_go = c;
+    pool_done = c;
+    pool_job = NULL;
+    pool_pending = pool_finished = pool_state = 0;
+}
+
+/* Own the helper (starting it if needed): 1, or 0 when it is busy or cannot start. */
+static int pool_acquire(void) {
+    if (pthread_mutex_trylock(&pool_owner) != 0) return 0;
+    if (pool_state == 0) {
+        pthread_t t;
+        pthread_attr_t at;
+        pool_state = -1;
+        if (pthread_attr_init(&at) == 0) {
+            pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+            if (pthread_create(&t, &at, pool_main, NULL) == 0) {
+                pool_state = 1;
+                pthread_atfork(NULL, NULL, pool_after_fork);
+            }
+            pthread_attr_destroy(&at);
+        }
+    }
+    if (pool_state != 1) {
+        pthread_mutex_unlock(&pool_owner);
+        return 0;
+    }
+    return 1;
+}
+
+/* Every chunk of job, shared with the helper when pooled. */
+static void job_share(Job *job, int pooled) {
+    job->next = 0;
+    if (!pooled || job->chunks < 2) {
+        job_run(job);
+        return;
+    }
+    pthread_mutex_lock(&pool_mu);
+    pool_job = job;
+    pool_finished = 0;
+    pool_pending = 1;
+    pthread_cond_signal(&pool_go);
+    pthread_mutex_unlock(&pool_mu);
+    job_run(job);
+    pthread_mutex_lock(&pool_mu);
+    if (pool_pending) /* the helper never took it: nothing of it runs there */
+        pool_pending = 0;
+    else
+        while (!pool_finished) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+}
+
+/* Chunk c of `chunks` equal parts of [0, total): [c * step, min(total, (c + 1) * step)),
+ * step = ceil(total / chunks) (the Python wrapper's _spans). */
+static void chunk_span(int total, int chunks, int c, int *a, int *b) {
+    const int step = (total + chunks - 1) / chunks;
+    *a = c * step < total ? c * step : total;
+    *b = (c + 1) * step < total ? (c + 1) * step : total;
+}
+
+#define MAX_CHUNKS 16
+
+typedef struct {
+    const Problem *p;
+    int m, chunks;
+    double *M[MAX_CHUNKS];
+    int rc[MAX_CHUNKS];
+} MomentsJob;
+
+static void moments_chunk(void *arg, int c) {
+    MomentsJob *j = arg;
+    int a, b;
+    chunk_span(j->m, j->chunks, c, &a, &b);
+    KeyWork kw;
+    j->rc[c] = key_work_alloc(&kw, j->p) ? -1 : 0;
+    if (!j->rc[c] && b > a) moments(j->p, &kw, a, b - a, NULL, j->M[c]);
+    if (b <= a) memset(j->M[c], 0, sizeof(double) * (size_t)j->p->e * j->p->r);
+}
+
+typedef struct {
+    const float *q, *qfac, *me, *cv;
+    const int *steps;
+    const double *p2;
+    float *out;
+    long fstep;
+    int nqfac, n, chunks, d, e, nsteps, nlow, top, r, fchunk;
+    int rc[MAX_CHUNKS];
+} ReadoutJob;
+
+static void readout_chunk(void *arg, int c) {
+    ReadoutJob *j = arg;
+    int a, b;
+    chunk_span(j->n, j->chunks, c, &a, &b);
+    j->rc[c] = b <= a ? 0
+                      : readout_fused(j->q, j->qfac, j->nqfac, j->fstep, a, b, j->d, j->me, j->e,
+                                      j->steps, j->nsteps, j->nlow, j->top, j->r, j->fchunk,
+                                      j->p2, j->cv, j->out + (long)a * (j->e - 1));
+}
+
+/* The moments of keys [0, m) of p (M: kchunks x [e][r] float64; the sum lands in the first):
+ * chunk c into its own M_c, then M = ((M_0 + M_1) + M_2) ... in chunk order. */
+static int moments_shared(const Problem *p, int m, int kchunks, double *M, int pooled) {
+    const long er = (long)p->e * p->r;
+    MomentsJob mj;
+    mj.p = p;
+    mj.m = m;
+    mj.chunks = kchunks;
+    for (int c = 0; c < kchunks; c++) mj.M[c] = M + c * er;
+    Job job = {moments_chunk, &mj, kchunks, 0};
+    job_share(&job, pooled);
+    for (int c = 0; c < kchunks; c++)
+        if (mj.rc[c]) return mj.rc[c];
+    for (int c = 1; c < kchunks; c++)
+        for (long i = 0; i < er; i++) M[i] = M[i] + mj.M[c][i];
+    return 0;
+}
+
+static int readout_shared(ReadoutJob *rj, int pooled) {
+    Job job = {readout_chunk, rj, rj->chunks, 0};
+    job_share(&job, pooled);
+    for (int c = 0; c < rj->chunks; c++)
+        if (rj->rc[c]) return rj->rc[c];
+    return 0;
+}
+
+/* The whole non-causal path of L slices in one call (small problems: no Python in between):
+ * per slice b, the moments of all m keys, the weights me = (float) (w[alpha] M[c][alpha])
+ * (float64 product, one rounding), and the readout of all n queries. q [L][n][d],
+ * k [L][m][d], v [L][m][dv]; kshift [L][d] or NULL; factors [nfac][L][d] (values
+ * [nvfac][L][dv]); vshift [L][dv] (the values' centre, also added back); p2 [L][dv]; w [r];
+ * out [L][n][dv]. kchunks / qchunks (1..16): the keys and the queries are cut into that many
+ * equal contiguous chunks (the caller keeps every key chunk at least kchunk keys long) shared
+ * with the helper thread; the key chunks' float64 moments are added in float64 in chunk order,
+ * M = ((M_0 + M_1) + M_2) ... (the parts of the thread split: docs/attention.md), the query
+ * chunks read out independently. */
+int at_poly(const float *q, const float *k, const float *v, int L, int n, int m, int d, int dv,
+            const float *kshift, const float *qfac, int nqfac, const float *kfac, int nkfac,
+            const float *vshift, const float *vfac, int nvfac, const int *steps, int nsteps,
+            int nlow, int top, int r, int kchunk, int fchunk, const double *w, const double *p2,
+            float *out, int kchunks, int qchunks) {
+    const int e = dv + 1;
+    if (L < 1 || n < 1 || m < 1 || dv < 1 || kchunk < 6 || fchunk < 1 || nqfac < 1 ||
+        nkfac < 1 || nvfac < 1 || kchunks < 1 || kchunks > MAX_CHUNKS || qchunks < 1 ||
+        qchunks > MAX_CHUNKS)
+        return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    double *Mall = scratch(B_A1, sizeof(double) * (size_t)e * r * kchunks);
+    float *me = scratch(B_ME, sizeof(float) * (size_t)e * r);
+    if (!Mall || !me) return -1;
+    const int pooled = (kchunks > 1 || qchunks > 1) && pool_acquire();
+    const long fs = (long)L * d, vfs = (long)L * dv;
+    int rc = 0;
+    for (int b = 0; b < L && !rc; b++) {
+        Fused fz = {k + (long)b * m * d, kshift ? kshift + (long)b * d : NULL, kfac + (long)b * d,
+                    nkfac, fs, v + (long)b * m * dv, dv, vshift + (long)b * dv,
+                    vfac + (long)b * dv, nvfac, vfs};
+        Problem p = {NULL, 0, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL, &fz};
+        rc = moments_shared(&p, m, kchunks, Mall, pooled);
+        if (rc) break;
+        for (int c = 0; c < e; c++)
+            for (int a = 0; a < r; a++)
+                me[(long)c * r + a] = (float)(Mall[(long)c * r + a] * w[a]);
+        ReadoutJob rj = {q + (long)b * n * d, qfac + (long)b * d, me, vshift + (long)b * dv,
+                         steps, p2 + (long)b * dv, out + (long)b * n * dv, fs, nqfac, n, qchunks,
+                         d, e, nsteps, nlow, top, r, fchunk, {0}};
+        rc = readout_shared(&rj, pooled);
+    }
+    if (pooled) pthread_mutex_unlock(&pool_owner);
+    scratch_trim();
+    return rc;
+}
+
+/* at_poly's two halves for one slice of a long problem (the caller reports progress and can
+ * stop between calls), chunks shared with the helper thread as there.
+ * at_moments_f: M ([e][r] float64; kchunks x [e][r] of room) for the m keys of one slice,
+ * k [m][d], v [m][dv], kshift [d] or NULL, factor f at kfac[f * fstep] / vfac[f * vfstep]. */
+int at_moments_f(const float *k, const float *kshift, const float *kfac, int nkfac, long fstep,
+                 const float *v, const float *vshift, const float *vfac, int nvfac, long vfstep,
+                 int m, int d, int dv, const int *steps, int nsteps, int nlow, int top, int r,
+                 int kchunk, int kchunks, double *M) {
+    const int e = dv + 1;
+    if (m < 1 || kchunk < 6 || nkfac < 1 || nvfac < 1 || dv < 1 || kchunks < 1 ||
+        kchunks > MAX_CHUNKS)
+        return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    Fused fz = {k, kshift, kfac, nkfac, fstep, v, dv, vshift, vfac, nvfac, vfstep};
+    Problem p = {NULL, 0, d, e, r, top, kchunk, kchunk, steps, nlow, nsteps, NULL, NULL, &fz};
+    const int pooled = kchunks > 1 && pool_acquire();
+    const int rc = moments_shared(&p, m, kchunks, M, pooled);
+    if (pooled) pthread_mutex_unlock(&pool_owner);
+    scratch_trim();
+    return rc;
+}
+
+/* at_readout_f: the queries [i0, i1) of one slice (q [n][d]; out: row i at out + (i - i0) dv),
+ * cut into qchunks chunks. */
+int at_readout_f(const float *q, const float *qfac, int nqfac, long fstep, int i0, int i1, int d,
+                 const float *me, int e, const int *steps, int nsteps, int nlow, int top, int r,
+                 int fchunk, const double *p2, const float *cv, float *out, int qchunks) {
+    if (i0 < 0 || i1 <= i0 || fchunk < 1 || nqfac < 1 || qchunks < 1 || qchunks > MAX_CHUNKS)
+        return -2;
+    if (check_table(d, e, r, top, nsteps, nlow, steps)) return -2;
+    ReadoutJob rj = {q + (long)i0 * d, qfac, me, cv, steps, p2, out, fstep, nqfac, i1 - i0,
+                     qchunks, d, e, nsteps, nlow, top, r, fchunk, {0}};
+    const int pooled = qchunks > 1 && pool_acquire();
+    const int rc = readout_shared(&rj, pooled);
+    if (pooled) pthread_mutex_unlock(&pool_owner);
+    scratch_trim();
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------- */
