@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -163,12 +164,19 @@ def _matmul_u(dtype: torch.dtype) -> float | None:
     return None
 
 
-def _score_error(S: float, d: int, dtype: torch.dtype, scale: float, operand: float) -> float:
+def _score_error(
+    S: float,
+    d: int,
+    dtype: torch.dtype,
+    scale: float,
+    operand: float,
+    um: float | None,
+) -> float:
     """E1: ``|s~ - s| <= gamma_{d+2} S`` (d products and sums, the scale, one more rounding of
-    the argument's conversion) plus the TF32 operand roundings, plus what underflowing products
-    lose (``tiny`` each, times the largest factor it multiplies: ``operand``)."""
+    the argument's conversion) plus the TF32 operand roundings (``um``: ``_matmul_u(dtype)``),
+    plus what underflowing products lose (``tiny`` each, times the largest factor it
+    multiplies: ``operand``)."""
     u = unit_roundoff(dtype)
-    um = _matmul_u(dtype)
     rel = gamma(d + 2, u) + (2.01 * um if um is not None else 0.0)
     return rel * S + 2.0 * d * tiny(dtype) * (abs(scale) + 1.0) * (operand + 1.0)
 
@@ -211,16 +219,17 @@ def exact_bound(
         geometry = fused_geometry(m)
     else:
         geometry = loop_geometry(m, default_block(L) if block is None else block)
+    um = _matmul_u(dtype)
     total = softmax_rounding_bound(
         score_bound=S,
-        score_error=_score_error(S, d, dtype, scale, k_peak),
+        score_error=_score_error(S, d, dtype, scale, k_peak, um),
         keys=m,
         geometry=geometry,
         value_range=value_range,
         value_absmax=value_absmax,
         compute_dtype=dtype,
         out_dtype=out_dtype,
-        matmul_u=_matmul_u(dtype),
+        matmul_u=um,
     )
     return round_bound_up(total)
 
@@ -305,10 +314,15 @@ def exact_is_safe(stats: Stats, scale: float, d: int, m: int, dtype: torch.dtype
     ``|scale| max|q|``, and the weighted value sums (weights <= 1 after the running max) at most
     ``m max|v|``; all of them far below the dtype's largest number is the usual case.
     """
-    big = float(torch.finfo(dtype).max) / 64.0
-    with np.errstate(over="ignore"):
-        raw = (abs(scale) + 1.0) * (d * stats.q_peak * stats.k_peak + stats.q_peak + 1.0)
-    return raw < big and stats.k_peak < big and m * stats.value_absmax < big
+    big = _dtype_max(dtype) / 64.0
+    qp, kp = float(stats.q_peak), float(stats.k_peak)  # Python floats: overflow gives inf
+    raw = (abs(scale) + 1.0) * (d * qp * kp + qp + 1.0)
+    return raw < big and kp < big and m * float(stats.value_absmax) < big
+
+
+@lru_cache(maxsize=16)
+def _dtype_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
 
 
 def exact_wide(

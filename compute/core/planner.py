@@ -114,7 +114,12 @@ def first_degree(radius: float, ratio: float, max_degree: int = MAX_DEGREE) -> i
             _T_TABLES.clear()
         table = _T_TABLES.setdefault(key, [])
     limit = ratio * (1.0 + 1e-9)
-    for g in range(max_degree + 1):
+    for g, t in enumerate(table):  # the degrees tabulated so far
+        if g > max_degree:
+            return max_degree + 1
+        if t <= limit:
+            return g
+    for g in range(len(table), max_degree + 1):
         if g >= len(table):
             t = certified_best(radius, g).t
             with _T_LOCK:  # (threads extend a table one degree at a time, in order)
