@@ -129,10 +129,12 @@ def attention(
     causal = validate.check_flag("causal", causal)
     sample_rows = validate.check_sample_rows(sample_rows)
     progress = validate.check_progress(progress)
-    d, dv = q.shape[-1], v.shape[-1]
-    n, m = q.shape[-2], k.shape[-2]
+    qs = q.shape
+    d, dv = qs[-1], v.shape[-1]
+    n, m = qs[-2], k.shape[-2]
     s = validate.check_scale(scale, d)
-    lead = tuple(q.shape[:-2])
+    lead = tuple(qs[:-2])
+    device = q.device
     in_dtype = q.dtype
     if in_dtype == k.dtype == v.dtype:  # (the usual case of the two rules below)
         out_dtype = in_dtype
@@ -187,12 +189,12 @@ def attention(
         compute_dtype=cd,
         out_dtype=out_dtype,
         causal=causal,
-        device=q.device,
+        device=device,
         exact_bound=None if route is None or not route.in_range else route.bound,
     )
     bound: float | None = None
     if cfg is not None:
-        kern = native_route.kernel() if native_route.route_ok(cfg.dtype, q.device, causal) else None
+        kern = native_route.kernel() if native_route.route_ok(cfg.dtype, device, causal) else None
         out3 = run_polynomial(
             q3,
             stats.kc,  # [L, m, d]: centred keys (softmax shift invariance)

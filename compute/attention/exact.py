@@ -379,7 +379,7 @@ def raw_score_bound(stats: Stats, scale: float, dtype: torch.dtype) -> float | N
     u = unit_roundoff(dtype)
     d = qa.shape[-1] if qa.ndim else 0
     if qa.size <= SMALL_SUM:  # a few products: Python floats (no NumPy call overhead)
-        mids = stats.mid.reshape(qa.shape).tolist()  # exact (float32 or float64 -> float)
+        mids = stats.mid.tolist()  # [L][d], exact (float32 or float64 -> float)
         shift = 0.0
         for qs, cs in zip(qa.tolist(), mids, strict=True):
             shift = max(shift, sum(a * abs(c) for a, c in zip(qs, cs, strict=True)))
