@@ -269,7 +269,7 @@ def _usual_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         ks[-1] == qs[-1]
         and vs[-2] == ks[-2]
         and qs[:-2] == ks[:-2] == vs[:-2]
-        and q.device == k.device == v.device
+        and ((q.is_cpu and k.is_cpu and v.is_cpu) or q.device == k.device == v.device)
     )
 
 

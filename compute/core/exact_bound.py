@@ -66,6 +66,7 @@ class Geometry:
     blocks: int
 
 
+@lru_cache(maxsize=256)
 def fused_geometry(keys: int) -> Geometry:
     """A fused kernel of unknown blocking: a block may hold every key (``inner = keys``) and
     there are at most ``ceil(keys / KERNEL_MIN_KEY_BLOCK)`` blocks; both maxima at once."""

@@ -23,6 +23,7 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -236,8 +237,15 @@ def useless_polynomial(where: str, degree: int, features: int, floor: float, exa
     """``auto`` runs exact without pricing each polynomial: every certified one has at least
     degree ``degree`` and ``features`` features, predicted at least ``floor`` seconds, which
     does not beat ``exact`` by ``MARGIN``."""
+    return f"{where}: {_useless_tail(degree, features, floor, exact)}"
+
+
+@lru_cache(maxsize=1024)
+def _useless_tail(degree: int, features: int, floor: float, exact: float) -> str:
+    """The part of ``useless_polynomial`` after ``where`` (a pure function of the numbers, which
+    repeat for a repeated shape: cached)."""
     return (
-        f"{where}: a certified polynomial needs degree >= {degree} (r >= {features} features), "
+        f"a certified polynomial needs degree >= {degree} (r >= {features} features), "
         f"predicted at least {format_seconds(floor)} versus {format_seconds(exact)} exact, so "
         + (
             "exact is predicted to be faster."
