@@ -8,8 +8,10 @@ and checks the value is recomputed and equals a fresh computation.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,3 +339,21 @@ def test_extremes_formed_on_first_use_equal_the_pytorch_route() -> None:
     ):
         assert x is not None and y is not None and torch.equal(x, y)
     assert np.array_equal(a.q_absmax_host, b.q_absmax_host)
+
+
+def test_fast_shape_check_agrees_with_the_shape_rule() -> None:
+    """``_usual_shapes`` (a few comparisons) passes exactly the shapes ``check_shapes`` passes,
+    so every refused shape still gets the rule's own error."""
+    api = sys.modules["compute.attention.api"]
+    dims = [(4, 3), (5, 3), (4, 2), (2, 4, 3), (3, 4, 3), (2, 5, 3), (2, 4, 2), (1, 2, 4, 3)]
+    checked = 0
+    for qs, ks, vs in itertools.product(dims, repeat=3):
+        q, k, v = torch.zeros(qs), torch.zeros(ks), torch.zeros(vs)
+        try:
+            api.check_shapes(q, k, v)
+            ok = True
+        except compute.InvalidInputError:
+            ok = False
+        assert api._usual_shapes(q, k, v) == ok, (qs, ks, vs)
+        checked += ok
+    assert 0 < checked < len(dims) ** 3
