@@ -16,7 +16,7 @@ from ..core.result import AttentionResult
 from ..core.rounding import subnormal_spacing, unit_roundoff
 from . import native as native_route
 from . import shapes
-from .exact import exact_wide, run_exact
+from .exact import exact_route, exact_wide, run_exact
 from .plan import make_plan
 from .polynomial import run_polynomial
 from .stats import statistics
@@ -124,19 +124,27 @@ def attention(
     q = validate.check_tensor("q", q, finite=False)
     k = validate.check_tensor("k", k, finite=False)
     v = validate.check_tensor("v", v, finite=False)
-    check_shapes(q, k, v)
+    if not _usual_shapes(q, k, v):
+        check_shapes(q, k, v)  # raises, naming the tensor and the problem
     causal = validate.check_flag("causal", causal)
     sample_rows = validate.check_sample_rows(sample_rows)
     progress = validate.check_progress(progress)
-    d, dv = q.shape[-1], v.shape[-1]
-    n, m = q.shape[-2], k.shape[-2]
+    qs = q.shape
+    d, dv = qs[-1], v.shape[-1]
+    n, m = qs[-2], k.shape[-2]
     s = validate.check_scale(scale, d)
-    lead = tuple(q.shape[:-2])
-    cd = validate.compute_dtype_of(q, k, v)
-    out_dtype = validate.output_dtype_of(q, k, v)
-    q3 = q.reshape(-1, n, d).to(cd)  # [L, n, d]
-    k3 = k.reshape(-1, m, d).to(cd)  # [L, m, d]
-    v3 = v.reshape(-1, m, dv).to(cd)  # [L, m, dv]
+    lead = tuple(qs[:-2])
+    device = q.device
+    in_dtype = q.dtype
+    if in_dtype == k.dtype == v.dtype:  # (the usual case of the two rules below)
+        out_dtype = in_dtype
+        cd = torch.float64 if in_dtype == torch.float64 else torch.float32
+    else:
+        cd = validate.compute_dtype_of(q, k, v)
+        out_dtype = validate.output_dtype_of(q, k, v)
+    q3 = _as3(q, n, d, cd)  # [L, n, d]
+    k3 = _as3(k, m, d, cd)  # [L, m, d]
+    v3 = _as3(v, m, dv, cd)  # [L, m, dv]
     L = q3.shape[0]
     if causal and m > n:  # keys beyond the last query are never visible (top-left mask)
         for name, x in (("k", k3[:, n:]), ("v", v3[:, n:])):  # statistics sees rows < n only
@@ -151,6 +159,22 @@ def attention(
     # the computed midrange c may miss the true one by u |c| (plus half the subnormal spacing
     # when (hi + lo) / 2 underflows): widen the range accordingly
     value_range += 4.0 * unit_roundoff(cd) * value_absmax + 2.0 * subnormal_spacing(cd)
+    # the exact path's route and certified bound, from the statistics alone (a few float64
+    # operations): reported by an exact plan (not needed before a polynomial run)
+    route = (
+        None
+        if method == "polynomial"
+        else exact_route(
+            q3,
+            k3,
+            stats,
+            s,
+            causal=causal,
+            value_range=value_range,
+            value_absmax=value_absmax,
+            out_dtype=out_dtype,
+        )
+    )
     plan, cfg = make_plan(
         method=method,
         R=R,
@@ -165,11 +189,12 @@ def attention(
         compute_dtype=cd,
         out_dtype=out_dtype,
         causal=causal,
-        device=q.device,
+        device=device,
+        exact_bound=None if route is None or not route.in_range else route.bound,
     )
     bound: float | None = None
     if cfg is not None:
-        kern = native_route.kernel() if native_route.route_ok(cfg.dtype, q.device, causal) else None
+        kern = native_route.kernel() if native_route.route_ok(cfg.dtype, device, causal) else None
         out3 = run_polynomial(
             q3,
             stats.k,  # [L, m, d]: centred as fl(k - mid) where loaded (shift invariance)
@@ -217,17 +242,39 @@ def attention(
             value_range=value_range,
             value_absmax=value_absmax,
             out_dtype=out_dtype,
+            route=route,
         )
         # the exact path's bound is a-priori too (from the statistics, before the kernel runs)
-        plan = dataclasses.replace(plan, predicted_bound=bound)
+        if plan.predicted_bound != bound:  # (the polynomial path overflowed: now known)
+            plan = dataclasses.replace(plan, predicted_bound=bound)
     measured = None
     if sample_rows > 0:
         measured = sample_error(out3.to(out_dtype), q3, k3, v3, s, causal, sample_rows)
-    output = out3.to(out_dtype).reshape(*lead, n, dv)
+    if out3.dtype != out_dtype:
+        out3 = out3.to(out_dtype)
     return AttentionResult(
-        output=output,
+        output=out3.reshape(*lead, n, dv),
         error_bound=bound,
         plan=plan,
         measured_error=measured,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _usual_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``check_shapes`` passes, decided from the shapes in a few comparisons (the
+    usual case; otherwise ``check_shapes`` says what is wrong). ``check_tensor`` has already
+    made every tensor at least 2-D and non-empty."""
+    qs, ks, vs = q.shape, k.shape, v.shape
+    return (
+        ks[-1] == qs[-1]
+        and vs[-2] == ks[-2]
+        and qs[:-2] == ks[:-2] == vs[:-2]
+        and ((q.is_cpu and k.is_cpu and v.is_cpu) or q.device == k.device == v.device)
+    )
+
+
+def _as3(x: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as ``[L, rows, cols]`` in ``dtype`` (no copy when it already is)."""
+    x = x.reshape(-1, rows, cols)
+    return x if x.dtype == dtype else x.to(dtype)

@@ -7,13 +7,21 @@ machine, ``core.calibration``). The polynomial path's features are priced at the
 builder's measured rate, or, where the compiled route runs (``native``), at the compiled core's
 measured rate. ``polynomial_floor`` is a lower bound of every polynomial prediction with at least
 r features: the planner's fast exit to exact.
+
+Both predictions the planner makes on every call (``predict_exact``, ``polynomial_floor``) are
+memoised (``_memo``): per their arguments and everything else they read (the calibration's
+``epoch``, torch's thread count, the device CUDA resolves an unindexed device to, and for the
+floor the compiled route's switch and kernel object), so a repeated shape is priced with a dict
+lookup and gets the same number as the first call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+
 import torch
 
-from ..core.calibration import calibrated
+from ..core.calibration import calibrated, epoch
 from ..core.cost import (
     best_time,
     feature_rate,
@@ -33,6 +41,29 @@ __all__ = ["NATIVE_PREP", "polynomial_floor", "predict_exact", "predict_polynomi
 # statistics' two passes over q and k and one over v)
 NATIVE_PREP = 3e-4
 NATIVE_PREP_ELEM = 1e-9
+
+
+_MEMO: dict[Hashable, float] = {}
+MEMO_SIZE = 4096  # entries kept at most (cleared when full: shapes of a workload repeat)
+
+
+def _memo(key: Hashable, compute: Callable[[], float]) -> float:
+    """``compute()`` memoised under ``key`` (which must name everything the value depends on)."""
+    got = _MEMO.get(key)
+    if got is None:
+        got = compute()
+        if len(_MEMO) >= MEMO_SIZE:
+            _MEMO.clear()
+        _MEMO[key] = got
+    return got
+
+
+def _state(device: torch.device) -> tuple[int, int, int | None]:
+    """What a prediction reads besides its arguments: the calibration epoch (bumped when the
+    constants may change), torch's thread count (a part of every calibration key) and, for an
+    unindexed CUDA device, the current device (``core.cost.rates`` prices that one)."""
+    cur = torch.cuda.current_device() if device.type == "cuda" and device.index is None else None
+    return epoch(), torch.get_num_threads(), cur
 
 
 FUSED_N, FUSED_D = 1024, 16  # the fused kernel's calibration problem: n queries and keys, d = dv
@@ -67,7 +98,28 @@ def predict_exact(
     dv: int,
     causal: bool,
 ) -> float:
-    """Predicted seconds of the exact path (the fused kernel's constant where it runs)."""
+    """Predicted seconds of the exact path (the fused kernel's constant where it runs);
+    memoised."""
+    key = ("exact", device, dtype, batch, n_q, n_k, d, dv, causal, _state(device))
+    return _memo(
+        key,
+        lambda: _predict_exact(
+            device, dtype, batch=batch, n_q=n_q, n_k=n_k, d=d, dv=dv, causal=causal
+        ),
+    )
+
+
+def _predict_exact(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    batch: int,
+    n_q: int,
+    n_k: int,
+    d: int,
+    dv: int,
+    causal: bool,
+) -> float:
     cost = predict_exact_attention(
         rates(device, dtype), batch=batch, n_q=n_q, n_k=n_k, d=d, dv=dv, causal=causal
     )
@@ -155,7 +207,32 @@ def polynomial_floor(
 ) -> float:
     """A lower bound of ``predict_polynomial`` for every configuration with at least ``r``
     features in one of ``dtypes``: the two skinny products at the fastest dtype's rate, or the
-    compiled route's prediction where it may run, whichever is smaller."""
+    compiled route's prediction where it may run, whichever is smaller; memoised (the
+    compiled route's switch and kernel object are part of the key)."""
+    key = (
+        "floor", device, dtypes, batch, n_q, n_k, r, d, dv, causal, _state(device),
+        native.NATIVE, native._KERNEL,
+    )  # fmt: skip
+    return _memo(
+        key,
+        lambda: _polynomial_floor(
+            device, dtypes, batch=batch, n_q=n_q, n_k=n_k, r=r, d=d, dv=dv, causal=causal
+        ),
+    )
+
+
+def _polynomial_floor(
+    device: torch.device,
+    dtypes: tuple[torch.dtype, ...],
+    *,
+    batch: int,
+    n_q: int,
+    n_k: int,
+    r: int,
+    d: int,
+    dv: int,
+    causal: bool,
+) -> float:
     best = float("inf")
     for dt in dtypes:
         rt = rates(device, dt)

@@ -10,6 +10,8 @@ usual case), else on exactly rescaled inputs (``exact_wide``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -34,9 +36,11 @@ __all__ = [
     "EXACT_BLOCK_ELEMS",
     "EXACT_FUSED_ELEMS",
     "EXACT_MAX_BLOCK",
+    "ExactRoute",
     "default_block",
     "exact_bound",
     "exact_forward",
+    "exact_route",
     "exact_wide",
     "raw_score_bound",
     "run_exact",
@@ -46,6 +50,7 @@ __all__ = [
 EXACT_BLOCK_ELEMS = 1 << 21  # elements of one score block (slices * Bq * Bk)
 EXACT_MAX_BLOCK = 1024  # rows per query/key block at most (the loop)
 EXACT_FUSED_ELEMS = 1 << 27  # score entries (slices * query rows * keys) per fused call
+SMALL_SUM = 256  # raw_score_bound sums in Python floats up to this many products (L d)
 
 
 def exact_forward(
@@ -87,8 +92,6 @@ def exact_forward(
     m, dv = k.shape[1], v.shape[2]
     if block is None:
         block = default_block(L)
-    if positions is None:
-        positions = torch.arange(n, device=q.device)
     n_blocks = -(-n // block)
     if fused and uses_fused(causal, q.dtype):
         # query blocks as long as about 2^27 score entries (one call up to n = m = 11585 for
@@ -110,6 +113,8 @@ def exact_forward(
             out[:, s:e] = o[0]
             report(progress, bi + 1, n_blocks)
         return out
+    if positions is None:
+        positions = torch.arange(n, device=q.device)
     out = torch.empty((L, n, dv), dtype=q.dtype, device=q.device)
     qs = q * scale  # [L, n, d]
     kt = k.transpose(1, 2)  # [L, d, m]
@@ -159,12 +164,19 @@ def _matmul_u(dtype: torch.dtype) -> float | None:
     return None
 
 
-def _score_error(S: float, d: int, dtype: torch.dtype, scale: float, operand: float) -> float:
+def _score_error(
+    S: float,
+    d: int,
+    dtype: torch.dtype,
+    scale: float,
+    operand: float,
+    um: float | None,
+) -> float:
     """E1: ``|s~ - s| <= gamma_{d+2} S`` (d products and sums, the scale, one more rounding of
-    the argument's conversion) plus the TF32 operand roundings, plus what underflowing products
-    lose (``tiny`` each, times the largest factor it multiplies: ``operand``)."""
+    the argument's conversion) plus the TF32 operand roundings (``um``: ``_matmul_u(dtype)``),
+    plus what underflowing products lose (``tiny`` each, times the largest factor it
+    multiplies: ``operand``)."""
     u = unit_roundoff(dtype)
-    um = _matmul_u(dtype)
     rel = gamma(d + 2, u) + (2.01 * um if um is not None else 0.0)
     return rel * S + 2.0 * d * tiny(dtype) * (abs(scale) + 1.0) * (operand + 1.0)
 
@@ -207,16 +219,17 @@ def exact_bound(
         geometry = fused_geometry(m)
     else:
         geometry = loop_geometry(m, default_block(L) if block is None else block)
+    um = _matmul_u(dtype)
     total = softmax_rounding_bound(
         score_bound=S,
-        score_error=_score_error(S, d, dtype, scale, k_peak),
+        score_error=_score_error(S, d, dtype, scale, k_peak, um),
         keys=m,
         geometry=geometry,
         value_range=value_range,
         value_absmax=value_absmax,
         compute_dtype=dtype,
         out_dtype=out_dtype,
-        matmul_u=_matmul_u(dtype),
+        matmul_u=um,
     )
     return round_bound_up(total)
 
@@ -301,10 +314,15 @@ def exact_is_safe(stats: Stats, scale: float, d: int, m: int, dtype: torch.dtype
     ``|scale| max|q|``, and the weighted value sums (weights <= 1 after the running max) at most
     ``m max|v|``; all of them far below the dtype's largest number is the usual case.
     """
-    big = float(torch.finfo(dtype).max) / 64.0
-    with np.errstate(over="ignore"):
-        raw = (abs(scale) + 1.0) * (d * stats.q_peak * stats.k_peak + stats.q_peak + 1.0)
-    return raw < big and stats.k_peak < big and m * stats.value_absmax < big
+    big = _dtype_max(dtype) / 64.0
+    qp, kp = float(stats.q_peak), float(stats.k_peak)  # Python floats: overflow gives inf
+    raw = (abs(scale) + 1.0) * (d * qp * kp + qp + 1.0)
+    return raw < big and kp < big and m * float(stats.value_absmax) < big
+
+
+@lru_cache(maxsize=16)
+def _dtype_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
 
 
 def exact_wide(
@@ -355,18 +373,89 @@ def raw_score_bound(stats: Stats, scale: float, dtype: torch.dtype) -> float | N
     certified radius, and ``max_i sum_l |q_il| |c_l| <= sum_l max|q_l| |c_l|`` per slice
     (docs/attention.md, "The exact path's bound"). Evaluated in float64 with its d + 2
     roundings absorbed by the factor ``1 + (d + 4) 2^-52``; None where it is not finite."""
-    ex = stats.extremes
-    if ex.balance is None or not math.isfinite(stats.radius):
+    if not math.isfinite(stats.radius):
         return None
-    qa = np.asarray(ex.balance[0], dtype=np.float64)  # [L, d] max |q| per slice and column
-    mid = stats.mid.to(torch.float64).cpu().numpy().reshape(qa.shape)  # [L, d]
+    qa = stats.q_absmax_host  # [L, d] float64: max |q| per slice and column
     u = unit_roundoff(dtype)
     d = qa.shape[-1] if qa.ndim else 0
-    with np.errstate(all="ignore"):
-        shift = float((qa * np.abs(mid)).sum(axis=-1).max()) if qa.size else 0.0
-        total = (stats.radius + (1.0 + u) * abs(scale) * shift) / (1.0 - u)
-        total *= 1.0 + (d + 4) * 2.0**-52
+    if qa.size <= SMALL_SUM:  # a few products: Python floats (no NumPy call overhead)
+        mids = stats.mid.tolist()  # [L][d], exact (float32 or float64 -> float)
+        shift = 0.0
+        for qs, cs in zip(qa.tolist(), mids, strict=True):
+            shift = max(shift, sum(a * abs(c) for a, c in zip(qs, cs, strict=True)))
+    else:
+        # [L, d] in its own dtype: the products below are float64 (an exact widening)
+        mid = stats.mid.cpu().numpy().reshape(qa.shape)
+        with np.errstate(all="ignore"):
+            shift = float((qa * np.abs(mid)).sum(axis=-1).max()) if qa.size else 0.0
+    # (an overflowing product or sum is inf either way: the bound is then None)
+    total = (stats.radius + (1.0 + u) * abs(scale) * shift) / (1.0 - u)
+    total *= 1.0 + (d + 4) * 2.0**-52
     return total if math.isfinite(total) else None
+
+
+@dataclass(frozen=True)
+class ExactRoute:
+    """How ``run_exact`` runs and its certified bound, decided from the statistics alone (before
+    the kernel runs: the plan reports it as ``predicted_bound``)."""
+
+    wide: torch.dtype | None  # None: exact_forward on the raw inputs; else exact_wide in it
+    bound: float  # the certified bound (output units)
+    log2_s: float = 0.0  # wide routes: log2 of the centred scores' bound (see run_exact)
+    in_range: bool = True  # False: not even float64 holds the scores (run_exact raises)
+
+
+def exact_route(
+    q3: torch.Tensor,
+    k3: torch.Tensor,
+    stats: Stats,
+    scale: float,
+    *,
+    causal: bool,
+    value_range: float,
+    value_absmax: float,
+    out_dtype: torch.dtype,
+) -> ExactRoute:
+    """``run_exact``'s choice for these inputs and the bound it certifies (see there)."""
+    dtype = q3.dtype
+    d, m = q3.shape[-1], k3.shape[-2]
+    if exact_is_safe(stats, scale, d, m, dtype):
+        bound = exact_bound(
+            q3,
+            k3,
+            scale,
+            causal=causal,
+            value_range=value_range,
+            value_absmax=value_absmax,
+            out_dtype=out_dtype,
+            score_bound=raw_score_bound(stats, scale, dtype),
+            k_peak=stats.k_peak,
+        )
+        return ExactRoute(None, bound)
+    # S = d max_l |scale| max|q_l| max|kc_l| bounds the centred scores (like R, but in
+    # logarithms, so also where R itself overflows float64): balanced entries are at most
+    # 2 sqrt(S), the balanced scores at most 2 S (see balance)
+    ex = stats.extremes
+    qa = ex.q_absmax if ex.q_absmax is not None else q3.abs().max(dim=1).values
+    both = (qa.double().log2() + ex.k_absmax.double().log2()).amax()  # -inf for zero columns
+    log2_s = float(both) + math.log2(d) + (math.log2(abs(scale)) if scale else -math.inf)
+    log2_need = max(log2_s + 3.0, 0.5 * log2_s + 3.0, math.log2(m) + 1.0)
+    for wide in (dtype, torch.float64):
+        if log2_need < math.log2(float(torch.finfo(wide).max) / 64.0):
+            bound = _wide_bound(
+                log2_s,
+                d,
+                m,
+                causal=causal,
+                L=q3.shape[0],
+                centring_dtype=dtype,
+                wide=wide,
+                value_range=value_range,
+                value_absmax=value_absmax,
+                out_dtype=out_dtype,
+            )
+            return ExactRoute(wide, bound, log2_s)
+    return ExactRoute(None, math.inf, log2_s, in_range=False)
 
 
 def run_exact(
@@ -381,6 +470,7 @@ def run_exact(
     value_range: float,
     value_absmax: float,
     out_dtype: torch.dtype,
+    route: ExactRoute | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The exact path of ``attention`` and its certified bound (``exact_bound``, or for
     ``exact_wide`` its own): the plain kernel when its intermediates are safe, else
@@ -388,49 +478,26 @@ def run_exact(
     (``<= 2 S``, S a bound on the centred scores), else in float64; raises
     ``OutOfRangeError`` when even float64 cannot hold the scores. ``value_range`` (widened for
     the centre's rounding, as ``attention`` does) and ``value_absmax`` describe v3;
-    ``out_dtype`` is the dtype the result will be cast to."""
-    dtype = q3.dtype
-    d, m = q3.shape[-1], k3.shape[-2]
-    if exact_is_safe(stats, scale, d, m, dtype):
-        out = exact_forward(q3, k3, v3, scale, causal=causal, progress=progress)
-        bound = exact_bound(
+    ``out_dtype`` is the dtype the result will be cast to; ``route``: ``exact_route``'s
+    choice for these arguments when the caller has made it already."""
+    if route is None:
+        route = exact_route(
             q3,
             k3,
+            stats,
             scale,
             causal=causal,
             value_range=value_range,
             value_absmax=value_absmax,
             out_dtype=out_dtype,
-            score_bound=raw_score_bound(stats, scale, dtype),
-            k_peak=stats.k_peak,
         )
-        return out, bound
-    # S = d max_l |scale| max|q_l| max|kc_l| bounds the centred scores (like R, but in
-    # logarithms, so also where R itself overflows float64): balanced entries are at most
-    # 2 sqrt(S), the balanced scores at most 2 S (see balance)
-    ex = stats.extremes
-    qa = ex.q_absmax if ex.q_absmax is not None else q3.abs().max(dim=1).values
-    both = (qa.double().log2() + ex.k_absmax.double().log2()).amax()  # -inf for zero columns
-    log2_s = float(both) + math.log2(d) + (math.log2(abs(scale)) if scale else -math.inf)
-    log2_need = max(log2_s + 3.0, 0.5 * log2_s + 3.0, math.log2(m) + 1.0)
-    for wide in (dtype, torch.float64):
-        if log2_need < math.log2(float(torch.finfo(wide).max) / 64.0):
-            out = exact_wide(q3, stats.kc, v3, scale, causal=causal, dtype=wide, progress=progress)
-            bound = _wide_bound(
-                log2_s,
-                d,
-                m,
-                causal=causal,
-                L=q3.shape[0],
-                centring_dtype=dtype,
-                wide=wide,
-                value_range=value_range,
-                value_absmax=value_absmax,
-                out_dtype=out_dtype,
-            )
-            return out.to(dtype), bound
-    raise OutOfRangeError(
-        "q",
-        f"the scores scale * <q, k> reach about 2^{log2_s:.0f} (after centring the keys), "
-        "beyond the range of float64; rescale q or k, or pass a smaller scale",
-    )
+    if not route.in_range:
+        raise OutOfRangeError(
+            "q",
+            f"the scores scale * <q, k> reach about 2^{route.log2_s:.0f} (after centring the "
+            "keys), beyond the range of float64; rescale q or k, or pass a smaller scale",
+        )
+    if route.wide is None:
+        return exact_forward(q3, k3, v3, scale, causal=causal, progress=progress), route.bound
+    out = exact_wide(q3, stats.kc, v3, scale, causal=causal, dtype=route.wide, progress=progress)
+    return out.to(q3.dtype), route.bound

@@ -166,8 +166,11 @@ def make_plan(
     out_dtype: torch.dtype,
     causal: bool,
     device: torch.device,
+    exact_bound: float | None = None,
 ) -> tuple[Plan, Config | None]:
-    """The plan and, when the polynomial path runs, its configuration."""
+    """The plan and, when the polynomial path runs, its configuration. ``exact_bound``: the
+    exact path's certified bound where the caller knows it (``attention``, from the
+    statistics), reported as an exact plan's ``predicted_bound``."""
     rho = planner.rho(R, n_k)
     cost_exact = predict_exact(
         device, compute_dtype, batch=batch, n_q=n_q, n_k=n_k, d=d, dv=dv, causal=causal
@@ -188,6 +191,7 @@ def make_plan(
             method="exact",
             reason=reason,
             compute_dtype=dtype_name(compute_dtype),
+            predicted_bound=exact_bound,
             extra=extra,
             **base,
         )
@@ -216,6 +220,7 @@ def make_plan(
                     degree=g0,
                     features=r0,
                     cost_polynomial=floor,
+                    predicted_bound=exact_bound,
                     extra=extra,
                     **base,
                 )
@@ -243,6 +248,7 @@ def make_plan(
             compute_dtype=dtype_name(compute_dtype),
             degree=sel.degree_needed,
             features=sel.features_needed,
+            predicted_bound=exact_bound,
             extra=extra,
             **base,
         )
@@ -281,7 +287,7 @@ def make_plan(
         )
         return plan, cfg
     fields["compute_dtype"] = dtype_name(compute_dtype)
-    fields["predicted_bound"] = None
+    fields["predicted_bound"] = exact_bound
     reason = planner.exact_instead(claim, cost_poly, cost_exact)
     plan = Plan(method="exact", reason=reason, **fields, **base)
     return plan, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -51,9 +51,16 @@ class Stats:
     radius: float  # as matrix_radius(q, centre(k), scale), up to the radius' inflation
     value_range: float  # max over slices and columns of max v - min v (float64, exact)
     value_absmax: float  # max |v| (exact)
-    extremes: Extremes
+    q_absmax_host: np.ndarray  # [L, d] float64: max |q| per slice and column (exact)
+    # builds ``extremes`` on first use (the exact path of a usual input never needs them)
+    make_extremes: Callable[[], Extremes] = field(repr=False, compare=False)
     q_peak: float = 0.0  # max |q| (exact)
     k_peak: float = 0.0  # max |k| of the uncentred keys (exact)
+
+    @cached_property
+    def extremes(self) -> Extremes:
+        """The column extremes (``Extremes``), formed on first use."""
+        return self.make_extremes()
 
     @cached_property
     def kc(self) -> torch.Tensor:
@@ -158,24 +165,22 @@ def statistics(
         info = None
     else:
         host, mid, info = got
-    for name, peak in zip(_INPUT_NAMES, host[:3], strict=True):
-        if not math.isfinite(float(peak)):
+    peaks = host[:3].tolist()  # max |q|, max |k|, max |v| (floats)
+    for name, peak in zip(_INPUT_NAMES, peaks, strict=True):
+        if not math.isfinite(peak):
             raise InvalidInputError(name, "contains NaN or Inf")
     qa_h = host[3 : 3 + L * d].reshape(L, d)  # exact
     ka_h = host[3 + L * d : 3 + 2 * L * d].reshape(L, d)
     at = 3 + 2 * L * d
-    hi = host[at + 3 * L : at + 3 * L + L * dv]  # [L dv] float64, exact
-    lo = host[at + 3 * L + L * dv :]  # [L dv]
     if info is not None:  # the compiled route: its host arithmetic, the extremes from the host
-        hv = torch.from_numpy(host).to(q.dtype)  # one cast (exact for the extremes)
-        qa, ka = hv[3 : 3 + L * d].view(L, d), hv[3 + L * d : 3 + 2 * L * d].view(L, d)
-        v_hi = hv[at + 3 * L : at + 3 * L + L * dv].view(L, dv)
-        v_lo = hv[at + 3 * L + L * dv :].view(L, dv)
-        radius, value_range, value_absmax = float(info[0]), float(info[1]), float(info[2])
+        radius, value_range, value_absmax = info[:3].tolist()
         value_exp: np.ndarray | None = info[3:].reshape(L, 1, dv)
         if not math.isfinite(radius):  # one of radius_from's guards applies
             radius = _radius(host, qa_h, ka_h, L, d, scale)
+        make = _host_extremes(host, q.dtype, L, d, dv, (qa_h, ka_h), value_exp)
     else:
+        hi = host[at + 3 * L : at + 3 * L + L * dv]  # [L dv] float64, exact
+        lo = host[at + 3 * L + L * dv :]  # [L dv]
         radius = _radius(host, qa_h, ka_h, L, d, scale)
         with np.errstate(over="ignore"):  # float64 values near the top: range inf, path exact
             spans = hi - lo  # [L dv]
@@ -190,20 +195,54 @@ def statistics(
             raw = np.frexp(spans * (1.0 + 2.0**-20) + sig)[1].astype(np.float64)
             value_exp = np.where(spans > 0.0, raw, 0.0).reshape(L, 1, dv)
         value_absmax = float(np.maximum(np.abs(hi), np.abs(lo)).max())
-    return Stats(
-        k=k,
-        mid=mid,
-        radius=radius,
-        value_range=value_range,
-        value_absmax=value_absmax,
-        extremes=Extremes(
+        ex = Extremes(
             q_absmax=qa,
             k_absmax=ka,
             v_hi=v_hi,
             v_lo=v_lo,
             balance=(qa_h, ka_h),
             value_exp=value_exp,
-        ),
-        q_peak=float(host[0]),
-        k_peak=float(host[1]),
+        )
+
+        def make() -> Extremes:
+            return ex
+
+    return Stats(
+        k=k,
+        mid=mid,
+        radius=radius,
+        value_range=value_range,
+        value_absmax=value_absmax,
+        q_absmax_host=qa_h,
+        make_extremes=make,
+        q_peak=peaks[0],
+        k_peak=peaks[1],
     )
+
+
+def _host_extremes(
+    host: np.ndarray,
+    dtype: torch.dtype,
+    L: int,
+    d: int,
+    dv: int,
+    balance: tuple[np.ndarray, np.ndarray],
+    value_exp: np.ndarray | None,
+) -> Callable[[], Extremes]:
+    """``Extremes`` from the compiled route's host numbers, formed when first asked for: one
+    cast of the host buffer to ``dtype`` (exact for the extremes, which are values of the
+    inputs or, for the centred keys, of ``fl(hi - c)``)."""
+
+    def make() -> Extremes:
+        at = 3 + 2 * L * d
+        hv = torch.from_numpy(host).to(dtype)
+        return Extremes(
+            q_absmax=hv[3 : 3 + L * d].view(L, d),
+            k_absmax=hv[3 + L * d : at].view(L, d),
+            v_hi=hv[at + 3 * L : at + 3 * L + L * dv].view(L, dv),
+            v_lo=hv[at + 3 * L + L * dv :].view(L, dv),
+            balance=balance,
+            value_exp=value_exp,
+        )
+
+    return make

@@ -62,6 +62,7 @@ __all__ = [
     "calibrated",
     "calibration_dir",
     "clear_memory",
+    "epoch",
     "machine_key",
     "recalibrate",
     "robust",
@@ -84,6 +85,15 @@ _memory: dict[str, dict[str, float]] = {}  # file name -> constants, this proces
 _fast: dict[tuple[str, str, torch.dtype | None, str, int], dict[str, float]] = {}
 _measured_here: set[str] = set()  # file names measured by this process (COMPUTE_RECALIBRATE)
 _registered: dict[str, tuple[str, torch.device, torch.dtype | None, Measure, str]] = {}
+# bumped whenever constants this process holds may change (clear_memory, recalibrate): caches of
+# anything derived from them (``attention.cost``'s predictions) key on it
+_epoch = 0
+
+
+def epoch() -> int:
+    """A number that changes whenever a constant set's values may have changed in this process
+    (:func:`clear_memory`, :func:`recalibrate`): the key part of caches derived from them."""
+    return _epoch
 
 
 def calibration_dir() -> Path:
@@ -352,11 +362,13 @@ def calibrated(
 def clear_memory() -> None:
     """Forget the constants this process holds and which sets it used (the files stay): the
     next use reads them."""
+    global _epoch
     with _lock:
         _registered.clear()
         _memory.clear()
         _fast.clear()
         _measured_here.clear()
+        _epoch += 1
 
 
 def recalibrate() -> dict[str, dict[str, float]]:
@@ -366,6 +378,7 @@ def recalibrate() -> dict[str, dict[str, float]]:
     anew (from scratch, not read) only if ``COMPUTE_RECALIBRATE=1``; otherwise they are read
     from their files when first used, as usual.
     """
+    global _epoch
     out: dict[str, dict[str, float]] = {}
     with _lock:
         _fast.clear()
@@ -377,4 +390,5 @@ def recalibrate() -> dict[str, dict[str, float]]:
             _memory[fname] = values
             _measured_here.add(fname)
             out[fname] = dict(values)
+        _epoch += 1  # after the new values (a cache filled meanwhile keyed the old number)
     return out

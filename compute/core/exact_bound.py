@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -42,6 +43,7 @@ KERNEL_MIN_KEY_BLOCK = 64  # fewest keys a fused kernel processes per block (see
 TF32_UNIT_ROUNDOFF = 2.0**-11  # float32 operands rounded to 10 bits (TF32)
 
 
+@lru_cache(maxsize=16)
 def tiny(dtype: torch.dtype) -> float:
     """The smallest positive normal number of ``dtype``: what a subnormal result loses at most,
     gradual or flushed to zero."""
@@ -64,6 +66,7 @@ class Geometry:
     blocks: int
 
 
+@lru_cache(maxsize=256)
 def fused_geometry(keys: int) -> Geometry:
     """A fused kernel of unknown blocking: a block may hold every key (``inner = keys``) and
     there are at most ``ceil(keys / KERNEL_MIN_KEY_BLOCK)`` blocks; both maxima at once."""

@@ -23,6 +23,7 @@ import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -114,7 +115,12 @@ def first_degree(radius: float, ratio: float, max_degree: int = MAX_DEGREE) -> i
             _T_TABLES.clear()
         table = _T_TABLES.setdefault(key, [])
     limit = ratio * (1.0 + 1e-9)
-    for g in range(max_degree + 1):
+    for g, t in enumerate(table):  # the degrees tabulated so far
+        if g > max_degree:
+            return max_degree + 1
+        if t <= limit:
+            return g
+    for g in range(len(table), max_degree + 1):
         if g >= len(table):
             t = certified_best(radius, g).t
             with _T_LOCK:  # (threads extend a table one degree at a time, in order)
@@ -231,8 +237,15 @@ def useless_polynomial(where: str, degree: int, features: int, floor: float, exa
     """``auto`` runs exact without pricing each polynomial: every certified one has at least
     degree ``degree`` and ``features`` features, predicted at least ``floor`` seconds, which
     does not beat ``exact`` by ``MARGIN``."""
+    return f"{where}: {_useless_tail(degree, features, floor, exact)}"
+
+
+@lru_cache(maxsize=1024)
+def _useless_tail(degree: int, features: int, floor: float, exact: float) -> str:
+    """The part of ``useless_polynomial`` after ``where`` (a pure function of the numbers, which
+    repeat for a repeated shape: cached)."""
     return (
-        f"{where}: a certified polynomial needs degree >= {degree} (r >= {features} features), "
+        f"a certified polynomial needs degree >= {degree} (r >= {features} features), "
         f"predicted at least {format_seconds(floor)} versus {format_seconds(exact)} exact, so "
         + (
             "exact is predicted to be faster."

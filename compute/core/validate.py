@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 
 import torch
 
@@ -212,6 +213,7 @@ def output_dtype_of(*tensors: torch.Tensor) -> torch.dtype:
     return out
 
 
+@lru_cache(maxsize=16)
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float32`` -> ``"float32"`` (the spelling of plans and of the plan functions)."""
     return str(dtype).removeprefix("torch.")

@@ -153,7 +153,8 @@ def kernel_status() -> str:
 
 
 def stats_ok(*ts: torch.Tensor) -> bool:
-    return NATIVE and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+    # (on every call: is_cpu reads a flag, where device.type would build a device object)
+    return NATIVE and all(t.dtype == torch.float32 and t.is_cpu for t in ts)
 
 
 def route_ok(dtype: torch.dtype, device: torch.device, causal: bool = False) -> bool:
