@@ -498,3 +498,39 @@ def test_fast_exit_never_changes_the_method(monkeypatch: pytest.MonkeyPatch, cau
             if s.cost_polynomial is not None:
                 assert f.cost_polynomial <= s.cost_polynomial
     assert exits > 0  # the fast exit is exercised
+
+
+@needs_kernel
+def test_the_kernels_helper_thread_survives_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker process forks after the kernel's helper thread started (the parent's helper does
+    not exist in the child): the child and a grandchild start their own, never wait for the
+    parent's, and give the parent's bits (chunks fixed in advance, summed in chunk order)."""
+    import os
+    import time
+
+    q, k, v = make(1, 4096, 4096, 8, 3, 1.0, seed=5)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the helper thread takes part
+    parent = compute.attention(q, k, v, method="polynomial", eps=1e-3)  # starts the helper
+
+    def run_child(depth: int) -> int:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                out = compute.attention(q, k, v, method="polynomial", eps=1e-3).output
+                code = 0 if torch.equal(out, parent.output) else 2
+                if code == 0 and depth > 1:
+                    code = run_child(depth - 1)
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 60  # a child stuck on the parent's helper: fail, not hang
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.01)
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return -9
+
+    assert run_child(2) == 0

@@ -306,6 +306,7 @@ static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER;
 static pthread_cond_t pool_done = PTHREAD_COND_INITIALIZER;
 static Job *pool_job = NULL;
 static int pool_pending = 0, pool_finished = 0, pool_state = 0; /* 0 none, 1 live, -1 failed */
+static int pool_atfork = 0; /* the fork handler is registered once per process image */
 
 static void job_run(Job *job) {
     for (;;) {
@@ -354,7 +355,10 @@ static int pool_acquire(void) {
             pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
             if (pthread_create(&t, &at, pool_main, NULL) == 0) {
                 pool_state = 1;
-                pthread_atfork(NULL, NULL, pool_after_fork);
+                /* once: a forked child inherits the registration, and a handler registered
+                 * again by each child's new helper would run several times per fork */
+                if (!pool_atfork && pthread_atfork(NULL, NULL, pool_after_fork) == 0)
+                    pool_atfork = 1;
             }
             pthread_attr_destroy(&at);
         }
