@@ -492,6 +492,11 @@ class AsyncQueue(_Settings):
     async def status(self, ops: Iterable[str] | None = None) -> QueueStatus:
         return await self._run(status_call(operation_names() if ops is None else ops))
 
+    def memory_cached(self, max_age: float = 1.0) -> tuple[int, int] | None:
+        """:meth:`memory` when its last reading is recent enough (no await), else None."""
+        read_at, used, limit = self._memory
+        return (used, limit) if time.monotonic() - read_at <= max_age else None
+
     async def memory(self, max_age: float = 1.0) -> tuple[int, int]:
         """(used_memory, maxmemory) of Redis, read at most once per ``max_age`` seconds."""
         read_at, used, limit = self._memory

@@ -238,7 +238,9 @@ if redis.call('HGET', jkey(id), 'cancel') == '1' then
   finish(id, 'cancelled', 'cancelled', 'the job was cancelled', ARGV[5], ARGV[6])
   return {'cancelled'}
 end
-for i, n in ipairs(split(ARGV[9])) do redis.call('SET', okey(id, n), ARGV[11 + i], 'EX', ARGV[6]) end
+for i, n in ipairs(split(ARGV[9])) do
+  redis.call('SET', okey(id, n), ARGV[11 + i], 'EX', ARGV[6])
+end
 redis.call('HSET', jkey(id), 'summary', ARGV[7], 'outputs', ARGV[8], 'output_names', ARGV[9],
   'error_code', '', 'error_message', '')
 finish(id, 'succeeded', nil, nil, ARGV[5], ARGV[6])
