@@ -684,6 +684,30 @@ def test_cancel_is_seen_through_the_progress_callback(make_queue: Any, make_sett
         progress(4, 10)
 
 
+def test_a_summary_is_made_json_safe() -> None:
+    """Non-finite floats (also numpy's, a float subclass) become null at any depth, tuples and
+    other sequences of the summary become lists, keys strings; other values are kept."""
+    import types
+
+    from workers.run import _finite
+
+    inf, nan = float("inf"), float("nan")
+    summary = {
+        "a": inf,
+        "b": (1, 2.5, nan, [np.float64(-inf), np.float64(0.5)]),
+        3: {"c": True, "d": None, "e": "x", "f": types.MappingProxyType({"g": nan})},
+        "h": np.float32(1.5),
+    }
+    safe = _finite(summary)
+    assert safe == {
+        "a": None,
+        "b": [1, 2.5, None, [None, 0.5]],
+        "3": {"c": True, "d": None, "e": "x", "f": {"g": None}},
+        "h": np.float32(1.5),
+    }
+    assert type(safe["b"][3][1]) is np.float64 and json.loads(json.dumps(safe["b"])) == safe["b"]
+
+
 def test_the_last_block_makes_no_round_trip_and_its_write_honours_a_cancel(
     make_queue: Any, make_settings: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

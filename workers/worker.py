@@ -413,13 +413,13 @@ class Worker:
             elif isinstance(done, tuple):
                 status, stored, self._next = done
                 method = str(summary.get("method", "unknown"))
-                metrics.BYTES_STORED.labels("output").inc(stored)
-                metrics.JOB_SECONDS.labels(op, method).observe(time.perf_counter() - begin)
+                metrics.child(metrics.BYTES_STORED, "output").inc(stored)
+                metrics.child(metrics.JOB_SECONDS, op, method).observe(time.perf_counter() - begin)
                 bound = _largest_bound(summary)
                 if bound is not None:
-                    metrics.ERROR_BOUND.labels(op, method).observe(bound)
+                    metrics.child(metrics.ERROR_BOUND, op, method).observe(bound)
                 for stage, seconds in stages.items():
-                    metrics.WORKER_STAGE.labels(op, stage).observe(seconds)
+                    metrics.child(metrics.WORKER_STAGE, op, stage).observe(seconds)
             else:
                 status = str(done)
         except StaleAttempt as exc:
@@ -439,7 +439,7 @@ class Worker:
             status = self._fail(att, code, message, retry=retry)
         finally:
             self._current = None
-        metrics.WORKER_JOBS.labels(op, status).inc()
+        metrics.child(metrics.WORKER_JOBS, op, status).inc()
         self.jobs_done += 1
         return status
 

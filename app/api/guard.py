@@ -70,7 +70,7 @@ class Guard:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("other" if path not in _HEALTH else path)
-            metrics.HTTP_RESPONSES.labels(template, str(status_box[0])).inc()
+            metrics.child(metrics.HTTP_RESPONSES, template, str(status_box[0])).inc()
 
     def _refusal(self, scope: MutableMapping[str, Any], path: str) -> ServiceError | None:
         """Why the request is refused, or None; every ``/v1`` request that passes carries its

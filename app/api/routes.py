@@ -105,8 +105,10 @@ def _idempotency_key(request: Request) -> str | None:
 
 async def _check_memory(queue: AsyncQueue, settings: Settings, nbytes: int) -> None:
     """Keep REDIS_MEMORY_RESERVE of maxmemory free of new inputs (for leases and results)."""
-    cached = queue.memory_cached()  # read at most once a second: most requests await nothing
-    used, limit = cached or await within(deadline(settings), queue.memory())
+    reading = queue.memory_cached()  # read at most once a second: most requests await nothing
+    if reading is None:
+        reading = await within(deadline(settings), queue.memory())
+    used, limit = reading
     if limit and used + nbytes > (1.0 - settings.redis_memory_reserve) * limit:
         metrics.REJECTED.labels("memory").inc()
         raise QueueFull(
@@ -258,8 +260,10 @@ def _submit_route(spec: OpSpec) -> Any:
         if sub.replayed:
             headers["Idempotent-Replayed"] = "true"
         else:
-            metrics.JOBS_SUBMITTED.labels(spec.name, "json" if ctype == JSON else "binary").inc()
-            metrics.BYTES_STORED.labels("input").inc(nbytes)
+            metrics.child(
+                metrics.JOBS_SUBMITTED, spec.name, "json" if ctype == JSON else "binary"
+            ).inc()
+            metrics.child(metrics.BYTES_STORED, "input").inc(nbytes)
         if job["status"] == "succeeded":
             if "_blobs" in job:  # read with the job once it ended: no second round trip
                 done, outputs = outputs_of(job)
