@@ -8,6 +8,7 @@ the worker reports. Prints markdown tables and writes them with a plot to ``benc
 
     python3 benchmarks/service.py            # about 3-5 minutes on 2 cores
     python3 benchmarks/service.py --quick    # fewer jobs, 1 and 2 workers
+    python3 benchmarks/service.py --parts throughput --workers 1,2 --clients 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -163,15 +164,53 @@ def upload(stack: Stack, mbytes: int, binary: bool) -> float:
     return best
 
 
+ROLES = ("api", "redis", "workers", "load")
+
+
+def throughput(stack: Stack, workers: int, clients: int, jobs: int) -> dict[str, Any]:
+    """One throughput run, with the CPU seconds each process took per job (ms): the API, Redis,
+    the workers together and the load generator (this process), from /proc."""
+    cpu0, t0 = stack.cpu_seconds(), time.perf_counter()
+    run = load(stack, clients, jobs, three_calls=False)
+    cpu1, wall = stack.cpu_seconds(), time.perf_counter() - t0
+    done = jobs + clients
+    cpu = {r: (cpu1[r] - cpu0[r]) / done * 1e3 for r in ROLES}
+    return {
+        "workers": workers,
+        "clients": clients,
+        "jobs_per_s": run["jobs_per_s"],
+        "overhead_p50": pct([x["overhead"] for x in run["samples"]], 50) * 1e3,
+        "overhead_p99": pct([x["overhead"] for x in run["samples"]], 99) * 1e3,
+        "cpu_ms": cpu,
+        "cpu_busy": sum(cpu1[r] - cpu0[r] for r in ROLES) / wall,  # cores in use
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--jobs", type=int, default=1200, help="small jobs per configuration")
     ap.add_argument("--sizes", default="1,4,16,64", help="upload sizes in MB")
     ap.add_argument("--json-max", type=int, default=16, help="largest JSON upload in MB")
+    ap.add_argument(
+        "--parts", default="overhead,throughput,upload", help="which parts to run (comma list)"
+    )
+    ap.add_argument("--workers", default=None, help="worker counts of the throughput part")
+    ap.add_argument("--clients", default="8,32", help="client counts of the throughput part")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="throughput rounds; each round runs every worker count (interleaved: same load)",
+    )
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     jobs = 300 if args.quick else args.jobs
-    worker_counts = (1, 2) if args.quick else (1, 2, 4)
+    if args.workers is not None:
+        worker_counts = tuple(int(x) for x in args.workers.split(","))
+    else:
+        worker_counts = (1, 2) if args.quick else (1, 2, 4)
+    client_counts = tuple(int(x) for x in args.clients.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     # the JSON limit (16 MiB by default) raised to compare JSON and safetensors uploads
     stack = Stack(env={"MAX_JSON_BODY_BYTES": str(1 << 30)})
@@ -183,6 +222,8 @@ def main() -> None:
             ("Prefer: wait (1 call)", False),
             ("POST + GET wait + GET result", True),
         ):
+            if "overhead" not in parts:
+                break
             before = stack.worker_stages()
             run = load(stack, 1, jobs, three_calls=three)
             after = stack.worker_stages()
@@ -203,21 +244,26 @@ def main() -> None:
                     for st in STAGES
                 }
             print(path, json.dumps(results["overhead"][path], indent=1), flush=True)
-        for n in worker_counts:
-            stack.scale(n)
-            load(stack, 32, 300, three_calls=False)  # warm-up: workers' first jobs, connections
-            for clients in (8, 32):
-                run = load(stack, clients, jobs, three_calls=False)
-                results["throughput"][f"{n}x{clients}"] = {
-                    "workers": n,
-                    "clients": clients,
-                    "jobs_per_s": run["jobs_per_s"],
-                    "overhead_p50": pct([x["overhead"] for x in run["samples"]], 50) * 1e3,
-                    "overhead_p99": pct([x["overhead"] for x in run["samples"]], 99) * 1e3,
-                }
-                print(n, clients, f"{run['jobs_per_s']:.0f} jobs/s", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for _ in range(args.rounds if "throughput" in parts else 0):
+            for n in worker_counts:
+                stack.scale(n)
+                load(stack, 32, 300, three_calls=False)  # warm-up: first jobs, connections
+                for clients in client_counts:
+                    t = throughput(stack, n, clients, jobs)
+                    runs.setdefault(f"{n}x{clients}", []).append(t)
+                    cpu = " ".join(f"{r} {t['cpu_ms'][r]:.2f}" for r in ROLES)
+                    print(
+                        f"{n} workers, {clients} clients: {t['jobs_per_s']:.0f} jobs/s; "
+                        f"CPU ms/job: {cpu}; cores busy {t['cpu_busy']:.2f}",
+                        flush=True,
+                    )
+        for key, rs in runs.items():
+            rates = [r["jobs_per_s"] for r in rs]
+            best = rs[int(np.argsort(rates)[len(rates) // 2])]  # the median round
+            results["throughput"][key] = {**best, "all_jobs_per_s": rates}
         stack.scale(0)
-        for mb in (int(x) for x in args.sizes.split(",")):
+        for mb in (int(x) for x in args.sizes.split(",")) if "upload" in parts else ():
             b = upload(stack, mb, True)
             j = upload(stack, mb, False) if mb <= args.json_max else None
             results["upload"][mb] = {"binary": b, "json": j}
@@ -227,64 +273,81 @@ def main() -> None:
 
     table = render(results)
     print("\n" + table)
-    (OUT / "service.md").write_text(table + "\n")
-    (OUT / "service.json").write_text(json.dumps(results, indent=2))
-    plot(results)
+    name = "service" if all(results[p] for p in ("overhead", "throughput", "upload")) else None
+    name = name or "service-" + "-".join(sorted(parts))  # a partial run keeps the full tables
+    (OUT / f"{name}.md").write_text(table + "\n")
+    (OUT / f"{name}.json").write_text(json.dumps(results, indent=2))
+    if name == "service":
+        plot(results)
 
 
 def render(res: dict[str, Any]) -> str:
-    rows = [
-        f"Loopback, {os.cpu_count()} CPUs, small job = exact attention 16x8 (JSON), one client "
-        "(jobs one after another), 1 worker. Overhead = round trip minus the compute seconds "
-        "the worker reports.",
-        "",
-        "| path | overhead p50 (ms) | overhead p99 (ms) | round trip p50 (ms) | jobs/s |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for path, o in res["overhead"].items():
-        rows.append(
-            f"| {path} | {o['p50']:.2f} | {o['p99']:.2f} | {o['round_trip_p50']:.2f} "
-            f"| {o['jobs_per_s']:.0f} |"
-        )
-    one = next(iter(res["overhead"].values()))["split_ms"]
-    rows += [
-        "",
-        "Where a `Prefer: wait` round trip goes (medians, ms): HTTP in (client to the job "
-        "record: request, parse, validation) / queue (submit script to attempt started) / worker "
-        "(attempt started to result written) / notify and out (write, completion event, "
-        "response) / of which compute:",
-        "",
-        "| HTTP in | queue | worker | notify + out | compute |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {one['http_in']:.2f} | {one['queue']:.2f} | {one['worker']:.2f} "
-        f"| {one['notify_out']:.2f} | {one['compute']:.2f} |",
-        "",
-        "The worker's own path per job (means from its `attn_worker_stage_seconds`, ms):",
-        "",
-        "| " + " | ".join(STAGES) + " | non-compute |",
-        "|" + "---:|" * (len(STAGES) + 1),
-        "| "
-        + " | ".join(f"{res['stages'].get(s, 0.0):.3f}" for s in STAGES)
-        + f" | {sum(v for k, v in res['stages'].items() if k != 'compute'):.3f} |",
-        "",
-        "| workers | clients | jobs/s | overhead p50 (ms) | overhead p99 (ms) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for t in res["throughput"].values():
-        rows.append(
-            f"| {t['workers']} | {t['clients']} | {t['jobs_per_s']:.0f} | "
-            f"{t['overhead_p50']:.2f} | {t['overhead_p99']:.2f} |"
-        )
-    rows += [
-        "",
-        "| input size | safetensors upload (s) | JSON upload (s) | JSON / binary |",
-        "|---:|---:|---:|---:|",
-    ]
-    for mb, u in res["upload"].items():
-        j = f"{u['json']:.3f}" if u["json"] is not None else "(skipped)"
-        ratio = f"{u['json'] / u['binary']:.0f}x" if u["json"] is not None else ""
-        rows.append(f"| {mb} MB | {u['binary']:.3f} | {j} | {ratio} |")
-    return "\n".join(rows)
+    rows: list[str] = []
+    if res["overhead"]:
+        rows += [
+            f"Loopback, {os.cpu_count()} CPUs, small job = exact attention 16x8 (JSON), one "
+            "client (jobs one after another), 1 worker. Overhead = round trip minus the compute "
+            "seconds the worker reports.",
+            "",
+            "| path | overhead p50 (ms) | overhead p99 (ms) | round trip p50 (ms) | jobs/s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for path, o in res["overhead"].items():
+            rows.append(
+                f"| {path} | {o['p50']:.2f} | {o['p99']:.2f} | {o['round_trip_p50']:.2f} "
+                f"| {o['jobs_per_s']:.0f} |"
+            )
+        one = next(iter(res["overhead"].values()))["split_ms"]
+        rows += [
+            "",
+            "Where a `Prefer: wait` round trip goes (medians, ms): HTTP in (client to the job "
+            "record: request, parse, validation) / queue (submit script to attempt started) / "
+            "worker (attempt started to result written) / notify and out (write, completion "
+            "event, response) / of which compute:",
+            "",
+            "| HTTP in | queue | worker | notify + out | compute |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {one['http_in']:.2f} | {one['queue']:.2f} | {one['worker']:.2f} "
+            f"| {one['notify_out']:.2f} | {one['compute']:.2f} |",
+            "",
+            "The worker's own path per job (means from its `attn_worker_stage_seconds`, ms):",
+            "",
+            "| " + " | ".join(STAGES) + " | non-compute |",
+            "|" + "---:|" * (len(STAGES) + 1),
+            "| "
+            + " | ".join(f"{res['stages'].get(s, 0.0):.3f}" for s in STAGES)
+            + f" | {sum(v for k, v in res['stages'].items() if k != 'compute'):.3f} |",
+            "",
+        ]
+    if res["throughput"]:
+        rows += [
+            "Throughput (the median of the rounds; every round's jobs/s in brackets) and the CPU "
+            "each process took per job (ms, user + system from /proc; load = the load generator):",
+            "",
+            "| workers | clients | jobs/s | rounds | overhead p50 (ms) | overhead p99 (ms) "
+            "| CPU api | CPU redis | CPU workers | CPU load | cores busy |",
+            "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for t in res["throughput"].values():
+            c = t["cpu_ms"]
+            rounds = " ".join(f"{r:.0f}" for r in t["all_jobs_per_s"])
+            rows.append(
+                f"| {t['workers']} | {t['clients']} | {t['jobs_per_s']:.0f} | {rounds} | "
+                f"{t['overhead_p50']:.2f} | {t['overhead_p99']:.2f} | {c['api']:.2f} "
+                f"| {c['redis']:.2f} | {c['workers']:.2f} | {c['load']:.2f} "
+                f"| {t['cpu_busy']:.2f} |"
+            )
+        rows.append("")
+    if res["upload"]:
+        rows += [
+            "| input size | safetensors upload (s) | JSON upload (s) | JSON / binary |",
+            "|---:|---:|---:|---:|",
+        ]
+        for mb, u in res["upload"].items():
+            j = f"{u['json']:.3f}" if u["json"] is not None else "(skipped)"
+            ratio = f"{u['json'] / u['binary']:.0f}x" if u["json"] is not None else ""
+            rows.append(f"| {mb} MB | {u['binary']:.3f} | {j} | {ratio} |")
+    return "\n".join(rows).rstrip()
 
 
 def plot(res: dict[str, Any]) -> None:

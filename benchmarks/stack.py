@@ -35,6 +35,16 @@ def free_port() -> int:
             return port
 
 
+def _cpu_of(pid: int) -> float:
+    """utime + stime of a process (all its threads) from /proc, in seconds; 0 when gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Stack:
     """redis-server (AOF everysec when ``aof``) + the API + workers, as subprocesses."""
 
@@ -168,6 +178,21 @@ class Stack:
                         elif smp.name.endswith("_count"):
                             totals[stage][1] += smp.value
         return {s: (v[0], v[1]) for s, v in totals.items()}
+
+    def processes(self) -> dict[str, list[int]]:
+        """The stack's processes by role (pids): api, redis, workers."""
+        return {
+            "api": [self.api.pid],
+            "redis": [self.redis.pid],
+            "workers": [w.pid for w, _ in self.workers],
+        }
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system, every thread) used so far by each role's processes, and
+        by this process (``load``: the load generator)."""
+        out = {role: sum(_cpu_of(p) for p in pids) for role, pids in self.processes().items()}
+        out["load"] = _cpu_of(os.getpid())
+        return out
 
     def close(self) -> None:
         procs = [w for w, _ in self.workers] + [self.api]

@@ -416,6 +416,38 @@ def test_progress_is_called_and_can_cancel(monkeypatch: pytest.MonkeyPatch) -> N
             compute.attention(q, k, v, method=method, progress=cancel)
 
 
+def test_plan_to_dict_is_asdict_with_json_floats() -> None:
+    """``Plan.to_dict`` (built field by field) is ``dataclasses.asdict`` with the non-finite
+    floats nulled, for every operation's plans, and its ``extra`` is a deep copy."""
+    import dataclasses
+
+    plans = [
+        compute.plan_attention(n=16, d=8, radius=1.0, eps=1e-3),
+        compute.plan_attention(n=65536, d=64, radius=30.0, eps=1e-3),
+        compute.plan_tensor_attention(n=64, d=8, radius=1.0, eps=1e-3),
+        compute.plan_lora_gradient(n=64, d=8, radius=1.0, eps=1e-3),
+        dataclasses.replace(
+            compute.plan_attention(n=16, d=8, radius=1.0, eps=1e-3),
+            radius=math.inf,
+            extra={"a": [1, {"b": (2.0, 3)}]},
+        ),
+    ]
+    for p in plans:
+        want = dataclasses.asdict(p)
+        for key in ("radius", "rho", "cost_exact", "cost_polynomial", "predicted_bound", "eps"):
+            if want[key] is not None and not math.isfinite(want[key]):
+                want[key] = None
+        got = p.to_dict()
+        assert got == want and list(got) == list(want)
+        if p.extra:
+            first = next(iter(got["extra"]))
+            got["extra"][first] = "changed"
+            assert p.extra[first] != "changed"
+    nested = plans[-1].to_dict()["extra"]["a"]
+    nested[1]["b"] = None
+    assert plans[-1].extra["a"][1]["b"] == (2.0, 3)
+
+
 def test_plan_attention() -> None:
     """Certification is deterministic; the method follows the (machine-measured) predictions."""
     for n in (16, 65536):

@@ -692,6 +692,76 @@ def test_cancel_is_seen_through_the_progress_callback(make_queue: Any, make_sett
         progress(4, 10)
 
 
+def test_a_summary_is_made_json_safe() -> None:
+    """Non-finite floats (also numpy's, a float subclass) become null at any depth, tuples and
+    other sequences of the summary become lists, keys strings; other values are kept."""
+    import types
+
+    from workers.run import _finite
+
+    inf, nan = float("inf"), float("nan")
+    summary = {
+        "a": inf,
+        "b": (1, 2.5, nan, [np.float64(-inf), np.float64(0.5)]),
+        3: {"c": True, "d": None, "e": "x", "f": types.MappingProxyType({"g": nan})},
+        "h": np.float32(1.5),
+    }
+    safe = _finite(summary)
+    assert safe == {
+        "a": None,
+        "b": [1, 2.5, None, [None, 0.5]],
+        "3": {"c": True, "d": None, "e": "x", "f": {"g": None}},
+        "h": np.float32(1.5),
+    }
+    assert type(safe["b"][3][1]) is np.float64 and json.loads(json.dumps(safe["b"])) == safe["b"]
+
+
+def test_the_last_block_makes_no_round_trip_and_its_write_honours_a_cancel(
+    make_queue: Any, make_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last block's progress is not written on its own (no Redis round trip): the result's
+    write (the succeed script) records it, and ends the job cancelled, its result discarded,
+    when a cancel was asked while the attempt ran."""
+    from app.jobs.errors import NoResult
+    from app.jobs.records import Attempt
+    from workers.worker import Worker
+
+    q: Queue = make_queue()
+    inputs = {n: from_array(a) for n, a in attention_inputs().items()}
+    out = {"output": from_array(np.ones((16, 8), dtype=np.float32))}
+    for cancel in (False, True):
+        job = q.enqueue("attention", {}, inputs)
+        got = q.read_next("w", ["attention"], 100)
+        assert got is not None
+        att = q.start_attempt("w", *got)
+        assert isinstance(att, Attempt)
+        worker = Worker(q, make_settings(), worker_id="w")
+        progress = worker._progress(att)
+        if cancel:
+            assert q.cancel(job["id"])["cancel_requested"] is True
+
+        def no_call(*args: Any, **kwargs: Any) -> bool:
+            raise AssertionError("the last block wrote its progress on its own")
+
+        with monkeypatch.context() as m:
+            m.setattr(q, "report_progress", no_call)
+            progress(7, 7)  # the last block: never a round trip, never raises
+        assert q.get_job(job["id"])["progress"] is None  # not written yet
+        status, stored, _ = q.finish_success_and_read(att, out, {"method": "exact"}, ["attention"])
+        rec = q.get_job(job["id"])
+        assert rec["progress"] == {"done": 7, "total": 7}
+        if cancel:
+            assert (status, stored, rec["status"]) == ("cancelled", 0, "cancelled")
+            assert rec["error"]["code"] == "cancelled"
+            with pytest.raises(NoResult):
+                q.get_outputs(job["id"])
+        else:
+            assert (status, stored, rec["status"]) == ("succeeded", 512, "succeeded")
+            _, outputs = q.get_outputs(job["id"])
+            assert outputs["output"].data == out["output"].data
+        assert q.stats()[f"attention:{rec['status']}"] == 1
+
+
 def test_transient_failure_is_retried_then_fails_with_last_error(
     make_queue: Any, start_worker: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -384,6 +384,27 @@ def test_401_carries_www_authenticate(api: Any) -> None:
     assert r.status_code == 401
 
 
+def test_every_v1_route_needs_the_key(api: Any) -> None:
+    """The key is checked for every ``/v1`` path before routing (app.api.guard), not route by
+    route: each documented route refuses a request without it (an unknown /v1 path too)."""
+    client = api(api_key="s3cret")
+    spec = client.get("/openapi.json").json()
+    job = "0" * 32
+    calls = [
+        (method.upper(), path.replace("{job_id}", job))
+        for path, item in spec["paths"].items()
+        if path.startswith("/v1/")
+        for method in item
+    ]
+    assert len(calls) >= 8, calls  # 3 submits, job, cancel, result, plan (GET and POST)
+    for method, path in [*calls, ("GET", "/v1/no-such-route")]:
+        r = client.request(method, path)
+        assert r.status_code == 401, (method, path, r.status_code)
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    r = client.get(f"/v1/jobs/{job}", headers={"authorization": "Bearer s3cret"})
+    assert r.status_code == 404  # through to the route
+
+
 def test_each_key_sees_only_its_own_jobs(api: Any) -> None:
     client = api(api_key="key-a, key-b")
     a = {"authorization": "Bearer key-a"}

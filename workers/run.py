@@ -23,8 +23,20 @@ def resolve_device(setting: str) -> torch.device:
     return compute.default_device() if setting == "auto" else torch.device(setting)
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def _finite(value: Any) -> Any:
-    """JSON-safe copy: non-finite floats become None, tuples become lists."""
+    """JSON-safe copy: non-finite floats become None, tuples become lists. (The exact types of
+    a summary are tested first: the abstract ``Mapping`` check is slow, and a summary holds
+    dozens of values.)"""
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is dict:
+        return {str(k): _finite(v) for k, v in value.items()}
+    if kind in _PLAIN:
+        return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):

@@ -332,6 +332,14 @@ class Worker:
                 log.info("removed %d dead consumer(s) from the groups", removed)
 
     # ------------------------------------------------------------------ one job
+    def _check_local(self) -> None:
+        """Time limit and stop request (no Redis)."""
+        cur = self._current
+        if cur is not None and time.monotonic() > cur.deadline:
+            raise JobTimeout(f"the job ran past its time limit of {cur.limit:g} s")
+        if self._stop.is_set():
+            raise _HandBack()
+
     def _check(self, att: Attempt, done: int, total: int, *, force: bool) -> None:
         """At a block boundary: time limit, cancel request, stop request."""
         cur = self._current
@@ -347,9 +355,15 @@ class Worker:
 
     def _progress(self, att: Attempt) -> Progress:
         def progress(done: int, total: int) -> None:
-            last = total > 0 and done >= total
-            self._check(att, done, total, force=last)
-            if self.delay and not last:
+            att.progress = (done, total)
+            if total > 0 and done >= total:
+                # The last block: no round trip. The result's write (the succeed script) records
+                # this progress and honours a cancel asked until then; the time limit and a stop
+                # request are checked here as at every block.
+                self._check_local()
+                return
+            self._check(att, done, total, force=False)
+            if self.delay:
                 self._sleep(att, done, total)
 
         return progress
@@ -394,16 +408,18 @@ class Worker:
                 lambda: self.queue.finish_success_and_read(att, outputs, summary, self.ops)
             )
             stages["write"] = time.perf_counter() - t_write
-            if isinstance(done, tuple):
-                (stored, self._next), status = done, "succeeded"
+            if isinstance(done, tuple) and done[0] == "cancelled":  # asked while it ran
+                status, self._next = "cancelled", done[2]
+            elif isinstance(done, tuple):
+                status, stored, self._next = done
                 method = str(summary.get("method", "unknown"))
-                metrics.BYTES_STORED.labels("output").inc(stored)
-                metrics.JOB_SECONDS.labels(op, method).observe(time.perf_counter() - begin)
+                metrics.child(metrics.BYTES_STORED, "output").inc(stored)
+                metrics.child(metrics.JOB_SECONDS, op, method).observe(time.perf_counter() - begin)
                 bound = _largest_bound(summary)
                 if bound is not None:
-                    metrics.ERROR_BOUND.labels(op, method).observe(bound)
+                    metrics.child(metrics.ERROR_BOUND, op, method).observe(bound)
                 for stage, seconds in stages.items():
-                    metrics.WORKER_STAGE.labels(op, stage).observe(seconds)
+                    metrics.child(metrics.WORKER_STAGE, op, stage).observe(seconds)
             else:
                 status = str(done)
         except StaleAttempt as exc:
@@ -423,7 +439,7 @@ class Worker:
             status = self._fail(att, code, message, retry=retry)
         finally:
             self._current = None
-        metrics.WORKER_JOBS.labels(op, status).inc()
+        metrics.child(metrics.WORKER_JOBS, op, status).inc()
         self.jobs_done += 1
         return status
 

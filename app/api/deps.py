@@ -20,11 +20,10 @@ from app.jobs.queue import AsyncQueue
 from app.jobs.settings import Settings
 
 __all__ = [
-    "CallerDep",
     "QueueDep",
     "SettingsDep",
     "authorize",
-    "caller",
+    "context",
     "deadline",
     "owner_of",
     "within",
@@ -65,11 +64,13 @@ def authorize(headers: MutableMapping[str, str] | Any, settings: Settings) -> st
     raise Forbidden("missing or wrong API key (Authorization: Bearer <key>)")
 
 
-async def caller(request: Request, settings: SettingsDep) -> str:
-    return authorize(request.headers, settings)
-
-
-CallerDep = Annotated[str, Depends(caller)]
+def context(request: Request) -> tuple[AsyncQueue, Settings, str]:
+    """(queue, settings, owner) of a ``/v1`` request. The owner was set by the access check of
+    every ``/v1`` path (``app.api.guard.Guard``). Read directly rather than as FastAPI
+    dependencies: those are resolved anew on every request, and on the small-job path that
+    resolution cost about as much CPU as the route's own work (docs/service.md)."""
+    state = request.app.state
+    return state.queue, state.settings, request.state.owner
 
 
 async def within(seconds: float, work: Awaitable[T]) -> T:

@@ -1,4 +1,5 @@
-"""Access rules outside the ``/v1`` routes, and responses counted by route and status."""
+"""Access rules (the API key of every ``/v1`` route included), and responses counted by route
+and status."""
 
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ def _loopback(host: str | None) -> bool:
 
 
 class Guard:
-    """Pure ASGI middleware: access rules outside the /v1 routes, and responses by status.
+    """Pure ASGI middleware: access rules, and responses by status.
 
     - No API key and no ALLOW_OPEN: requests that arrive on a non-loopback address are refused
       (403), health checks excepted (``python -m app`` refuses to start in that configuration).
-    - With a key, PROTECT_METRICS / PROTECT_DOCS extend it to /metrics and the OpenAPI pages.
+    - With a key, every ``/v1/`` path needs it (401 otherwise, before routing: an unknown
+      ``/v1`` path is 401 too, not 404); PROTECT_METRICS / PROTECT_DOCS extend it to /metrics
+      and the OpenAPI pages.
     """
 
     def __init__(self, app: Any, settings: Settings) -> None:
@@ -67,12 +70,15 @@ class Guard:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or ("other" if path not in _HEALTH else path)
-            metrics.HTTP_RESPONSES.labels(template, str(status_box[0])).inc()
+            metrics.child(metrics.HTTP_RESPONSES, template, str(status_box[0])).inc()
 
     def _refusal(self, scope: MutableMapping[str, Any], path: str) -> ServiceError | None:
+        """Why the request is refused, or None; every ``/v1`` request that passes carries its
+        caller's owner id in ``scope["state"]["owner"]`` (``app.api.deps.context``)."""
         s = self.settings
         if path in _HEALTH:
             return None
+        api = path.startswith("/v1/")
         if not s.api_keys:
             server = scope.get("server")
             if not s.allow_open and not _loopback(server[0] if server else None):
@@ -80,14 +86,18 @@ class Guard:
                     "this service has no API_KEY and refuses requests that arrive on a "
                     "non-loopback address; set API_KEY (or ALLOW_OPEN=1 to serve openly)"
                 )
+            if api:
+                scope.setdefault("state", {})["owner"] = ""
             return None
         protected = (path == "/metrics" and s.protect_metrics) or (path in _DOCS and s.protect_docs)
-        if protected:
+        if protected or api:
             headers = {
                 k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
             }
             try:
-                authorize(headers, s)
+                owner = authorize(headers, s)
             except Forbidden as exc:
                 return exc
+            if api:
+                scope.setdefault("state", {})["owner"] = owner
         return None

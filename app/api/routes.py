@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import compute
-from app.api.deps import CallerDep, QueueDep, SettingsDep, caller, deadline, within
+from app.api.deps import SettingsDep, context, deadline, within
 from app.api.models import ErrorBody, JobPublic, PlanPublic, ResultPublic
 from app.api.requests import (
     OpSpec,
@@ -27,7 +27,7 @@ from app.api.requests import (
     specs,
     validation_message,
 )
-from app.api.responses import job_public
+from app.api.responses import JSONResponse, job_public
 from app.jobs import metrics
 from app.jobs.codec import DATATYPES, RawTensor, decode_safetensors, encode_safetensors
 from app.jobs.errors import (
@@ -78,7 +78,10 @@ def _content_type(request: Request) -> str:
 async def upload_slot(sem: asyncio.Semaphore, wait: float) -> AsyncIterator[None]:
     """One of MAX_CONCURRENT_UPLOADS slots for reading and parsing a body, or 429."""
     try:
-        async with asyncio.timeout(wait):
+        if sem.locked():  # no slot free: wait for one (a free one is taken without a timer)
+            async with asyncio.timeout(wait):
+                await sem.acquire()
+        else:
             await sem.acquire()
     except TimeoutError:
         metrics.REJECTED.labels("uploads").inc()
@@ -102,7 +105,10 @@ def _idempotency_key(request: Request) -> str | None:
 
 async def _check_memory(queue: AsyncQueue, settings: Settings, nbytes: int) -> None:
     """Keep REDIS_MEMORY_RESERVE of maxmemory free of new inputs (for leases and results)."""
-    used, limit = await within(deadline(settings), queue.memory())
+    reading = queue.memory_cached()  # read at most once a second: most requests await nothing
+    if reading is None:
+        reading = await within(deadline(settings), queue.memory())
+    used, limit = reading
     if limit and used + nbytes > (1.0 - settings.redis_memory_reserve) * limit:
         metrics.REJECTED.labels("memory").inc()
         raise QueueFull(
@@ -191,9 +197,8 @@ async def result_response(
 
 
 def _submit_route(spec: OpSpec) -> Any:
-    async def submit(
-        request: Request, queue: QueueDep, settings: SettingsDep, owner: CallerDep
-    ) -> Response:
+    async def submit(request: Request) -> Response:
+        queue, settings, owner = context(request)
         ctype = _content_type(request)
         if ctype not in (JSON, BINARY):
             raise UnsupportedMediaType(
@@ -255,8 +260,10 @@ def _submit_route(spec: OpSpec) -> Any:
         if sub.replayed:
             headers["Idempotent-Replayed"] = "true"
         else:
-            metrics.JOBS_SUBMITTED.labels(spec.name, "json" if ctype == JSON else "binary").inc()
-            metrics.BYTES_STORED.labels("input").inc(nbytes)
+            metrics.child(
+                metrics.JOBS_SUBMITTED, spec.name, "json" if ctype == JSON else "binary"
+            ).inc()
+            metrics.child(metrics.BYTES_STORED, "input").inc(nbytes)
         if job["status"] == "succeeded":
             if "_blobs" in job:  # read with the job once it ended: no second round trip
                 done, outputs = outputs_of(job)
@@ -345,7 +352,7 @@ def _plan_parameters(ops: dict[str, OpSpec]) -> list[dict[str, Any]]:
 
 
 def build_router() -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(caller)], responses=_ERRORS)
+    router = APIRouter(prefix="/v1", responses=_ERRORS)  # access: app.api.guard
     for spec in specs().values():
         router.add_api_route(
             f"/{spec.name}",
@@ -362,12 +369,10 @@ def build_router() -> APIRouter:
     async def get_job(
         job_id: str,
         request: Request,
-        queue: QueueDep,
-        settings: SettingsDep,
-        owner: CallerDep,
         wait: Annotated[float, Query(ge=0, le=60, description="long-poll up to this many s")] = 0,
     ) -> Response:
         """The job record; with ``wait`` the answer is held until the job ends or time is up."""
+        queue, settings, owner = context(request)
         completions: Completions = request.app.state.completions
         with completions.waiter(job_id) as ended:
             job = await await_end(request, queue, settings, job_id, owner, wait, ended)
@@ -380,10 +385,9 @@ def build_router() -> APIRouter:
         tags=["jobs"],
         responses={200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}}},
     )
-    async def get_result(
-        job_id: str, request: Request, queue: QueueDep, settings: SettingsDep, owner: CallerDep
-    ) -> Response:
+    async def get_result(job_id: str, request: Request) -> Response:
         """Outputs and summary; ``Accept: application/octet-stream`` gives safetensors."""
+        queue, settings, owner = context(request)
         job = await within(deadline(settings), queue.get_job(job_id, owner=owner))
         try:
             job, outputs = await within(
@@ -398,10 +402,9 @@ def build_router() -> APIRouter:
         return await result_response(request, job, outputs, with_job=False)
 
     @router.delete("/jobs/{job_id}", response_model=JobPublic, tags=["jobs"])
-    async def cancel_job(
-        job_id: str, queue: QueueDep, settings: SettingsDep, owner: CallerDep
-    ) -> Response:
+    async def cancel_job(job_id: str, request: Request) -> Response:
         """Cancel: a queued job never runs (200); a running one stops at its next block (202)."""
+        queue, settings, owner = context(request)
         job = await within(deadline(settings), queue.cancel(job_id, owner=owner))
         if job["status"] in ("succeeded", "failed"):
             return JSONResponse(

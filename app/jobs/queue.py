@@ -337,9 +337,12 @@ class Queue(_Settings):
     def finish_success(
         self, att: Attempt, outputs: Mapping[str, RawTensor], summary: Mapping[str, Any]
     ) -> int:
-        """Store outputs and summary (fenced); returns the bytes stored."""
-        checked(self._script("succeed", *self._succeed_args(att, outputs, summary)), _what(att))
-        return sum(len(t.data) for t in outputs.values())
+        """Store outputs and summary (fenced); returns the bytes stored (0 when a cancel was
+        asked while the attempt ran: the job ended cancelled, its result discarded)."""
+        reply = checked(
+            self._script("succeed", *self._succeed_args(att, outputs, summary)), _what(att)
+        )
+        return sum(len(t.data) for t in outputs.values()) if text(reply[0]) == "ok" else 0
 
     def finish_success_and_read(
         self,
@@ -347,9 +350,10 @@ class Queue(_Settings):
         outputs: Mapping[str, RawTensor],
         summary: Mapping[str, Any],
         ops: list[str],
-    ) -> tuple[int, tuple[str, str] | None]:
+    ) -> tuple[str, int, tuple[str, str] | None]:
         """:meth:`finish_success` and a non-blocking read of the next entry in one round trip
-        (a pipeline): returns (bytes stored, the next entry or None)."""
+        (a pipeline): returns (the job's status, bytes stored, the next entry or None). The
+        status is ``succeeded``, or ``cancelled`` when a cancel was asked while it ran."""
         script = self._scripts["succeed"]
         pipe = self.r.pipeline(transaction=False)
         pipe.evalsha(script.sha, 0, *self._succeed_args(att, outputs, summary))
@@ -369,12 +373,15 @@ class Queue(_Settings):
                 op, handle = nxt
                 self._script("reclaim", op, handle.split("|", 1)[0], *[att.worker_id] * 2, 0, 0)
             raise
-        return sum(len(t.data) for t in outputs.values()), nxt
+        if text(reply[0]) == "cancelled":
+            return "cancelled", 0, nxt
+        return "succeeded", sum(len(t.data) for t in outputs.values()), nxt
 
     def _succeed_args(
         self, att: Attempt, outputs: Mapping[str, RawTensor], summary: Mapping[str, Any]
     ) -> list[Any]:
         names = sorted(outputs)
+        done, total = att.progress
         return [
             att.job_id,
             att.token,
@@ -385,6 +392,8 @@ class Queue(_Settings):
             json.dumps(dict(summary)),
             json.dumps({n: outputs[n].meta() for n in names}),
             " ".join(names),
+            int(done),
+            int(total),
             *(outputs[n].data for n in names),
         ]
 
@@ -482,6 +491,11 @@ class AsyncQueue(_Settings):
 
     async def status(self, ops: Iterable[str] | None = None) -> QueueStatus:
         return await self._run(status_call(operation_names() if ops is None else ops))
+
+    def memory_cached(self, max_age: float = 1.0) -> tuple[int, int] | None:
+        """:meth:`memory` when its last reading is recent enough (no await), else None."""
+        read_at, used, limit = self._memory
+        return (used, limit) if time.monotonic() - read_at <= max_age else None
 
     async def memory(self, max_age: float = 1.0) -> tuple[int, int]:
         """(used_memory, maxmemory) of Redis, read at most once per ``max_age`` seconds."""

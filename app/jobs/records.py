@@ -123,6 +123,8 @@ class Attempt:
     worker_id: str
     tensors: dict[str, RawTensor] = field(default_factory=dict)
     last_progress_write: float = field(default=0.0)
+    # (done, total) as the compute last reported it; the result's write records it
+    progress: tuple[int, int] = field(default=(0, 0))
 
 
 @dataclass(frozen=True)

@@ -221,15 +221,34 @@ redis.call('HSET', jkey(ARGV[1]), 'progress_done', ARGV[3], 'progress_total', AR
 return {'ok', redis.call('HGET', jkey(ARGV[1]), 'cancel') or '0'}
 """
 
-# ARGV: id, token, op, entry, now, ttl, summary, outputs_meta, output_names, then one blob per
-# output name.
+# ARGV: id, token, op, entry, now, ttl, summary, outputs_meta, output_names, progress_done,
+# progress_total, then one blob per output name. The compute's last progress is recorded here
+# (the worker makes no round trip for the last block), and so is a cancel asked while the
+# attempt ran: the result is then discarded and the job ends cancelled. Returns {'ok'},
+# {'cancelled'} or {'stale', current}. The first write may grow memory (SET/HSET), so that a
+# Redis at maxmemory refuses the whole script before it changes anything (Redis checks OOM at
+# a script's first write only): the worker retries it until it lands.
 _SUCCEED = r"""
 local id = ARGV[1]
 local ok, cur = current(id, ARGV[2])
 if not ok then return {'stale', cur or ''} end
-for i, n in ipairs(split(ARGV[9])) do redis.call('SET', okey(id, n), ARGV[9 + i], 'EX', ARGV[6]) end
+local function record_progress()
+  if tonumber(ARGV[11]) > 0 then
+    redis.call('HSET', jkey(id), 'progress_done', ARGV[10], 'progress_total', ARGV[11])
+  end
+end
+if redis.call('HGET', jkey(id), 'cancel') == '1' then
+  record_progress()
+  drop_entry(ARGV[3], ARGV[4])
+  finish(id, 'cancelled', 'cancelled', 'the job was cancelled', ARGV[5], ARGV[6])
+  return {'cancelled'}
+end
+for i, n in ipairs(split(ARGV[9])) do
+  redis.call('SET', okey(id, n), ARGV[11 + i], 'EX', ARGV[6])
+end
 redis.call('HSET', jkey(id), 'summary', ARGV[7], 'outputs', ARGV[8], 'output_names', ARGV[9],
   'error_code', '', 'error_message', '')
+record_progress()
 drop_entry(ARGV[3], ARGV[4])
 finish(id, 'succeeded', nil, nil, ARGV[5], ARGV[6])
 return {'ok'}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -55,7 +56,10 @@ class Plan:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        # dataclasses.asdict's result, field by field: every field but ``extra`` is a scalar,
+        # and asdict's recursion cost more than the rest of a small job's summary
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["extra"] = copy.deepcopy(self.extra)
         for key in ("radius", "rho", "cost_exact", "cost_polynomial", "predicted_bound", "eps"):
             out[key] = _json_float(out[key])
         return out
