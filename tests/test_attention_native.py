@@ -336,6 +336,48 @@ def test_compiled_statistics_equal_pytorch_statistics(
 
 
 @needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 700),
+    d=st.sampled_from([1, 2, 3, 5, 7, 8, 9, 12, 16, 17, 24, 32, 64, 80]),
+    bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
+    where=st.sampled_from(["q", "k", "v"]),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compiled_column_extremes_over_periods_and_tail(
+    n: int, d: int, bad: float | None, where: str, frac: float, seed: int
+) -> None:
+    """The compiled statistics read the rows as a flat stream in periods of lcm(d, 16) floats
+    plus a row-by-row tail: the extremes (and so the midranges, max|q|, max|kc|, the value
+    range) equal PyTorch's bit for bit, and a NaN or infinity anywhere (a period or the tail)
+    is caught, for every d."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, n, d, generator=gen) * 3.0 + 1.0 for _ in range(3))
+    row = min(n - 1, int(frac * n))
+    if bad is not None:  # a NaN or infinity at a random row (inside a period or in the tail)
+        {"q": q, "k": k, "v": v}[where][1, row, (row * 7) % d] = bad
+        with pytest.raises(compute.InvalidInputError, match=where):
+            statistics(q, k, v, 0.3, at_native.reductions)
+        return
+    # the extremes at a random row, then at each of the last 17 rows (the tail, whatever the
+    # period) and the first
+    for at in [row, 0, *range(max(0, n - 17), n)]:
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[0, at] = -60.0
+        k2[1, at] = 50.0
+        v2[0, at] = -70.0
+        a = statistics(q2, k2, v2, 0.3)
+        b = statistics(q2, k2, v2, 0.3, at_native.reductions)
+        assert torch.equal(a.mid, b.mid) and torch.equal(a.kc, b.kc)
+        assert a.value_range == b.value_range and a.value_absmax == b.value_absmax
+        assert (a.q_peak, a.k_peak) == (b.q_peak, b.k_peak)
+        assert abs(a.radius - b.radius) <= 1e-13 * a.radius
+        for x, y in zip(a.extremes.balance or (), b.extremes.balance or (), strict=True):
+            assert np.array_equal(x, y)
+
+
+@needs_kernel
 @pytest.mark.parametrize("arg", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_compiled_statistics_name_the_non_finite_input(arg: str, bad: float) -> None:
