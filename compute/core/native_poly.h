@@ -386,10 +386,15 @@ static void readout(const Problem *p, QueryWork *w, const float *me, int i0, int
             const int nc = e - c0 < 9 ? e - c0 : 9;
             readout_block(nc, p, w->X, w->G, me + (long)c0 * p->r, w->o + (long)c0 * QB);
         }
+        /* the divisions along the rows of o (vectorised), then the transposing copy */
         const double *den = w->o + (long)(e - 1) * QB;
+        for (int c = 0; c < e - 1; c++) {
+            double *oc = w->o + (long)c * QB;
+            for (int t = 0; t < nb; t++) oc[t] = oc[t] / den[t];
+        }
         for (int t = 0; t < nb; t++)
             for (int c = 0; c < e - 1; c++)
-                out[(long)(b0 + t) * (e - 1) + c] = w->o[c * QB + t] / den[t];
+                out[(long)(b0 + t) * (e - 1) + c] = w->o[c * QB + t];
     }
 }
 
