@@ -540,3 +540,56 @@ def test_fast_exit_never_changes_the_method(monkeypatch: pytest.MonkeyPatch, cau
             if s.cost_polynomial is not None:
                 assert f.cost_polynomial <= s.cost_polynomial
     assert exits > 0  # the fast exit is exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("shape", [(1, 7, 3), (2, 4096, 16), (1, 1, 1)])
+def test_output_finiteness_check_equals_torch(
+    dtype: torch.dtype, bad: float | None, shape: tuple[int, int, int]
+) -> None:
+    """``attention``'s check of the polynomial output (numpy on the CPU, in the calling
+    thread) says finite exactly when ``torch.isfinite(x).all()`` does: any position, strided
+    views, tensors that require grad."""
+    from compute.attention.api import _all_finite
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen, dtype=dtype) * 1e3
+    positions = [(0, 0, 0), (shape[0] - 1, shape[1] - 1, shape[2] - 1), (0, shape[1] // 2, 0)]
+    for pos in positions:
+        y = x.clone()
+        if bad is not None:
+            y[pos] = bad
+        for z in (y, y.transpose(1, 2), y.clone().requires_grad_(True)):
+            assert _all_finite(z) == bool(torch.isfinite(z).all())
+        assert _all_finite(y) == (bad is None)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_polynomial_output_raises_or_runs_exact(
+    monkeypatch: pytest.MonkeyPatch, bad: float
+) -> None:
+    """An intermediate that overflowed (a non-finite polynomial output): method="polynomial"
+    raises CertificationError, method="auto" runs the exact path and says so."""
+    import importlib
+
+    api = importlib.import_module("compute.attention.api")
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4096, 8, generator=gen) for _ in range(3))
+    q = q * (0.5 / matrix_radius(q[0], centre(k[0]), 8**-0.5))  # radius 0.5
+    assert compute.attention(q, k, v, eps=1e-2).plan.method == "polynomial"  # (not vacuous)
+    real = api.run_polynomial
+
+    def spoiled(*a: object, **kw: object) -> torch.Tensor:
+        out = real(*a, **kw)  # type: ignore[arg-type]
+        out[0, 1234, 3] = bad
+        return out
+
+    monkeypatch.setattr(api, "run_polynomial", spoiled)
+    with pytest.raises(compute.CertificationError, match="overflowed"):
+        compute.attention(q, k, v, method="polynomial", eps=1e-2)
+    res = compute.attention(q, k, v, eps=1e-2)
+    assert res.plan.method == "exact" and "overflowed" in res.plan.reason
+    exact = naive_attention(q.double(), k.double(), v.double())
+    assert res.error_bound is not None
+    assert float((res.output.double() - exact).abs().max()) <= res.error_bound
