@@ -336,6 +336,48 @@ def test_compiled_statistics_equal_pytorch_statistics(
 
 
 @needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 700),
+    d=st.sampled_from([1, 2, 3, 5, 7, 8, 9, 12, 16, 17, 24, 32, 64, 80]),
+    bad=st.sampled_from([None, math.nan, math.inf, -math.inf]),
+    where=st.sampled_from(["q", "k", "v"]),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_compiled_column_extremes_over_periods_and_tail(
+    n: int, d: int, bad: float | None, where: str, frac: float, seed: int
+) -> None:
+    """The compiled statistics read the rows as a flat stream in periods of lcm(d, 16) floats
+    plus a row-by-row tail: the extremes (and so the midranges, max|q|, max|kc|, the value
+    range) equal PyTorch's bit for bit, and a NaN or infinity anywhere (a period or the tail)
+    is caught, for every d."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, n, d, generator=gen) * 3.0 + 1.0 for _ in range(3))
+    row = min(n - 1, int(frac * n))
+    if bad is not None:  # a NaN or infinity at a random row (inside a period or in the tail)
+        {"q": q, "k": k, "v": v}[where][1, row, (row * 7) % d] = bad
+        with pytest.raises(compute.InvalidInputError, match=where):
+            statistics(q, k, v, 0.3, at_native.reductions)
+        return
+    # the extremes at a random row, then at each of the last 17 rows (the tail, whatever the
+    # period) and the first
+    for at in [row, 0, *range(max(0, n - 17), n)]:
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        q2[0, at] = -60.0
+        k2[1, at] = 50.0
+        v2[0, at] = -70.0
+        a = statistics(q2, k2, v2, 0.3)
+        b = statistics(q2, k2, v2, 0.3, at_native.reductions)
+        assert torch.equal(a.mid, b.mid) and torch.equal(a.kc, b.kc)
+        assert a.value_range == b.value_range and a.value_absmax == b.value_absmax
+        assert (a.q_peak, a.k_peak) == (b.q_peak, b.k_peak)
+        assert abs(a.radius - b.radius) <= 1e-13 * a.radius
+        for x, y in zip(a.extremes.balance or (), b.extremes.balance or (), strict=True):
+            assert np.array_equal(x, y)
+
+
+@needs_kernel
 @pytest.mark.parametrize("arg", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_compiled_statistics_name_the_non_finite_input(arg: str, bad: float) -> None:
@@ -534,3 +576,56 @@ def test_the_kernels_helper_thread_survives_fork(monkeypatch: pytest.MonkeyPatch
         return -9
 
     assert run_child(2) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("shape", [(1, 7, 3), (2, 4096, 16), (1, 1, 1)])
+def test_output_finiteness_check_equals_torch(
+    dtype: torch.dtype, bad: float | None, shape: tuple[int, int, int]
+) -> None:
+    """``attention``'s check of the polynomial output (numpy on the CPU, in the calling
+    thread) says finite exactly when ``torch.isfinite(x).all()`` does: any position, strided
+    views, tensors that require grad."""
+    from compute.attention.api import _all_finite
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=gen, dtype=dtype) * 1e3
+    positions = [(0, 0, 0), (shape[0] - 1, shape[1] - 1, shape[2] - 1), (0, shape[1] // 2, 0)]
+    for pos in positions:
+        y = x.clone()
+        if bad is not None:
+            y[pos] = bad
+        for z in (y, y.transpose(1, 2), y.clone().requires_grad_(True)):
+            assert _all_finite(z) == bool(torch.isfinite(z).all())
+        assert _all_finite(y) == (bad is None)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_polynomial_output_raises_or_runs_exact(
+    monkeypatch: pytest.MonkeyPatch, bad: float
+) -> None:
+    """An intermediate that overflowed (a non-finite polynomial output): method="polynomial"
+    raises CertificationError, method="auto" runs the exact path and says so."""
+    import importlib
+
+    api = importlib.import_module("compute.attention.api")
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4096, 8, generator=gen) for _ in range(3))
+    q = q * (0.5 / matrix_radius(q[0], centre(k[0]), 8**-0.5))  # radius 0.5
+    assert compute.attention(q, k, v, eps=1e-2).plan.method == "polynomial"  # (not vacuous)
+    real = api.run_polynomial
+
+    def spoiled(*a: object, **kw: object) -> torch.Tensor:
+        out = real(*a, **kw)  # type: ignore[arg-type]
+        out[0, 1234, 3] = bad
+        return out
+
+    monkeypatch.setattr(api, "run_polynomial", spoiled)
+    with pytest.raises(compute.CertificationError, match="overflowed"):
+        compute.attention(q, k, v, method="polynomial", eps=1e-2)
+    res = compute.attention(q, k, v, eps=1e-2)
+    assert res.plan.method == "exact" and "overflowed" in res.plan.reason
+    exact = naive_attention(q.double(), k.double(), v.double())
+    assert res.error_bound is not None
+    assert float((res.output.double() - exact).abs().max()) <= res.error_bound

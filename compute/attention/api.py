@@ -6,6 +6,7 @@ import dataclasses
 import math
 import time
 
+import numpy as np
 import torch
 
 from ..core import validate
@@ -208,8 +209,7 @@ def attention(
             key_mid=stats.mid,
         )
         bound = float(cfg.bound.total)
-        # finite exactly when both global extremes are (NaN propagates): one cheap reduction
-        if not all(math.isfinite(x) for x in torch.stack(torch.aminmax(out3)).tolist()):
+        if not _all_finite(out3):
             # overflow outside the model (extreme inputs)
             if method == "polynomial":
                 raise CertificationError(
@@ -259,6 +259,18 @@ def attention(
         measured_error=measured,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite: exactly when both global extremes are (NaN
+    propagates through min and max). On the CPU by numpy in the calling thread (a torch
+    reduction of more than 32768 entries wakes torch's thread pool, which on a loaded machine
+    cost milliseconds: docs/attention.md, "Small r against the floor"); elsewhere one
+    ``aminmax`` and one sync."""
+    if x.is_cpu and x.dtype in (torch.float32, torch.float64):
+        a = x.detach().numpy()
+        return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+    return all(math.isfinite(t) for t in torch.stack(torch.aminmax(x)).tolist())
 
 
 def _usual_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

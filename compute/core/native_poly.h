@@ -86,35 +86,48 @@ typedef struct {
     long vfstep;
 } Fused;
 
-/* X[l * S + t] = prepared coordinate l of row j0 + t, t < cnt; zero for cnt <= t < len. */
+/* X[l * S + t] = prepared coordinate l of row j0 + t, t < cnt; zero for cnt <= t < len.
+ * First the transposing copy, then the preparation row by row of X, each step one float32
+ * operation per entry broadcast along the row (vectorised): per entry the same operations in
+ * the same order as the PyTorch preparation, fl(...fl(fl(x - shift) fac_0)... fac_last). */
 static void fused_rows(const Fused *f, int d, long j0, int cnt, int len, int S, float *X) {
-    for (int t = 0; t < cnt; t++) {
-        const float *row = f->x + (j0 + t) * d;
-        for (int l = 0; l < d; l++) {
-            float y = row[l];
-            if (f->shift) y = y - f->shift[l];
-            for (int k = 0; k < f->nfac; k++) y = y * f->fac[k * f->fstep + l];
-            X[l * S + t] = y;
+    const float *src = f->x + j0 * d;
+    for (int t = 0; t < cnt; t++)
+        for (int l = 0; l < d; l++) X[l * S + t] = src[(long)t * d + l];
+    for (int l = 0; l < d; l++) {
+        float *xl = X + (long)l * S;
+        if (f->shift) {
+            const float sh = f->shift[l];
+            for (int t = 0; t < cnt; t++) xl[t] = xl[t] - sh;
         }
+        for (int k = 0; k < f->nfac; k++) {
+            const float fa = f->fac[k * f->fstep + l];
+            for (int t = 0; t < cnt; t++) xl[t] = xl[t] * fa;
+        }
+        for (int t = cnt; t < len; t++) xl[t] = 0.0f;
     }
-    for (int l = 0; l < d; l++)
-        for (int t = cnt; t < len; t++) X[l * S + t] = 0.0f;
 }
 
-/* V[c * S + t] = prepared value c of row j0 + t (c < dv), V[dv * S + t] = 1; zero past cnt. */
+/* V[c * S + t] = prepared value c of row j0 + t (c < dv), V[dv * S + t] = 1; zero past cnt.
+ * As fused_rows: the transposing copy, then fl(...fl(fl(v - vshift) vfac_0)...) row by row. */
 static void fused_values(const Fused *f, long j0, int cnt, int len, int S, float *V) {
     const int dv = f->dv;
-    for (int t = 0; t < cnt; t++) {
-        const float *row = f->v + (j0 + t) * dv;
-        for (int c = 0; c < dv; c++) {
-            float y = row[c] - f->vshift[c];
-            for (int k = 0; k < f->nvfac; k++) y = y * f->vfac[k * f->vfstep + c];
-            V[c * S + t] = y;
+    const float *src = f->v + j0 * dv;
+    for (int t = 0; t < cnt; t++)
+        for (int c = 0; c < dv; c++) V[c * S + t] = src[(long)t * dv + c];
+    for (int c = 0; c < dv; c++) {
+        float *vc = V + (long)c * S;
+        const float sh = f->vshift[c];
+        for (int t = 0; t < cnt; t++) vc[t] = vc[t] - sh;
+        for (int k = 0; k < f->nvfac; k++) {
+            const float fa = f->vfac[k * f->vfstep + c];
+            for (int t = 0; t < cnt; t++) vc[t] = vc[t] * fa;
         }
-        V[dv * S + t] = 1.0f;
+        for (int t = cnt; t < len; t++) vc[t] = 0.0f;
     }
-    for (int c = 0; c <= dv; c++)
-        for (int t = cnt; t < len; t++) V[c * S + t] = 0.0f;
+    float *one = V + (long)dv * S;
+    for (int t = 0; t < cnt; t++) one[t] = 1.0f;
+    for (int t = cnt; t < len; t++) one[t] = 0.0f;
 }
 
 typedef struct {
@@ -373,10 +386,15 @@ static void readout(const Problem *p, QueryWork *w, const float *me, int i0, int
             const int nc = e - c0 < 9 ? e - c0 : 9;
             readout_block(nc, p, w->X, w->G, me + (long)c0 * p->r, w->o + (long)c0 * QB);
         }
+        /* the divisions along the rows of o (vectorised), then the transposing copy */
         const double *den = w->o + (long)(e - 1) * QB;
+        for (int c = 0; c < e - 1; c++) {
+            double *oc = w->o + (long)c * QB;
+            for (int t = 0; t < nb; t++) oc[t] = oc[t] / den[t];
+        }
         for (int t = 0; t < nb; t++)
             for (int c = 0; c < e - 1; c++)
-                out[(long)(b0 + t) * (e - 1) + c] = w->o[c * QB + t] / den[t];
+                out[(long)(b0 + t) * (e - 1) + c] = w->o[c * QB + t];
     }
 }
 

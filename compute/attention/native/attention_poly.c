@@ -102,9 +102,44 @@ static inline double row_holder(const float *x, const float *ka, int d) {
 
 /* Column extremes of rows x [rows][d] into hi, lo (initialised by the caller); nan[l]
  * accumulates x * 0, which is NaN exactly when a NaN or an infinity passed (either makes the
- * call raise). */
+ * call raise). The rows are read as one flat stream in periods of W = lcm(d, VL) floats (W / d
+ * rows) into local accumulators (no aliasing with x: the loop vectorises), folded into the d
+ * columns at the end; the rows past the last whole period one by one. Max and min are exact and
+ * independent of the order, so hi and lo are those of a row-by-row scan; nan is NaN exactly
+ * when some x * 0 is (otherwise a sum of signed zeros). */
+#define EXT_WMAX 256
 static void col_extremes(const float *x, long rows, int d, float *hi, float *lo, float *nan) {
-    for (long j = 0; j < rows; j++) {
+    int W = d;
+    while (W % VL) W += d; /* lcm(d, VL) */
+    long j = 0;
+    if (W <= EXT_WMAX && rows >= W / d) {
+        float H[EXT_WMAX] __attribute__((aligned(64)));
+        float Lo[EXT_WMAX] __attribute__((aligned(64)));
+        float N[EXT_WMAX] __attribute__((aligned(64)));
+        for (int t = 0; t < W; t++) {
+            H[t] = hi[t % d];
+            Lo[t] = lo[t % d];
+            N[t] = 0.0f;
+        }
+        const long per = W / d, periods = rows / per;
+        for (long b = 0; b < periods; b++) {
+            const float *blk = x + b * W;
+            for (int t = 0; t < W; t++) {
+                const float y = blk[t];
+                H[t] = y > H[t] ? y : H[t];
+                Lo[t] = y < Lo[t] ? y : Lo[t];
+                N[t] += y * 0.0f;
+            }
+        }
+        for (int t = 0; t < W; t++) {
+            const int l = t % d;
+            hi[l] = H[t] > hi[l] ? H[t] : hi[l];
+            lo[l] = Lo[t] < lo[l] ? Lo[t] : lo[l];
+            nan[l] += N[t];
+        }
+        j = periods * per;
+    }
+    for (; j < rows; j++) {
         const float *r = x + j * d;
         for (int l = 0; l < d; l++) {
             const float t = r[l];
