@@ -710,3 +710,28 @@ def test_plan_bad_input() -> None:
         compute.plan_lora_gradient(n=10, d=4, radius=-1.0)
     with pytest.raises(compute.InvalidInputError, match=r"^n"):
         compute.plan_lora_gradient(n=0, d=4, radius=1.0)
+
+
+def test_exact_cost_follows_the_machines_measured_exact_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The exact path's prediction is its model times the measured/modelled ratio of the exact
+    kernels on the calibration problem (some BLASes run its skinny [b, L] x [L, d] products far
+    below the square-GEMM rate the model assumes): the ratio is measured, bounded, and moves
+    the prediction and auto's choice."""
+    from compute.lora import plan as lp
+
+    dev = torch.device("cpu")
+    f = lp.exact_factor(dev, torch.float32)
+    assert 0.1 <= f <= 10.0
+    model = lp.cost_exact(lp.rates(dev, torch.float32), batch=1, n=16384, d=8, full=True)
+    kw = dict(n=16384, d=8, radius=1.0, full=True, device="cpu", dtype="float32")
+    plan = compute.plan_lora_gradient(**kw)  # type: ignore[arg-type]
+    assert plan.cost_exact == pytest.approx(f * model, rel=1e-12)
+    picks = {}
+    for factor in (0.1, 10.0):
+        monkeypatch.setattr(lp, "exact_factor", lambda device, dtype, v=factor: v)
+        p = compute.plan_lora_gradient(**kw)  # type: ignore[arg-type]
+        assert p.cost_exact == pytest.approx(factor * model, rel=1e-12)
+        picks[factor] = p.method
+    assert picks == {0.1: "exact", 10.0: "polynomial"}

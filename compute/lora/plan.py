@@ -20,14 +20,15 @@ from typing import Any
 import torch
 
 from ..core import planner
-from ..core.cost import Rates, rates
+from ..core.calibration import calibrated
+from ..core.cost import Rates, best_time, rates
 from ..core.errors import InvalidInputError
 from ..core.monomials import feature_count
 from ..core.polynomials import Approximation, approximation
 from ..core.result import Plan
 from ..core.validate import check_count, check_flag, dtype_name
 from .certificate import EPS_MODES, ESTIMATORS, weight_errors
-from .exact import EXACT_BLOCK_ELEMS
+from .exact import EXACT_BLOCK_ELEMS, exact_qkv_grads
 from .polynomial import POLY_BLOCK_ELEMS
 
 __all__ = [
@@ -145,7 +146,13 @@ def data_free(mode: str, n: int, factor: float | None, kappa: float | None) -> P
     return pred
 
 
-def cost_exact(rt: Rates, *, batch: int, n: int, d: int, full: bool) -> float:
+def cost_exact(rt: Rates, *, batch: int, n: int, d: int, full: bool, factor: float = 1.0) -> float:
+    """The exact path's predicted seconds: :func:`_cost_exact_model` times ``factor`` (the
+    machine's measured over modelled time, :func:`exact_factor`)."""
+    return factor * _cost_exact_model(rt, batch=batch, n=n, d=d, full=full)
+
+
+def _cost_exact_model(rt: Rates, *, batch: int, n: int, d: int, full: bool) -> float:
     """Per pair: six ``[b, L] x d`` GEMMs (5 for partial) and the passes over the score block.
 
     The block (``EXACT_BLOCK_ELEMS`` elements, far beyond the caches) is streamed through
@@ -160,6 +167,39 @@ def cost_exact(rt: Rates, *, batch: int, n: int, d: int, full: bool) -> float:
     blocks = -(-batch * n * n // EXACT_BLOCK_ELEMS)
     overhead = LAUNCH_SECONDS * (10 + 14 * blocks)
     return pairs * (2.0 * gemms * d / rt.gemm + passes / rt.stream) + overhead
+
+
+EXACT_CAL_L, EXACT_CAL_D = 2048, 8  # the exact path's calibration problem: one full block
+
+
+def _measure_exact(dev: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """One timing of ``exact.exact_qkv_grads`` (with the bound's column sums and row norms) on
+    ``[1, EXACT_CAL_L, EXACT_CAL_D]`` inputs: the exact path's own kernels, in its own shapes."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, y = (
+        torch.randn(1, EXACT_CAL_L, EXACT_CAL_D, generator=gen, dtype=torch.float64).to(dev, dtype)
+        for _ in range(4)
+    )
+    colsum = torch.zeros(1, EXACT_CAL_L, dtype=torch.float64, device=dev)
+    enorm = torch.zeros(1, EXACT_CAL_L, dtype=torch.float64, device=dev)
+
+    def run() -> None:
+        exact_qkv_grads(q, k, v, y, 0.3, None, True, colsum, enorm)
+
+    return {"calls": 1.0 / best_time(run, dev, reps=3)}
+
+
+def exact_factor(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured time of the exact path's kernels over :func:`cost_exact`'s model on the
+    calibration problem, both calibrated once per machine (``core.calibration``), clamped to
+    [0.1, 10]. The model's GEMM term assumes the square-GEMM rate; the exact path's products are
+    ``[b, L] x [L, d]`` with ``d`` = 8-16, which some BLASes run 5-10x slower (measured: 14
+    against 180 GFLOP/s on an AMD EPYC with PyTorch 2.13's CPU build), so auto's choice used
+    to run exact where the polynomial path was 3x faster."""
+    dev = torch.device(device)
+    got = calibrated("lora-exact", dev, dtype, lambda: _measure_exact(dev, dtype), names=("calls",))
+    model = _cost_exact_model(rates(dev, dtype), batch=1, n=EXACT_CAL_L, d=EXACT_CAL_D, full=True)
+    return min(10.0, max(0.1, (1.0 / got["calls"]) / model))
 
 
 def cost_polynomial(rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bool) -> float:
@@ -328,7 +368,7 @@ def choose(
     rho = planner.rho(radius, n)
     rt = rates(device, dtype)
     rt64 = rates(device, torch.float64)
-    c_exact = cost_exact(rt, batch=batch, n=n, d=d, full=full)
+    c_exact = cost_exact(rt, batch=batch, n=n, d=d, full=full, factor=exact_factor(device, dtype))
     base: dict[str, Any] = dict(
         op="lora-gradient", radius=radius, rho=rho, n=n, d=d, eps=eps, cost_exact=c_exact,
         compute_dtype=dtype_name(dtype), extra={"eps_mode": mode},
