@@ -23,16 +23,14 @@ so memory stays O(nb (block + r) d^2) whatever L.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..core.monomials import feature_count, monomial_table, weights
+from ..core.monomials import monomial_table, weights
 from ..core.polynomials import Approximation
 from ..core.progress import Progress, report
-from .certificate import Certificate, Consts, Prepared, certify, col_bound, constants, row_bound
-from .inputs import Inputs, adapter_grads
-from .polynomial import _features, poly_blocking
+from .certificate import Certificate, Consts, Prepared, col_bound, row_bound
+from .inputs import Inputs
+from .polynomial import _features, poly_blocking, run_estimator
 
 __all__ = ["chained_qkv_grads", "run_chained"]
 
@@ -168,26 +166,4 @@ def run_chained(
 ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]], Certificate | str]:
     """One chained run with degree ``approx.degree`` and its a-posteriori certificate
     (docs/lora_bound.md §10)."""
-    _, L, dm = prep.x.shape
-    dh = prep.q.shape[-1]
-    full = "k" in inp.adapters
-    blocking = poly_blocking(prep.q.shape[0], L, feature_count(dh, approx.degree))
-    cert = constants(
-        prep, approx, L=L, dh=dh, scale=inp.scale, blocking=blocking, estimator="chained"
-    )
-    loss, dq, dk, dv, errs = chained_qkv_grads(
-        prep.q, prep.kc, prep.vc, prep.yc, approx, inp.scale, progress, need_k=full,
-        cert=cert if isinstance(cert, Consts) else None,
-    )  # fmt: skip
-    xf = prep.x.reshape(-1, dm)  # [nb*L, dm]
-    d_hat = {"q": dq, "v": dv}
-    if dk is not None:
-        d_hat["k"] = dk
-    dw = {mu: xf.T @ t.reshape(-1, dh) for mu, t in d_hat.items()}  # [dm, dh]
-    if not (math.isfinite(loss) and all(bool(torch.isfinite(t).all()) for t in dw.values())):
-        return loss, {}, "the polynomial surrogate leaves float64's range (its weights overflow)"
-    grads = adapter_grads(inp, dw)
-    if errs is None:
-        assert isinstance(cert, str)
-        return loss, grads, cert
-    return loss, grads, certify(inp, prep.x, errs, d_hat, dw, grads)
+    return run_estimator(inp, prep, approx, progress, chained_qkv_grads, "chained")

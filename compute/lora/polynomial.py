@@ -11,6 +11,8 @@ same products carry the extra columns of the a-posteriori bound (``certificate``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -196,12 +198,28 @@ def run_polynomial(
     inp: Inputs, prep: Prepared, approx: Approximation, progress: Progress | None
 ) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]], Certificate | str]:
     """One polynomial run with degree ``approx.degree`` and its a-posteriori certificate."""
+    return run_estimator(inp, prep, approx, progress, poly_qkv_grads, "reverse")
+
+
+def run_estimator(
+    inp: Inputs,
+    prep: Prepared,
+    approx: Approximation,
+    progress: Progress | None,
+    qkv_grads: Callable[..., tuple[float, torch.Tensor, torch.Tensor | None, torch.Tensor, Any]],
+    estimator: str,
+) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]], Certificate | str]:
+    """One run of an estimator (``qkv_grads``: reverse mode's ``poly_qkv_grads`` or the chained
+    one's) with degree ``approx.degree``, the adapter gradients and the certificate of
+    ``estimator`` (``certificate.constants``)."""
     _, L, dm = prep.x.shape
     dh = prep.q.shape[-1]
     full = "k" in inp.adapters
     blocking = poly_blocking(prep.q.shape[0], L, feature_count(dh, approx.degree))
-    cert = constants(prep, approx, L=L, dh=dh, scale=inp.scale, blocking=blocking)
-    loss, dq, dk, dv, errs = poly_qkv_grads(
+    cert = constants(
+        prep, approx, L=L, dh=dh, scale=inp.scale, blocking=blocking, estimator=estimator
+    )
+    loss, dq, dk, dv, errs = qkv_grads(
         prep.q, prep.kc, prep.vc, prep.yc, approx, inp.scale, progress, need_k=full,
         cert=cert if isinstance(cert, Consts) else None,
     )  # fmt: skip
