@@ -206,13 +206,9 @@ def cost_polynomial(rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bo
     """float64: features in three passes, four ``[r, 2d+2]``-ish GEMMs (the bound's and the
     natural scale's extra columns included) and one (partial) or two (full) ``[r', d (d+1)]``
     derivative GEMMs per row, ``r' = C(d + g - 1, g - 1)``."""
-    r, r_low = feature_count(d, g), feature_count(d, g - 1)
-    feats = float(batch) * 3.0 * n * r
+    r_low = feature_count(d, g - 1)
     deriv = (2.0 if full else 1.0) * 2.0 * r_low * d * (d + 1)
-    flops = float(batch) * n * (2.0 * r * (2 * d + 1 + 4 * d + 3 + 4 * d + 2) + deriv)
-    blocks = -(-batch * n * r // POLY_BLOCK_ELEMS)
-    overhead = LAUNCH_SECONDS * (40 + (8 * g + 30) * 3 * blocks)
-    return feats / rt64.elems + flops / rt64.skinny + overhead
+    return _factored_cost(rt64, batch=batch, n=n, d=d, g=g, table_flops=deriv)
 
 
 def cost_chained(rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bool) -> float:
@@ -221,9 +217,17 @@ def cost_chained(rt64: Rates, *, batch: int, n: int, d: int, g: int, full: bool)
     ``d (d + 1)`` columns on both sides: two ``[r, d (d+1)]`` GEMMs per row for dQ (pass 1
     accumulation, pass 2 product), two more for dK (full adaptation)."""
     r = feature_count(d, g)
-    feats = float(batch) * 3.0 * n * r
     tables = (4.0 if full else 2.0) * 2.0 * r * d * (d + 1)
-    flops = float(batch) * n * (2.0 * r * (2 * d + 1 + 4 * d + 3 + 4 * d + 2) + tables)
+    return _factored_cost(rt64, batch=batch, n=n, d=d, g=g, table_flops=tables)
+
+
+def _factored_cost(rt64: Rates, *, batch: int, n: int, d: int, g: int, table_flops: float) -> float:
+    """What both estimators pay: ``r`` features per row in three passes, the forward's and the
+    bound's ``[r, ·]`` GEMMs, their launches; plus ``table_flops`` per row for the estimator's
+    own dQ/dK tables."""
+    r = feature_count(d, g)
+    feats = float(batch) * 3.0 * n * r
+    flops = float(batch) * n * (2.0 * r * (2 * d + 1 + 4 * d + 3 + 4 * d + 2) + table_flops)
     blocks = -(-batch * n * r // POLY_BLOCK_ELEMS)
     overhead = LAUNCH_SECONDS * (40 + (8 * g + 30) * 3 * blocks)
     return feats / rt64.elems + flops / rt64.skinny + overhead
