@@ -28,9 +28,9 @@ import torch
 from ..core.monomials import monomial_table, weights
 from ..core.polynomials import Approximation
 from ..core.progress import Progress, report
-from .certificate import Certificate, Consts, Prepared, col_bound, row_bound
+from .certificate import Certificate, Consts, Prepared, row_bound
 from .inputs import Inputs
-from .polynomial import _features, poly_blocking, run_estimator
+from .polynomial import KeyBounds, _features, _row_terms, poly_blocking, run_estimator
 
 __all__ = ["chained_qkv_grads", "run_chained"]
 
@@ -103,12 +103,9 @@ def chained_qkv_grads(
         qb = q[:, i0:i1]
         f1 = _features(qb, tables)  # [nb, r, b]
         nd = torch.bmm(f1.transpose(1, 2), mwaug)  # [nb, b, nfwd + d(d+1)]
-        den = nd[..., d : d + 1]  # [nb, b, 1]
-        o = nd[..., :d] / den  # [nb, b, d]
-        e = o - yc[:, i0:i1]  # [nb, b, d]
-        loss += 0.5 * e.square().sum()
-        rho = (e * o).sum(dim=-1, keepdim=True)  # [nb, b, 1]  E_i·O~_i = sum_j F~_ij E_i·V_j
-        c = torch.cat([e / den, -(rho / den)], dim=-1)  # [nb, b, d+1]
+        # C = [E, -rho]/den, rho_i = E_i·O~_i = sum_j F~_ij E_i·V_j (the softmax backward's)
+        den, e, c, loss_b = _row_terms(nd, yc[:, i0:i1], d)
+        loss += loss_b
         tk = nd[..., nfwd:].view(nb, -1, d, d + 1)  # [nb, b, d, d+1]  sum_j P K_jl Vext_jk
         dq[:, i0:i1] = scale * (tk * c[:, :, None, :]).sum(-1)  # [nb, b, d]
         cols = [c]
@@ -133,31 +130,20 @@ def chained_qkv_grads(
     # pass 3: keys -> dV, dK and the per-row bounds
     dv = torch.empty_like(vc)
     dk = torch.empty_like(kc) if need_k else None
-    err_k = torch.zeros_like(kc) if cert is not None else None
-    err_v = torch.empty_like(vc) if cert is not None else None
-    n_k = torch.zeros_like(kc) if cert is not None else None
-    n_v = torch.empty_like(vc) if cert is not None else None
+    kb = KeyBounds(kc, vc) if cert is not None else None
     for jb in range(nblocks):
         j0, j1 = jb * blk, min(L, (jb + 1) * blk)
         f2t = _features(kc[:, j0:j1], tables).transpose(1, 2)  # [nb, b, r]
         both = torch.bmm(f2t, dmsel)  # [nb, b, d + nz + nqc]
         dv[:, j0:j1] = both[..., :d]
-        if cert is not None and err_v is not None and err_k is not None:
-            assert n_k is not None and n_v is not None
-            ek, ev, nk, nv = col_bound(cert, both[..., d : d + nz], zmax, abs(scale))
-            err_k[:, j0:j1] = ek
-            err_v[:, j0:j1] = ev
-            n_k[:, j0:j1] = nk
-            n_v[:, j0:j1] = nv
+        if cert is not None and kb is not None:
+            kb.store(j0, j1, cert, both[..., d : d + nz], zmax, abs(scale))
         if dk is not None:
             tq = both[..., d + nz :].reshape(nb, -1, d, d + 1)  # [nb, b, d, d+1]
             dk[:, j0:j1] = scale * (tq * vext[:, j0:j1, None, :]).sum(-1)
         done += 1
         report(progress, done, total)
-    errs = None
-    if err_q is not None and err_k is not None and err_v is not None:
-        assert n_q is not None and n_k is not None and n_v is not None
-        errs = (err_q, err_k, err_v, n_q, n_k, n_v)
+    errs = None if kb is None or err_q is None or n_q is None else kb.errs(err_q, n_q)
     return float(loss), dq, dk, dv, errs
 
 

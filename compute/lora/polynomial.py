@@ -56,6 +56,45 @@ def poly_blocking(nb: int, L: int, r: int) -> tuple[int, int]:
     return blk, -(-L // blk)
 
 
+def _row_terms(
+    nd: torch.Tensor, y: torch.Tensor, d: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One query block's forward, from its ``[num, den, ...]`` columns ``nd`` ``[nb, b, .]``:
+    ``den`` ``[nb, b, 1]``, the residual ``E = num/den - Y`` ``[nb, b, d]``,
+    ``C = [E, -rho]/den`` ``[nb, b, d+1]`` with ``rho_i = E_i·O_i`` (= ``sum_j F~_ij E_i·V_j``,
+    the softmax backward's row term) and the block's loss ``1/2 ||E||^2``; the same for both
+    estimators."""
+    den = nd[..., d : d + 1]
+    o = nd[..., :d] / den
+    e = o - y
+    rho = (e * o).sum(dim=-1, keepdim=True)
+    c = torch.cat([e / den, -(rho / den)], dim=-1)
+    return den, e, c, 0.5 * e.square().sum()
+
+
+class KeyBounds:
+    """Pass 3's per-row bounds (docs/lora_bound.md §4.6-4.7, §7b): the error bounds and
+    natural-scale lower bounds of ``dK`` and ``dV``, filled block by block from the bound's
+    column sums (``dK``'s stay zero without key adaptation)."""
+
+    def __init__(self, kc: torch.Tensor, vc: torch.Tensor) -> None:
+        self.err_k, self.n_k = torch.zeros_like(kc), torch.zeros_like(kc)
+        self.err_v, self.n_v = torch.empty_like(vc), torch.empty_like(vc)
+
+    def store(
+        self, j0: int, j1: int, cert: Consts, sums: torch.Tensor, zmax: torch.Tensor, beta: float
+    ) -> None:
+        ek, ev, nk, nv = col_bound(cert, sums, zmax, beta)
+        self.err_k[:, j0:j1] = ek
+        self.err_v[:, j0:j1] = ev
+        self.n_k[:, j0:j1] = nk
+        self.n_v[:, j0:j1] = nv
+
+    def errs(self, err_q: torch.Tensor, n_q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(err_q, err_k, err_v, nq_lo, nk_lo, nv_lo)``, the estimators' last return value."""
+        return (err_q, self.err_k, self.err_v, n_q, self.n_k, self.n_v)
+
+
 def poly_qkv_grads(
     q: torch.Tensor,
     kc: torch.Tensor,
@@ -137,12 +176,8 @@ def poly_qkv_grads(
         i0, i1 = ib * blk, min(L, (ib + 1) * blk)
         f1 = _features(q[:, i0:i1], tables)  # [nb, r, b]
         nd = torch.bmm(f1.transpose(1, 2), mwaug)  # [nb, b, d+1 (+d)]  [num, den, T|K|]
-        den = nd[..., d : d + 1]  # [nb, b, 1]
-        o = nd[..., :d] / den  # [nb, b, d]
-        e = o - yc[:, i0:i1]  # [nb, b, d]
-        loss += 0.5 * e.square().sum()
-        dd = (e * o).sum(dim=-1, keepdim=True)  # [nb, b, 1]
-        c = torch.cat([e / den, -(dd / den)], dim=-1)  # [nb, b, d+1]
+        den, e, c, loss_b = _row_terms(nd, yc[:, i0:i1], d)  # den, E, C = [E, -D]/den
+        loss += loss_b
         if cert is not None and err_q is not None and n_q is not None:
             z, eq, nq = row_bound(cert, nd[..., d + 1 :] / den, e, q[:, i0:i1], beta)
             err_q[:, i0:i1] = eq  # [nb, b, d]
@@ -164,22 +199,14 @@ def poly_qkv_grads(
     # pass 3: keys -> dV, dK (and their per-row bounds)
     dv = torch.empty_like(vc)
     dk = torch.empty_like(kc) if need_k else None
-    err_k = torch.zeros_like(kc) if cert is not None else None
-    err_v = torch.empty_like(vc) if cert is not None else None
-    n_k = torch.zeros_like(kc) if cert is not None else None
-    n_v = torch.empty_like(vc) if cert is not None else None
+    kb = KeyBounds(kc, vc) if cert is not None else None
     for jb in range(nblocks):
         j0, j1 = jb * blk, min(L, (jb + 1) * blk)
         f2t = _features(kc[:, j0:j1], tables).transpose(1, 2)  # [nb, b, r]
-        if cert is not None and err_v is not None and err_k is not None:
-            assert n_k is not None and n_v is not None
+        if cert is not None and kb is not None:
             both = torch.bmm(f2t, dmsel)  # [nb, b, d + 3d+2]
             dv[:, j0:j1] = both[..., :d]  # [nb, b, d]
-            ek, ev, nk, nv = col_bound(cert, both[..., d:], zmax, beta)
-            err_k[:, j0:j1] = ek
-            err_v[:, j0:j1] = ev
-            n_k[:, j0:j1] = nk
-            n_v[:, j0:j1] = nv
+            kb.store(j0, j1, cert, both[..., d:], zmax, beta)
         else:
             dv[:, j0:j1] = torch.bmm(f2t, dm)  # [nb, b, d]
         if dk is not None:
@@ -187,10 +214,7 @@ def poly_qkv_grads(
             dk[:, j0:j1] = (t.view(nb, -1, d, d + 1) * vext[:, j0:j1, None, :]).sum(-1)
         done += 1
         report(progress, done, total)
-    errs = None
-    if err_q is not None and err_k is not None and err_v is not None:
-        assert n_q is not None and n_k is not None and n_v is not None
-        errs = (err_q, err_k, err_v, n_q, n_k, n_v)
+    errs = None if kb is None or err_q is None or n_q is None else kb.errs(err_q, n_q)
     return float(loss), dq, dk, dv, errs
 
 
